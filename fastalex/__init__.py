@@ -1,0 +1,15 @@
+"""fastalex: AlexNet with fused Triton kernels.
+
+    import fastalex
+    y = fastalex.functional.conv2d_relu(x, w, b, stride=4)      # conv + bias + ReLU, one kernel
+    fastalex.backend_info("cuda")                                 # which backend runs, and why
+
+Importing fastalex never touches CUDA and does not import triton; the kernels load on first use.
+"""
+
+from fastalex import functional, nn
+from fastalex._backend import BACKENDS, BackendInfo, backend, backend_info
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "BackendInfo", "backend", "backend_info", "functional", "nn", "__version__"]

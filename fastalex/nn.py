@@ -1,0 +1,49 @@
+"""Modules that subclass torch's, so construction, repr and state_dict are torch's own,
+while forward runs fastalex's fused ops."""
+
+from __future__ import annotations
+
+import torch
+
+from fastalex import functional as F
+
+__all__ = ["Conv2d", "LocalResponseNorm", "MaxPool2d"]
+
+
+class Conv2d(torch.nn.Conv2d):
+    """torch.nn.Conv2d plus `activation` (None or "relu"), fused into the convolution's epilogue.
+
+    Input (N, C_in, H, W) or (C_in, H, W); output (N, C_out, H_out, W_out) or (C_out, H_out, W_out).
+    Only padding_mode="zeros" is supported.
+    """
+
+    def __init__(self, *args, activation: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.padding_mode != "zeros":
+            raise NotImplementedError(f"fastalex.nn.Conv2d supports padding_mode='zeros' only, got {self.padding_mode!r}")
+        if activation not in (None, "relu"):
+            raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+        self.activation = activation
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", activation={self.activation!r}" if self.activation else "")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                        activation=self.activation)
+
+
+class LocalResponseNorm(torch.nn.LocalResponseNorm):
+    """torch.nn.LocalResponseNorm (across channels of (N, C, *) input), one fused pass each way."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.local_response_norm(input, self.size, self.alpha, self.beta, self.k)
+
+
+class MaxPool2d(torch.nn.MaxPool2d):
+    """torch.nn.MaxPool2d on (N, C, H, W) or (C, H, W) input; deterministic backward."""
+
+    def forward(self, input: torch.Tensor):
+        return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                            ceil_mode=self.ceil_mode, return_indices=self.return_indices)

@@ -1,0 +1,195 @@
+"""conv2d with bias and fused ReLU: argument checks, the custom ops and their autograd.
+
+    conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation=None)
+    input (N, C_in, H, W) or (C_in, H, W); weight (C_out, C_in/groups, KH, KW); bias (C_out,)
+
+The Triton path is three custom ops (fastalex::conv2d, ::conv2d_input_grad, ::conv2d_weight_grad),
+so torch.compile and torch.export see them whole, backward included. fp32 products use tf32 on the
+GPU exactly when torch.backends.cudnn.allow_tf32 lets cuDNN do so (True by default).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from fastalex._backend import use_triton
+from fastalex.ops._checks import check_float_tensor, check_same_kind, pair
+
+__all__ = ["conv2d", "conv2d_relu"]
+
+ACTIVATIONS = (None, "relu")
+
+
+def _channels_last(x: Tensor) -> bool:
+    # The output (and the input gradient) keep the input's memory format, as torch's conv does.
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops
+
+
+@torch.library.custom_op("fastalex::conv2d", mutates_args=())
+def _conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+               padding: Sequence[int], dilation: Sequence[int], groups: int, output_size: Sequence[int],
+               relu: bool) -> Tensor:
+    from fastalex.kernels import conv2d as K
+
+    return K.conv2d_forward(input, weight, bias, stride, padding, dilation, groups, output_size, relu,
+                            channels_last=_channels_last(input), allow_tf32=torch.backends.cudnn.allow_tf32)
+
+
+@_conv2d_op.register_fake
+def _(input, weight, bias, stride, padding, dilation, groups, output_size, relu):
+    fmt = torch.channels_last if _channels_last(input) else torch.contiguous_format
+    shape = (input.shape[0], weight.shape[0], *output_size)
+    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt)
+
+
+@torch.library.custom_op("fastalex::conv2d_input_grad", mutates_args=())
+def _conv2d_input_grad_op(grad_output: Tensor, output: Optional[Tensor], weight: Tensor, input_shape: Sequence[int],
+                          stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+                          channels_last: bool) -> Tensor:
+    from fastalex.kernels import conv2d as K
+
+    return K.conv2d_input_grad(grad_output, output, weight, input_shape, stride, padding, dilation, groups,
+                               relu=output is not None, channels_last=channels_last,
+                               allow_tf32=torch.backends.cudnn.allow_tf32)
+
+
+@_conv2d_input_grad_op.register_fake
+def _(grad_output, output, weight, input_shape, stride, padding, dilation, groups, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(tuple(input_shape), dtype=grad_output.dtype, device=grad_output.device, memory_format=fmt)
+
+
+@torch.library.custom_op("fastalex::conv2d_weight_grad", mutates_args=())
+def _conv2d_weight_grad_op(grad_output: Tensor, output: Optional[Tensor], input: Tensor, weight_shape: Sequence[int],
+                           stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                           groups: int) -> tuple[Tensor, Tensor]:
+    from fastalex.kernels import conv2d as K
+
+    return K.conv2d_weight_grad(grad_output, output, input, weight_shape, stride, padding, dilation, groups,
+                                relu=output is not None, allow_tf32=torch.backends.cudnn.allow_tf32)
+
+
+@_conv2d_weight_grad_op.register_fake
+def _(grad_output, output, input, weight_shape, stride, padding, dilation, groups):
+    dw = grad_output.new_empty(tuple(weight_shape))
+    return dw, grad_output.new_empty((weight_shape[0],))
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation, groups, output_size, relu = inputs
+    ctx.conf = (list(stride), list(padding), list(dilation), groups)
+    ctx.input_shape = list(input.shape)
+    ctx.weight_shape = list(weight.shape)
+    ctx.channels_last = _channels_last(input)
+    ctx.has_bias = bias is not None
+    # The ReLU mask comes from the output itself: no extra tensor is kept.
+    ctx.save_for_backward(input, weight, output if relu else None)
+
+
+def _backward(ctx, grad_output):
+    input, weight, output = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conf
+    grad_input = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:  # skipped for conv1, whose input is the image
+        grad_input = _conv2d_input_grad_op(grad_output, output, weight, ctx.input_shape, stride, padding, dilation,
+                                           groups, ctx.channels_last)
+    if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+        grad_weight, grad_bias = _conv2d_weight_grad_op(grad_output, output, input, ctx.weight_shape, stride,
+                                                        padding, dilation, groups)
+        if not ctx.has_bias:
+            grad_bias = None
+    return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def _padding(padding, kernel: tuple[int, int], dilation: tuple[int, int], stride: tuple[int, int]):
+    """torch's padding argument -> ((top, left), (bottom, right))."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0), (0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"padding='same' is not supported for strided convolutions (stride={stride})")
+            total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            front = tuple(t // 2 for t in total)
+            # An odd total pads one more at the bottom/right, as torch does.
+            return front, tuple(t - f for t, f in zip(total, front))
+        raise ValueError(f"padding must be 'valid', 'same', an int or a pair of ints, got {padding!r}")
+    p = pair(padding, "padding", minimum=0)
+    return p, p
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
+           groups: int = 1, activation: Optional[str] = None) -> Tensor:
+    """torch.nn.functional.conv2d, with `activation="relu"` fused into the epilogue.
+
+    input (N, C_in, H, W) or unbatched (C_in, H, W); weight (C_out, C_in/groups, KH, KW); bias (C_out,).
+    Returns (N, C_out, OH, OW) (or (C_out, OH, OW)), in input's memory format.
+    """
+    check_float_tensor(input, "input", dims=(3, 4))
+    check_float_tensor(weight, "weight", dims=(4,))
+    check_same_kind("input", input, "weight", weight)
+    if bias is not None:
+        check_float_tensor(bias, "bias", dims=(1,))
+        check_same_kind("input", input, "bias", bias)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    stride_ = pair(stride, "stride", minimum=1)
+    dilation_ = pair(dilation, "dilation", minimum=1)
+
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    N, C_in, H, W = x.shape
+    C_out, Cig, KH, KW = weight.shape
+    if C_in == 0 or C_out == 0 or H == 0 or W == 0 or KH == 0 or KW == 0:
+        raise ValueError(f"conv2d needs non-empty channels, image and kernel: input {tuple(input.shape)}, "
+                         f"weight {tuple(weight.shape)} (only the batch may be empty)")
+    if C_in % groups or C_out % groups:
+        raise ValueError(f"groups={groups} must divide input channels ({C_in}) and output channels ({C_out})")
+    if Cig * groups != C_in:
+        raise ValueError(f"weight {tuple(weight.shape)} expects {Cig * groups} input channels "
+                         f"(weight.shape[1] * groups), but input has {C_in}")
+    if bias is not None and bias.shape[0] != C_out:
+        raise ValueError(f"bias must have shape ({C_out},) to match weight, got {tuple(bias.shape)}")
+    front, back = _padding(padding, (KH, KW), dilation_, stride_)
+    span = [d * (k - 1) + 1 for d, k in zip(dilation_, (KH, KW))]
+    padded = [s + f + b for s, f, b in zip((H, W), front, back)]
+    if padded[0] < span[0] or padded[1] < span[1]:
+        raise ValueError(f"input {H}x{W} padded to {padded[0]}x{padded[1]} is smaller than the dilated kernel "
+                         f"{span[0]}x{span[1]}")
+    output_size = [(p - s) // st + 1 for p, s, st in zip(padded, span, stride_)]
+
+    if not use_triton(x.device):
+        y = torch.nn.functional.conv2d(input, weight, bias, stride_, padding if isinstance(padding, str) else front,
+                                       dilation_, groups)
+        return torch.relu(y) if activation == "relu" else y
+
+    if torch.is_autocast_enabled(x.device.type):
+        # Under autocast torch runs convolutions in the autocast dtype; so do we.
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    y = _conv2d_op(x, weight, bias, list(stride_), list(front), list(dilation_), groups, output_size,
+                   activation == "relu")
+    return y.squeeze(0) if unbatched else y
+
+
+def conv2d_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
+                groups: int = 1) -> Tensor:
+    """relu(conv2d(input, weight, bias, ...)) in one kernel; shapes as in `conv2d`."""
+    return conv2d(input, weight, bias, stride, padding, dilation, groups, activation="relu")

@@ -1,0 +1,83 @@
+"""Helpers shared by the launchers: input checks, output allocation, precision choices.
+
+Nothing here touches CUDA at import time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Offsets inside the kernels are int32: every tensor must have fewer elements than this.
+MAX_NUMEL = 2**31 - 1
+
+# Tests set this to True: outputs are then filled with NaN (or a sentinel for integer tensors)
+# before launch, so an element a kernel forgot to write fails the comparison.
+POISON = False
+INT_POISON = -(2**30)
+
+
+def is_interpreting() -> bool:
+    """True when triton kernels run in the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def empty(shape, *, dtype: torch.dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """torch.empty, poisoned when POISON is set."""
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    if POISON:
+        out.fill_(float("nan") if out.is_floating_point() else INT_POISON)
+    return out
+
+
+def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch.empty_like (keeps t's memory format), poisoned when POISON is set."""
+    out = torch.empty_like(t, dtype=dtype)
+    if POISON:
+        out.fill_(float("nan") if out.is_floating_point() else INT_POISON)
+    return out
+
+
+def check_tensor(t, name: str, *, ndim: int | None = None, dtypes=FLOAT_DTYPES) -> None:
+    """Raise a clear TypeError/ValueError if `t` is not a tensor the kernels take."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+    if t.numel() > MAX_NUMEL:
+        raise NotImplementedError(f"{name} has {t.numel()} elements; the kernels support at most 2**31 - 1")
+
+
+def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """Raise if two tensors differ in dtype or device."""
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_b} must have the dtype of {name_a} ({a.dtype}), got {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{name_b} must be on the device of {name_a} ({a.device}), got {b.device}")
+
+
+def acc_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Accumulator type of a kernel: fp64 for fp64 inputs, fp32 for everything else."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """`input_precision` for tl.dot: tf32 only for fp32 operands and only when allowed."""
+    return "tf32" if (dtype == torch.float32 and allow_tf32 and not is_interpreting()) else "ieee"
+
+
+def dot_upcast(dtype: torch.dtype) -> bool:
+    """Whether a kernel must upcast bf16 dot operands to fp32: the interpreter's bf16 tl.dot is wrong."""
+    return dtype == torch.bfloat16 and is_interpreting()
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))

@@ -1,0 +1,448 @@
+"""2-D convolution as implicit GEMM, forward and backward, with bias and a fused ReLU.
+
+Shapes (g = groups, Cig = C_in / g, Cog = C_out / g):
+  x (N, C_in, H, W), w (C_out, Cig, KH, KW), b (C_out,), y (N, C_out, OH, OW), any strides.
+
+  forward  y  = relu?(x * w + b)          GEMM  M = N*OH*OW   N = Cog       K = (KH, KW, Cig)
+  dgrad    dx = dy' *^T w                  GEMM  M = N*H*W     N = Cig       K = (KH, KW, Cog)
+  wgrad    dw = dy'^T * x,  db = sum dy'   GEMM  M = Cog       N = Cig*KH*KW K = N*OH*OW (split-K)
+
+dy' = dy masked by the ReLU (zero where y <= 0, as torch's threshold_backward), applied as the
+tiles load: no separate ReLU pass. Groups are a grid axis. Padding is implicit (masked loads), so
+any top/left padding plus an explicit output size covers torch's asymmetric 'same' padding.
+Accumulation is fp32 (fp64 for fp64 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastalex.kernels._common import (
+    acc_dtype,
+    check_same,
+    check_tensor,
+    dot_precision,
+    dot_upcast,
+    empty,
+    is_interpreting,
+)
+
+# Hopper's shared memory per block; a config's pipelined tiles must fit in it.
+SMEM_LIMIT = 227 * 1024
+
+
+@triton.jit
+def _conv2d_fwd_kernel(
+    x_ptr,  # (N, C_in, H, W)
+    w_ptr,  # (C_out, Cig, KH, KW)
+    b_ptr,  # (C_out,) or unused
+    y_ptr,  # (N, C_out, OH, OW)
+    H, W, OH, OW, Cig, Cog, M,  # M = N*OH*OW
+    sxn, sxc, sxh, sxw,
+    swo, swc, swh, sww,
+    syn, syc, syh, syw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH, KW,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output positions (n, oh, ow)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels within group g
+    mask_m = offs_m < M
+    mask_n = offs_n < Cog
+    n = offs_m // (OH * OW)
+    ohw = offs_m % (OH * OW)
+    ih0 = (ohw // OW) * stride_h - pad_h
+    iw0 = (ohw % OW) * stride_w - pad_w
+    x_rows = x_ptr + n * sxn + g * Cig * sxc  # (BLOCK_M,)
+    w_cols = w_ptr + (g * Cog + offs_n) * swo  # (BLOCK_N,)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    # K is flattened as (kh, kw, c), c fastest: a K block may span several taps, so few-channel
+    # layers (conv1: 3 channels, 11x11 taps) waste no K steps, while for wide layers a block is a
+    # run of channels at one tap (contiguous in NHWC).
+    K_total = KH * KW * Cig
+    for k0 in range(0, K_total, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K_total
+        c = offs_k % Cig
+        tap = offs_k // Cig
+        kh = tap // KW
+        kw = tap % KW
+        ih = ih0[:, None] + (kh * dil_h)[None, :]
+        iw = iw0[:, None] + (kw * dil_w)[None, :]
+        amask = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_rows[:, None] + (c * sxc)[None, :] + ih * sxh + iw * sxw, mask=amask, other=0.0)
+        b = tl.load(w_cols[None, :] + (c * swc + kh * swh + kw * sww)[:, None],
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + g * Cog + offs_n, mask=mask_n, other=0.0)
+        acc += bias.to(ACC)[None, :]
+    if RELU:
+        # Not tl.maximum: on the GPU it drops NaN, and torch's relu keeps it.
+        acc = tl.where(acc < 0, tl.zeros_like(acc), acc)
+    y_ptrs = (y_ptr + n * syn + (ohw // OW) * syh + (ohw % OW) * syw)[:, None] + ((g * Cog + offs_n) * syc)[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _conv2d_dgrad_kernel(
+    dy_ptr,  # (N, C_out, OH, OW)
+    y_ptr,  # (N, C_out, OH, OW) output of the forward, read only if RELU
+    w_ptr,  # (C_out, Cig, KH, KW)
+    dx_ptr,  # (N, C_in, H, W)
+    H, W, OH, OW, Cig, Cog, M,  # M = N*H*W
+    sdn, sdc, sdh, sdw,
+    syn, syc, syh, syw,
+    swo, swc, swh, sww,
+    sxn, sxc, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH, KW,
+    RELU: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # input positions (n, ih, iw)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels within group g
+    mask_m = offs_m < M
+    mask_n = offs_n < Cig
+    n = offs_m // (H * W)
+    ihw = offs_m % (H * W)
+    ih = ihw // W
+    iw = ihw % W
+    dy_rows = dy_ptr + n * sdn + g * Cog * sdc
+    y_rows = y_ptr + n * syn + g * Cog * syc
+    w_cols = w_ptr + offs_n * swc  # weight channels are per group
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    # K flattened as (kh, kw, co), co fastest, as in the forward.
+    K_total = KH * KW * Cog
+    for k0 in range(0, K_total, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K_total
+        co = offs_k % Cog
+        tap = offs_k // Cog
+        kh = tap // KW
+        kw = tap % KW
+        # The output position whose window holds (ih, iw) at tap (kh, kw), if there is one.
+        th = ih[:, None] + pad_h - (kh * dil_h)[None, :]
+        tw = iw[:, None] + pad_w - (kw * dil_w)[None, :]
+        th_c = tl.maximum(th, 0)  # keep // and % on non-negative values (C and Python disagree)
+        tw_c = tl.maximum(tw, 0)
+        oh = th_c // stride_h
+        ow = tw_c // stride_w
+        hit = ((th >= 0) & (tw >= 0) & (th_c % stride_h == 0) & (tw_c % stride_w == 0) & (oh < OH) & (ow < OW)
+               & mask_m[:, None] & mask_k[None, :])
+        co_dy = (co * sdc)[None, :]
+        a = tl.load(dy_rows[:, None] + co_dy + oh * sdh + ow * sdw, mask=hit, other=0.0)
+        if RELU:
+            y = tl.load(y_rows[:, None] + (co * syc)[None, :] + oh * syh + ow * syw, mask=hit, other=0.0)
+            a = tl.where(y <= 0, tl.zeros_like(a), a)
+        b = tl.load(w_cols[None, :] + ((g * Cog + co) * swo + kh * swh + kw * sww)[:, None],
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    dx_ptrs = (dx_ptr + n * sxn + ih * sxh + iw * sxw)[:, None] + ((g * Cig + offs_n) * sxc)[None, :]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _conv2d_wgrad_kernel(
+    dy_ptr,  # (N, C_out, OH, OW)
+    y_ptr,  # (N, C_out, OH, OW) output of the forward, read only if RELU
+    x_ptr,  # (N, C_in, H, W)
+    dw_ptr,  # (SPLIT, C_out, Cig*KH*KW) fp32/fp64 partials
+    db_ptr,  # (SPLIT, C_out) fp32/fp64 partials
+    H, W, OH, OW, Cig, Cog, K, K_PER_SPLIT,  # K = N*OH*OW; K_PER_SPLIT a multiple of BLOCK_K
+    sdn, sdc, sdh, sdw,
+    syn, syc, syh, syw,
+    sxn, sxc, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH, KW, C_out,
+    RELU: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    split = tl.program_id(2)
+    CKK = Cig * KH * KW
+    num_pid_n = tl.cdiv(CKK, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output channels within group g
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # flat (ci, kh, kw) as in the weight
+    mask_m = offs_m < Cog
+    mask_n = offs_n < CKK
+    ci = offs_n // (KH * KW)
+    kh = (offs_n % (KH * KW)) // KW
+    kw = offs_n % KW
+    co_off_dy = (g * Cog + offs_m) * sdc
+    co_off_y = (g * Cog + offs_m) * syc
+    ci_off_x = (g * Cig + ci) * sxc
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    dbias = tl.zeros((BLOCK_M,), dtype=ACC)
+    k_start = split * K_PER_SPLIT
+    for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # output positions (n, oh, ow)
+        mask_k = offs_k < K
+        n = offs_k // (OH * OW)
+        ohw = offs_k % (OH * OW)
+        oh = ohw // OW
+        ow = ohw % OW
+        amask = mask_m[:, None] & mask_k[None, :]
+        a = tl.load(dy_ptr + co_off_dy[:, None] + (n * sdn + oh * sdh + ow * sdw)[None, :], mask=amask, other=0.0)
+        if RELU:
+            y = tl.load(y_ptr + co_off_y[:, None] + (n * syn + oh * syh + ow * syw)[None, :], mask=amask, other=0.0)
+            a = tl.where(y <= 0, tl.zeros_like(a), a)
+        ih = (oh * stride_h - pad_h)[:, None] + (kh * dil_h)[None, :]
+        iw = (ow * stride_w - pad_w)[:, None] + (kw * dil_w)[None, :]
+        bmask = mask_k[:, None] & mask_n[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        b = tl.load(x_ptr + (n * sxn)[:, None] + ci_off_x[None, :] + ih * sxh + iw * sxw, mask=bmask, other=0.0)
+        dbias += tl.sum(a.to(ACC), axis=1)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    dw_ptrs = dw_ptr + split * C_out * CKK + ((g * Cog + offs_m) * CKK)[:, None] + offs_n[None, :]
+    tl.store(dw_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
+    # Every column block computed the same bias sums; the first one writes them.
+    if pid_n == 0:
+        tl.store(db_ptr + split * C_out + g * Cog + offs_m, dbias, mask=mask_m)
+
+
+@triton.jit
+def _sum_splits_kernel(
+    p_ptr,  # (SPLIT, L) partial sums
+    out_ptr,  # (L,) contiguous
+    L, SPLIT,
+    BLOCK: tl.constexpr,
+):
+    # Sums the split-K partials in a fixed order, so the weight gradient is deterministic.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < L
+    acc = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    for s in range(1, SPLIT):
+        acc += tl.load(p_ptr + s * L + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+
+
+def _config(kind: str, dtype: torch.dtype, m: int, n: int) -> dict:
+    """Block sizes for one GEMM of the convolution. `kind` is fwd, dgrad or wgrad."""
+    if is_interpreting():
+        # Few, large programs and K steps: interpreter time grows with both.
+        if kind == "wgrad":
+            return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1)
+    small = dtype in (torch.float16, torch.bfloat16)
+    block_n = 128 if n > 64 else (64 if n > 32 else (32 if n > 16 else 16))
+    block_m = 128 if m >= 128 * 64 else 64
+    block_k = 64 if small else 32
+    if kind == "wgrad":
+        block_m = 128 if m > 64 else 64
+        block_n = 128 if n > 64 else 64
+    if dtype == torch.float64:
+        block_m, block_n, block_k = min(block_m, 64), min(block_n, 64), 16
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_m * block_n >= 128 * 128 else 4,
+               num_stages=3)
+    check_config(cfg, dtype)
+    return cfg
+
+
+def check_config(cfg: dict, dtype: torch.dtype) -> None:
+    """What the GPU compiler requires of a tl.dot config, which the interpreter does not check."""
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        v = cfg[key]
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{key}={v}: tl.dot block sizes must be powers of two >= 16")
+    elem = torch.empty((), dtype=dtype).element_size()
+    smem = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem
+    if smem > SMEM_LIMIT:
+        raise ValueError(f"config {cfg} needs {smem} bytes of shared memory, more than {SMEM_LIMIT}")
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
+    """How many ways to split the wgrad reduction so the grid fills the GPU (1 in the interpreter)."""
+    if is_interpreting():
+        return 1
+    want = max(1, (2 * _num_sms(device)) // max(tiles, 1))
+    return max(1, min(want, k_blocks // 8 if k_blocks >= 16 else 1, 64))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _check_conv_args(x, weight, stride, padding, dilation, groups):
+    check_tensor(x, "input", ndim=4)
+    check_tensor(weight, "weight", ndim=4)
+    check_same("input", x, "weight", weight)
+    if groups < 1 or x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:
+        raise ValueError(f"input channels {x.shape[1]}, weight {tuple(weight.shape)} and groups={groups} do not match")
+    for name, v in (("stride", stride), ("dilation", dilation)):
+        if len(v) != 2 or min(v) < 1:
+            raise ValueError(f"{name} must be two positive ints, got {v}")
+    if len(padding) != 2 or min(padding) < 0:
+        raise ValueError(f"padding must be two non-negative ints, got {padding}")
+
+
+def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_size, relu,
+                   channels_last=False, allow_tf32=True):
+    """y (N, C_out, OH, OW) = relu?(conv2d(x, weight) + bias).
+
+    x (N, C_in, H, W), weight (C_out, C_in/groups, KH, KW), bias (C_out,) or None: same dtype and
+    device, any strides. padding = (top, left); output_size = (OH, OW) (torch's size for symmetric
+    padding; one more row/column of bottom/right padding covers 'same' with even kernels).
+    channels_last picks y's memory format. allow_tf32: fp32 products in tf32 on the GPU.
+    """
+    _check_conv_args(x, weight, stride, padding, dilation, groups)
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=1)
+        check_same("input", x, "bias", bias)
+    N, _, H, W = x.shape
+    C_out, Cig, KH, KW = weight.shape
+    OH, OW = output_size
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    y = empty((N, C_out, OH, OW), dtype=x.dtype, device=x.device, memory_format=fmt)
+    M = N * OH * OW
+    if M == 0:
+        return y
+    Cog = C_out // groups
+    cfg = _config("fwd", x.dtype, M, Cog)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cog, cfg["BLOCK_N"]), groups)
+    _conv2d_fwd_kernel[grid](
+        x, weight, bias if bias is not None else x, y,
+        H, W, OH, OW, Cig, Cog, M,
+        *x.stride(), *weight.stride(), *y.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        KH, KW,
+        HAS_BIAS=bias is not None, RELU=relu,
+        ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, allow_tf32), UPCAST=dot_upcast(x.dtype),
+        **cfg,
+    )
+    return y
+
+
+def conv2d_input_grad(grad_output, output, weight, input_shape, stride, padding, dilation, groups, relu,
+                      channels_last=False, allow_tf32=True):
+    """dx (N, C_in, H, W) from grad_output (N, C_out, OH, OW) and weight (C_out, C_in/groups, KH, KW).
+
+    With relu, `output` is the forward's (post-ReLU) output and masks grad_output where it is <= 0.
+    """
+    check_tensor(grad_output, "grad_output", ndim=4)
+    check_tensor(weight, "weight", ndim=4)
+    check_same("grad_output", grad_output, "weight", weight)
+    if relu:
+        check_tensor(output, "output", ndim=4)
+        if output.shape != grad_output.shape:
+            raise ValueError(f"output shape {tuple(output.shape)} != grad_output shape {tuple(grad_output.shape)}")
+    N, C_in, H, W = input_shape
+    C_out, Cig, KH, KW = weight.shape
+    _, _, OH, OW = grad_output.shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    dx = empty((N, C_in, H, W), dtype=grad_output.dtype, device=grad_output.device, memory_format=fmt)
+    M = N * H * W
+    if M == 0:
+        return dx
+    Cog = C_out // groups
+    cfg = _config("dgrad", dx.dtype, M, Cig)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cig, cfg["BLOCK_N"]), groups)
+    y = output if relu else grad_output
+    _conv2d_dgrad_kernel[grid](
+        grad_output, y, weight, dx,
+        H, W, OH, OW, Cig, Cog, M,
+        *grad_output.stride(), *y.stride(), *weight.stride(), *dx.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        KH, KW,
+        RELU=relu,
+        ACC=acc_dtype(dx.dtype), PRECISION=dot_precision(dx.dtype, allow_tf32), UPCAST=dot_upcast(dx.dtype),
+        **cfg,
+    )
+    return dx
+
+
+def conv2d_weight_grad(grad_output, output, x, weight_shape, stride, padding, dilation, groups, relu,
+                       allow_tf32=True, split_k=None):
+    """(dw (C_out, C_in/groups, KH, KW), db (C_out,)) from grad_output (N, C_out, OH, OW) and x.
+
+    With relu, `output` masks grad_output as in conv2d_input_grad. The reduction over the N*OH*OW
+    output positions is split `split_k` ways (default: enough to fill the GPU) into fp32 partials
+    that a second kernel sums in a fixed order: deterministic.
+    """
+    check_tensor(grad_output, "grad_output", ndim=4)
+    check_tensor(x, "input", ndim=4)
+    check_same("grad_output", grad_output, "input", x)
+    if relu:
+        check_tensor(output, "output", ndim=4)
+        if output.shape != grad_output.shape:
+            raise ValueError(f"output shape {tuple(output.shape)} != grad_output shape {tuple(grad_output.shape)}")
+    N, C_in, H, W = x.shape
+    C_out, Cig, KH, KW = weight_shape
+    _, _, OH, OW = grad_output.shape
+    Cog = C_out // groups
+    CKK = Cig * KH * KW
+    K = N * OH * OW
+    dtype, device = grad_output.dtype, grad_output.device
+    acc_t = torch.float64 if dtype == torch.float64 else torch.float32
+    cfg = _config("wgrad", dtype, Cog, CKK)
+    tiles = triton.cdiv(Cog, cfg["BLOCK_M"]) * triton.cdiv(CKK, cfg["BLOCK_N"])
+    k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
+    split = split_k if split_k is not None else _split_k(tiles * groups, k_blocks, device)
+    split = max(1, min(int(split), max(k_blocks, 1)))
+    k_per_split = triton.cdiv(k_blocks, split) * cfg["BLOCK_K"]
+    dw_part = empty((split, C_out, CKK), dtype=acc_t, device=device)
+    db_part = empty((split, C_out), dtype=acc_t, device=device)
+    if K == 0:
+        dw_part.zero_()
+        db_part.zero_()
+    else:
+        y = output if relu else grad_output
+        _conv2d_wgrad_kernel[(tiles, groups, split)](
+            grad_output, y, x, dw_part, db_part,
+            H, W, OH, OW, Cig, Cog, K, k_per_split,
+            *grad_output.stride(), *y.stride(), *x.stride(),
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            KH, KW, C_out,
+            RELU=relu,
+            ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype, allow_tf32), UPCAST=dot_upcast(dtype),
+            **cfg,
+        )
+    dw = empty(tuple(weight_shape), dtype=dtype, device=device)
+    db = empty((C_out,), dtype=dtype, device=device)
+    for part, out in ((dw_part, dw), (db_part, db)):
+        L = out.numel()
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(L, block),)](part, out, L, split, BLOCK=block)
+    return dw, db

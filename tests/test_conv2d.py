@@ -1,0 +1,273 @@
+"""fastalex conv2d (+bias, +ReLU) vs torch in float64: output, input/weight/bias gradients, errors."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastalex
+import fastalex.functional as F
+from fastalex.kernels import conv2d as K
+from reference import assert_close, make_input, ref_inputs
+
+# AlexNet's five convolutions with channels, batch and image scaled down:
+# (name, N, C_in, H, W, C_out, kernel, stride, padding, groups, input_needs_grad)
+ALEXNET = [
+    ("conv1", 2, 3, 27, 27, 8, 11, 4, 0, 1, False),  # 227 -> 55 in the paper net; 27 -> 5 here
+    ("conv2", 2, 16, 9, 9, 16, 5, 1, 2, 2, True),
+    ("conv3", 2, 16, 7, 7, 24, 3, 1, 1, 1, True),
+    ("conv4", 2, 24, 7, 7, 24, 3, 1, 1, 2, True),
+    ("conv5", 2, 24, 7, 7, 16, 3, 1, 1, 2, True),
+]
+
+
+def _check(device, dtype, x, w, b, relu=True, **conv):
+    """Run fastalex (Triton backend) and the float64 torch reference; compare output and grads."""
+    xr, wr, br = ref_inputs(x, w, b)
+    ref = TF.conv2d(xr, wr, br, **conv)
+    if relu:
+        ref = torch.relu(ref)
+    with fastalex.backend("triton"):
+        y = F.conv2d(x, w, b, activation="relu" if relu else None, **conv)
+    assert y.dtype == x.dtype and y.device == x.device
+    assert_close(y, ref, dtype, device, "output")
+    dy = torch.randn(ref.shape, dtype=torch.float64)
+    ref.backward(dy)
+    y.backward(dy.to(device=device, dtype=dtype))
+    for name, t, r in (("input", x, xr), ("weight", w, wr), ("bias", b, br)):
+        if t is None:
+            continue
+        if not t.requires_grad:
+            assert t.grad is None
+            continue
+        assert t.grad is not None and t.grad.dtype == t.dtype
+        assert_close(t.grad, r.grad, dtype, device, f"grad_{name}")
+    return y
+
+
+@pytest.mark.parametrize("cfg", ALEXNET, ids=[c[0] for c in ALEXNET])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_alexnet_layers(device, cfg, dtype):
+    _, N, C, H, W, Co, k, s, p, g, xgrad = cfg
+    x = make_input((N, C, H, W), dtype, device, requires_grad=xgrad)
+    w = make_input((Co, C // g, k, k), dtype, device, scale=0.2)
+    b = make_input((Co,), dtype, device)
+    _check(device, dtype, x, w, b, stride=s, padding=p, groups=g)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "noncontiguous"])
+@pytest.mark.parametrize("cfg", [ALEXNET[1], ALEXNET[3]], ids=["conv2", "conv4"])
+def test_layouts(device, cfg, layout):
+    _, N, C, H, W, Co, k, s, p, g, _ = cfg
+    x = make_input((N, C, H, W), torch.float32, device, layout=layout)
+    w = make_input((Co, C // g, k, k), torch.float32, device, layout=layout, scale=0.2)
+    b = make_input((Co,), torch.float32, device)
+    y = _check(device, torch.float32, x, w, b, stride=s, padding=p, groups=g)
+    if layout == "channels_last":
+        # torch's conv keeps channels_last; so does the input gradient
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+ODD = [
+    # (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups, relu, bias)
+    (1, 3, 10, 7, 5, (3, 5), 1, 0, 1, 1, True, True),
+    (3, 5, 9, 11, 7, 3, (2, 3), (1, 2), 1, 1, False, True),
+    (2, 6, 12, 12, 6, 3, 2, 2, 2, 3, True, False),  # padding > half the kernel, dilation, 3 groups
+    (2, 4, 8, 9, 4, 4, 1, "same", 1, 1, True, True),  # even kernel: torch pads one more at the end
+    (1, 4, 9, 8, 6, 2, 1, "same", (2, 3), 2, False, True),
+    (2, 4, 6, 6, 3, 3, 1, "valid", 1, 1, True, True),
+    (2, 2, 13, 13, 3, 5, 3, 1, 1, 1, True, True),  # stride 3: only some taps reach each input pixel
+    (1, 40, 5, 5, 70, 1, 1, 0, 1, 1, True, True),  # channel counts over one block, 1x1 kernel
+    (2, 8, 5, 5, 16, 3, 1, 1, 1, 8, True, True),  # depthwise-like: one input channel per group
+]
+
+
+@pytest.mark.parametrize("case", ODD, ids=[f"odd{i}" for i in range(len(ODD))])
+def test_odd_shapes(device, case):
+    N, C, H, W, Co, k, s, p, d, g, relu, bias = case
+    k = k if isinstance(k, tuple) else (k, k)
+    x = make_input((N, C, H, W), torch.float32, device)
+    w = make_input((Co, C // g, *k), torch.float32, device, scale=0.3)
+    b = make_input((Co,), torch.float32, device) if bias else None
+    _check(device, torch.float32, x, w, b, relu=relu, stride=s, padding=p, dilation=d, groups=g)
+
+
+def test_unbatched(device):
+    x = make_input((4, 7, 6), torch.float32, device)
+    w = make_input((6, 2, 3, 3), torch.float32, device)
+    b = make_input((6,), torch.float32, device)
+    y = _check(device, torch.float32, x, w, b, padding=1, groups=2)
+    assert y.shape == (6, 7, 6)
+
+
+def test_float64_gradcheck(device):
+    # fast_mode checks random projections of the Jacobian: each costs two interpreted launches,
+    # where the full Jacobian would cost two per input element.
+    x = make_input((2, 4, 6, 5), torch.float64, device)
+    w = make_input((6, 2, 3, 2), torch.float64, device)
+    b = make_input((6,), torch.float64, device)
+    with fastalex.backend("triton"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: F.conv2d(x, w, b, stride=(2, 1), padding=(1, 0), groups=2, activation="relu"), (x, w, b),
+            fast_mode=True)
+
+
+def test_nan_and_inf(device):
+    x = make_input((2, 4, 8, 8), torch.float32, device, requires_grad=False)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 2, 5, 5] = float("inf")
+    x[1, 0, 0, 0] = float("-inf")
+    x.requires_grad_()
+    w = make_input((5, 4, 3, 3), torch.float32, device)
+    b = make_input((5,), torch.float32, device)
+    _check(device, torch.float32, x, w, b, padding=1)
+
+
+def test_empty_batch(device):
+    x = torch.randn(0, 4, 6, 6, device=device, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(5, device=device, requires_grad=True)
+    with fastalex.backend("triton"):
+        y = F.conv2d_relu(x, w, b)
+    assert y.shape == (0, 5, 4, 4)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+    assert x.grad.shape == x.shape
+
+
+def test_input_grad_skipped_when_not_required(device, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("input gradient computed for an input that does not require grad")
+
+    monkeypatch.setattr(K, "conv2d_input_grad", boom)
+    x = make_input((2, 3, 15, 15), torch.float32, device, requires_grad=False)
+    w = make_input((4, 3, 11, 11), torch.float32, device)
+    with fastalex.backend("triton"):
+        F.conv2d_relu(x, w, None, stride=4).sum().backward()
+    assert x.grad is None and w.grad is not None
+
+
+@pytest.mark.parametrize("split", [1, 3, 7])
+def test_weight_grad_split_k(device, split):
+    """The split-K weight gradient (used on GPUs) equals the reference for any split."""
+    x = make_input((3, 6, 7, 7), torch.float32, device, requires_grad=False)
+    w = make_input((8, 3, 3, 3), torch.float32, device, requires_grad=False)
+    y = TF.conv2d(x, w, padding=1, groups=2).relu()
+    dy = torch.randn_like(y)
+    dw, db = K.conv2d_weight_grad(dy, y, x, w.shape, (1, 1), (1, 1), (1, 1), 2, relu=True, split_k=split)
+    xr, wr = ref_inputs(x, w)
+    wr.requires_grad_()
+    br = torch.zeros(8, dtype=torch.float64, requires_grad=True)
+    yr = TF.conv2d(xr, wr, br, padding=1, groups=2).relu()
+    yr.backward(dy.double().cpu())
+    assert_close(dw, wr.grad, torch.float32, device, "grad_weight")
+    assert_close(db, br.grad, torch.float32, device, "grad_bias")
+
+
+def test_gpu_configs_are_valid(monkeypatch):
+    """Configs the launcher picks on a GPU obey the compiler's rules (the interpreter checks none)."""
+    monkeypatch.setattr(K, "is_interpreting", lambda: False)
+    for kind in ("fwd", "dgrad", "wgrad"):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            for m, n in ((128 * 55 * 55, 48), (128 * 13 * 13, 192), (384, 2304), (16, 3), (1, 1)):
+                K.check_config(K._config(kind, dtype, m, n), dtype)
+    with pytest.raises(ValueError, match="powers of two"):
+        K.check_config(dict(BLOCK_M=48, BLOCK_N=64, BLOCK_K=32, num_stages=2), torch.float32)
+    with pytest.raises(ValueError, match="shared memory"):
+        K.check_config(dict(BLOCK_M=256, BLOCK_N=256, BLOCK_K=128, num_stages=4), torch.float32)
+
+
+def test_autocast_cpu_runs_in_autocast_dtype():
+    x = torch.randn(2, 4, 6, 6)
+    w = torch.randn(5, 4, 3, 3)
+    with fastalex.backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = F.conv2d(x, w, None, padding=1)
+        ref = TF.conv2d(x, w, None, padding=1)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    assert_close(y, TF.conv2d(x.bfloat16().double(), w.bfloat16().double(), padding=1), torch.bfloat16, "cpu")
+
+
+def test_opcheck(device):
+    x = torch.randn(2, 4, 7, 6, device=device, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(6, device=device, requires_grad=True)
+    op = torch.ops.fastalex.conv2d.default
+    torch.library.opcheck(op, (x, w, b, [2, 1], [1, 1], [1, 2], 2, [4, 4], True))
+    torch.library.opcheck(op, (x, w, None, [1, 1], [0, 0], [1, 1], 2, [5, 4], False))
+
+
+def test_torch_backend_is_torch(device):
+    x = torch.randn(2, 4, 7, 7, device=device)
+    w = torch.randn(6, 4, 3, 3, device=device)
+    with fastalex.backend("torch"):
+        y = F.conv2d_relu(x, w, None, padding=1)
+    assert torch.equal(y, torch.relu(TF.conv2d(x, w, None, padding=1)))
+
+
+def test_module_matches_torch(device):
+    ours = fastalex.nn.Conv2d(6, 8, 3, stride=1, padding=1, groups=2, activation="relu").to(device)
+    theirs = torch.nn.Conv2d(6, 8, 3, stride=1, padding=1, groups=2).to(device)
+    theirs.load_state_dict(ours.state_dict())
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert repr(ours) == repr(theirs)[:-1] + ", activation='relu')"
+    assert repr(fastalex.nn.Conv2d(3, 4, 5)) == repr(torch.nn.Conv2d(3, 4, 5))
+    x = torch.randn(2, 6, 5, 5, device=device)
+    with fastalex.backend("triton"):
+        y = ours(x)
+    assert_close(y, torch.relu(theirs.double().cpu()(x.double().cpu())), torch.float32, device)
+    with pytest.raises(NotImplementedError, match="padding_mode"):
+        fastalex.nn.Conv2d(3, 4, 3, padding_mode="reflect")
+    with pytest.raises(ValueError, match="activation"):
+        fastalex.nn.Conv2d(3, 4, 3, activation="gelu")
+
+
+def _bad(**over):
+    args = dict(input=torch.randn(2, 4, 8, 8), weight=torch.randn(6, 4, 3, 3), bias=torch.randn(6))
+    args.update(over)
+    return args
+
+
+ERRORS = [
+    (_bad(input=torch.randn(4, 8)), ValueError, "input must be 3-D or 4-D"),
+    (_bad(input=torch.randn(1, 2, 4, 8, 8)), ValueError, "input must be 3-D or 4-D"),
+    (_bad(weight=torch.randn(6, 4, 3)), ValueError, "weight must be 4-D"),
+    (_bad(input=torch.randint(0, 5, (2, 4, 8, 8))), TypeError, "input must be a floating-point tensor"),
+    (_bad(input=[[1.0]]), TypeError, "input must be a torch.Tensor"),
+    (_bad(weight=torch.randn(6, 4, 3, 3, dtype=torch.float64)), TypeError, "weight must have the dtype of input"),
+    (_bad(bias=torch.randn(6, dtype=torch.float16)), TypeError, "bias must have the dtype of input"),
+    (_bad(bias=torch.randn(5)), ValueError, r"bias must have shape \(6,\)"),
+    (_bad(bias=torch.randn(6, 1)), ValueError, "bias must be 1-D"),
+    (_bad(weight=torch.randn(6, 3, 3, 3)), ValueError, "expects 3 input channels"),
+    (_bad(groups=3), ValueError, "groups=3 must divide"),
+    (_bad(groups=0), ValueError, "groups must be a positive int"),
+    (_bad(stride=0), ValueError, "stride must be >= 1"),
+    (_bad(stride=(1, 2, 3)), TypeError, "stride must be an int or a pair"),
+    (_bad(dilation=-1), ValueError, "dilation must be >= 1"),
+    (_bad(padding=-1), ValueError, "padding must be >= 0"),
+    (_bad(padding=1.5), TypeError, "padding must be an int or a pair"),
+    (_bad(padding="full"), ValueError, "padding must be 'valid', 'same'"),
+    (_bad(padding="same", stride=2), ValueError, "not supported for strided"),
+    (_bad(weight=torch.randn(6, 4, 11, 11)), ValueError, "smaller than the dilated kernel"),
+    (_bad(dilation=4), ValueError, "smaller than the dilated kernel"),
+    (_bad(input=torch.randn(2, 4, 0, 8)), ValueError, "non-empty"),
+    (_bad(weight=torch.randn(0, 4, 3, 3), bias=None), ValueError, "non-empty"),
+    (_bad(activation="tanh"), ValueError, "activation must be one of"),
+]
+
+
+@pytest.mark.parametrize("args,exc,msg", ERRORS, ids=[f"err{i}" for i in range(len(ERRORS))])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_errors(args, exc, msg, backend, monkeypatch):
+    """Clear errors, the same on both backends, raised before any kernel launches."""
+    for name in ("conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad"):
+        monkeypatch.setattr(K, name, lambda *a, **k: pytest.fail("a kernel was launched for bad input"))
+    with fastalex.backend(backend), pytest.raises(exc, match=msg):
+        F.conv2d(**args)
+
+
+def test_device_mismatch_message():
+    meta_w = torch.randn(6, 4, 3, 3, device="meta")
+    with pytest.raises(ValueError, match=re.escape("weight must be on the device of input (cpu)")):
+        F.conv2d(torch.randn(2, 4, 8, 8), meta_w)

@@ -6,7 +6,8 @@ ops. `triton` always runs the kernels (an error where they cannot run). `torch` 
 torch's ops (cuDNN on GPU): the baseline for benchmarks.
 
 The choice is read from `fastalex.backend(name)` (innermost wins) or else `$FASTALEX_BACKEND`.
-Under `torch.compile` it is fixed when a function is compiled.
+Under `torch.compile` the choice is read while tracing and fixed in the compiled graph:
+recompile (torch._dynamo.reset()) after changing it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ def _check_name(name: object, source: str) -> str:
     return name.lower()
 
 
-@torch.compiler.assume_constant_result
 def requested_backend() -> str:
     """The backend asked for: the innermost `fastalex.backend(...)`, else $FASTALEX_BACKEND, else auto."""
     if _stack:
@@ -38,7 +38,6 @@ def requested_backend() -> str:
     return _check_name(os.environ.get(ENV_VAR, "auto") or "auto", f"${ENV_VAR}")
 
 
-@torch.compiler.assume_constant_result
 def interpreter_enabled() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -16,10 +16,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Offsets inside the kernels are int32: every tensor must have fewer elements than this.
 MAX_NUMEL = 2**31 - 1
 
-# Tests set this to True: outputs are then filled with NaN (or a sentinel for integer tensors)
-# before launch, so an element a kernel forgot to write fails the comparison.
+# Tests set this to True: outputs are then filled with NaN (or the dtype's most negative value for
+# integer tensors) before launch, so an element a kernel forgot to write fails the comparison.
 POISON = False
-INT_POISON = -(2**30)
 
 
 def is_interpreting() -> bool:
@@ -27,20 +26,20 @@ def is_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _poison(out: torch.Tensor) -> torch.Tensor:
+    if POISON:
+        out.fill_(float("nan") if out.is_floating_point() else torch.iinfo(out.dtype).min)
+    return out
+
+
 def empty(shape, *, dtype: torch.dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
     """torch.empty, poisoned when POISON is set."""
-    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
-    if POISON:
-        out.fill_(float("nan") if out.is_floating_point() else INT_POISON)
-    return out
+    return _poison(torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format))
 
 
 def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """torch.empty_like (keeps t's memory format), poisoned when POISON is set."""
-    out = torch.empty_like(t, dtype=dtype)
-    if POISON:
-        out.fill_(float("nan") if out.is_floating_point() else INT_POISON)
-    return out
+    return _poison(torch.empty_like(t, dtype=dtype))
 
 
 def check_tensor(t, name: str, *, ndim: int | None = None, dtypes=FLOAT_DTYPES) -> None:

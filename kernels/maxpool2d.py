@@ -1,0 +1,280 @@
+"""Max-pool 2-D: forward (values + compact argmax) and a deterministic gather backward.
+
+Forward: one tile of output positions per program, `tl.static_range` over the KH x KW window,
+padding reads as -inf and is never chosen; `take = (v > best) | (v != v)` like torch's CPU and
+CUDA kernels, so ties keep the first maximum and the last NaN in a window wins. Besides y it
+writes a compact argmax: the window offset kh * KW + kw (int8 for windows of <= 127 elements),
+and, on request, torch's int64 index ih * W + iw into each (H, W) plane.
+
+Backward: one tile of INPUT positions per program. For each (kh, kw) the only output whose
+window holds this input at that offset is oh = (ih + pad - kh * dil) / stride (when divisible and
+in range); its gradient is added when its argmax is that offset. No atomics, fixed order: the
+result is bitwise deterministic.
+
+Tensors are (N, C, H, W) or unbatched (C, H, W); any strides. Outputs follow the input's memory
+format like torch (channels_last in, channels_last out).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch._prims_common import suggest_memory_format
+
+from fastalex.kernels._common import MAX_NUMEL, acc_dtype, check_tensor, empty, is_interpreting, next_pow2
+
+__all__ = ["argmax_dtype", "output_size", "maxpool2d_forward", "maxpool2d_backward"]
+
+
+@triton.jit
+def _maxpool2d_fwd_kernel(
+    x_ptr,  # (N, C, H, W), strides sxn, sxc, sxh, sxw
+    y_ptr,  # (N, C, OH, OW), strides syn, syc, syh, syw (also those of arg and idx)
+    arg_ptr,  # (N, C, OH, OW) int8/16/32: window offset kh * KW + kw of the maximum
+    idx_ptr,  # (N, C, OH, OW) int64: ih * W + iw (written only when WRITE_INDICES)
+    total, C, H, W, OH, OW,
+    sxn, sxc, sxh, sxw,
+    syn, syc, syh, syw,
+    SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,  # walk outputs in (n, oh, ow, c) order so lanes hit adjacent memory
+    WRITE_INDICES: tl.constexpr,
+    # Compare in fp32 (fp64 for fp64 input): exact for fp16/bf16, and the interpreter's bf16 compares are wrong.
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    if CHANNELS_LAST:
+        c = offs % C
+        r = offs // C
+        ow = r % OW
+        r = r // OW
+        oh = r % OH
+        n = r // OH
+    else:
+        ow = offs % OW
+        r = offs // OW
+        oh = r % OH
+        r = r // OH
+        c = r % C
+        n = r // C
+    h0 = oh * SH - PH
+    w0 = ow * SW - PW
+    x_base = x_ptr + n * sxn + c * sxc
+    # torch starts from the first window element at ih >= 0, iw >= 0 (even if past the input in
+    # ceil mode), value -inf: an all -inf (or empty) window reports that index.
+    kh0 = (tl.maximum(-h0, 0) + DH - 1) // DH
+    kw0 = (tl.maximum(-w0, 0) + DW - 1) // DW
+    arg = kh0 * KW + kw0
+    best = tl.full([BLOCK], float("-inf"), ACC)
+    for kh in tl.static_range(KH):
+        ih = h0 + kh * DH
+        h_ok = mask & (ih >= 0) & (ih < H)
+        for kw in tl.static_range(KW):
+            iw = w0 + kw * DW
+            ok = h_ok & (iw >= 0) & (iw < W)
+            # Masked lanes read -inf, which is never taken: no need to AND `ok` in again.
+            v = tl.load(x_base + ih * sxh + iw * sxw, mask=ok, other=float("-inf")).to(ACC)
+            take = (v > best) | (v != v)
+            best = tl.where(take, v, best)
+            arg = tl.where(take, kh * KW + kw, arg)
+    y_off = n * syn + c * syc + oh * syh + ow * syw
+    tl.store(y_ptr + y_off, best.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(arg_ptr + y_off, arg.to(arg_ptr.dtype.element_ty), mask=mask)
+    if WRITE_INDICES:
+        ih = h0 + (arg // KW) * DH
+        iw = w0 + (arg % KW) * DW
+        tl.store(idx_ptr + y_off, ih.to(tl.int64) * W + iw, mask=mask)
+
+
+@triton.jit
+def _maxpool2d_bwd_kernel(
+    dy_ptr,  # (N, C, OH, OW), strides sdn, sdc, sdh, sdw
+    arg_ptr,  # (N, C, OH, OW) window offsets, strides san, sac, sah, saw
+    dx_ptr,  # (N, C, H, W), strides sxn, sxc, sxh, sxw
+    total, C, H, W, OH, OW,
+    sdn, sdc, sdh, sdw,
+    san, sac, sah, saw,
+    sxn, sxc, sxh, sxw,
+    SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    ACC: tl.constexpr,  # fp32, or fp64 for fp64 gradients
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    if CHANNELS_LAST:
+        c = offs % C
+        r = offs // C
+        iw = r % W
+        r = r // W
+        ih = r % H
+        n = r // H
+    else:
+        iw = offs % W
+        r = offs // W
+        ih = r % H
+        r = r // H
+        c = r % C
+        n = r // C
+    dy_base = dy_ptr + n * sdn + c * sdc
+    arg_base = arg_ptr + n * san + c * sac
+    acc = tl.zeros([BLOCK], ACC)
+    for kh in tl.static_range(KH):
+        # Clamp before // and % so negative numerators never meet C-vs-floor division semantics.
+        th = ih + PH - kh * DH
+        th_c = tl.maximum(th, 0)
+        oh = th_c // SH
+        h_ok = mask & (th >= 0) & (th_c - oh * SH == 0) & (oh < OH)
+        for kw in tl.static_range(KW):
+            tw = iw + PW - kw * DW
+            tw_c = tl.maximum(tw, 0)
+            ow = tw_c // SW
+            ok = h_ok & (tw >= 0) & (tw_c - ow * SW == 0) & (ow < OW)
+            # Masked lanes read -1, which matches no offset.
+            a = tl.load(arg_base + oh * sah + ow * saw, mask=ok, other=-1)
+            hit = a.to(tl.int32) == kh * KW + kw
+            g = tl.load(dy_base + oh * sdh + ow * sdw, mask=hit, other=0.0)
+            acc += g.to(ACC)
+    tl.store(dx_ptr + n * sxn + c * sxc + ih * sxh + iw * sxw, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def argmax_dtype(kernel_size) -> torch.dtype:
+    """Smallest integer dtype holding every window offset 0 .. KH * KW - 1."""
+    k = kernel_size[0] * kernel_size[1]
+    return torch.int8 if k <= 127 else torch.int16 if k <= 32767 else torch.int32
+
+
+def _out_len(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    # torch's pooling_output_shape: in ceil mode the last window must start inside the input or
+    # its left padding, else it is dropped.
+    n = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (n - 1) * s >= size + p:
+        n -= 1
+    return n
+
+
+def output_size(H: int, W: int, kernel_size, stride, padding, dilation, ceil_mode: bool) -> tuple[int, int]:
+    """(OH, OW) exactly as torch computes them (arguments are (h, w) pairs)."""
+    return (_out_len(H, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode),
+            _out_len(W, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode))
+
+
+def _check_pairs(kernel_size, stride, padding, dilation) -> None:
+    for name, v, lo in (("kernel_size", kernel_size, 1), ("stride", stride, 1),
+                        ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(v) != 2 or any(int(e) < lo for e in v):
+            raise ValueError(f"{name} must be two ints >= {lo}, got {tuple(v)}")
+    if padding[0] > kernel_size[0] // 2 or padding[1] > kernel_size[1] // 2:
+        raise ValueError(f"padding {tuple(padding)} must be at most half of kernel_size {tuple(kernel_size)}")
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)
+
+
+def _as4d(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 4 else t.unsqueeze(0)
+
+
+def _block(total: int) -> tuple[int, int]:
+    """(BLOCK, num_warps): big blocks under the interpreter, where each program costs Python time."""
+    if is_interpreting():
+        block = min(4096, next_pow2(total))
+    else:
+        block = 512 if total >= 2**20 else 256
+    assert block & (block - 1) == 0, "BLOCK must be a power of two (tl.arange)"
+    return block, 4
+
+
+def _check_offsets(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if _max_offset(t) > MAX_NUMEL:
+            raise NotImplementedError("a tensor's strides reach past 2**31 - 1 elements; the kernels use int32 offsets")
+
+
+def maxpool2d_forward(x: torch.Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool = False,
+                      return_indices: bool = False):
+    """x (N, C, H, W) or (C, H, W) -> (y, argmax, indices) of shape (N, C, OH, OW) or (C, OH, OW).
+
+    argmax holds window offsets kh * KW + kw (dtype argmax_dtype(kernel_size)); indices is torch's
+    int64 ih * W + iw when return_indices, else an empty int64 tensor. Outputs take x's memory format.
+    """
+    check_tensor(x, "input")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"input must be (N, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
+    _check_pairs(kernel_size, stride, padding, dilation)
+    C, H, W = x.shape[-3:]
+    if C == 0 or H == 0 or W == 0:
+        raise ValueError(f"input must have non-zero C, H, W, got shape {tuple(x.shape)}")
+    OH, OW = output_size(H, W, kernel_size, stride, padding, dilation, ceil_mode)
+    if OH < 1 or OW < 1:
+        raise ValueError(f"output size ({OH}, {OW}) is too small for input of shape {tuple(x.shape)}")
+    _check_offsets(x)
+    fmt = suggest_memory_format(x)
+    shape = (*x.shape[:-2], OH, OW)
+    y = empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    arg = empty(shape, dtype=argmax_dtype(kernel_size), device=x.device, memory_format=fmt)
+    if return_indices:
+        idx = empty(shape, dtype=torch.int64, device=x.device, memory_format=fmt)
+    else:
+        idx = torch.empty((0,), dtype=torch.int64, device=x.device)
+    total = y.numel()
+    if total == 0:
+        return y, arg, idx
+    x4, y4, a4 = _as4d(x), _as4d(y), _as4d(arg)
+    i4 = _as4d(idx) if return_indices else a4  # never written when not requested
+    BLOCK, warps = _block(total)
+    _maxpool2d_fwd_kernel[(triton.cdiv(total, BLOCK),)](
+        x4, y4, a4, i4, total, C, H, W, OH, OW,
+        *x4.stride(), *y4.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        KH=kernel_size[0], KW=kernel_size[1], CHANNELS_LAST=fmt == torch.channels_last,
+        WRITE_INDICES=return_indices, ACC=acc_dtype(x.dtype), BLOCK=BLOCK, num_warps=warps,
+    )
+    return y, arg, idx
+
+
+def maxpool2d_backward(dy: torch.Tensor, argmax: torch.Tensor, input_size, kernel_size, stride, padding,
+                       dilation, channels_last: bool = False) -> torch.Tensor:
+    """dy, argmax (N, C, OH, OW) or (C, OH, OW) -> dx of shape input_size (channels_last if asked).
+
+    dx[n, c, ih, iw] = sum of dy over the outputs whose argmax is (ih, iw), added in a fixed order.
+    """
+    check_tensor(dy, "grad_output")
+    check_tensor(argmax, "argmax", dtypes=(torch.int8, torch.int16, torch.int32))
+    _check_pairs(kernel_size, stride, padding, dilation)
+    input_size = tuple(int(s) for s in input_size)
+    if len(input_size) not in (3, 4) or dy.dim() != len(input_size):
+        raise ValueError(f"input_size {input_size} and grad_output of shape {tuple(dy.shape)} must both be 3-D or 4-D")
+    if dy.shape != argmax.shape:
+        raise ValueError(f"grad_output {tuple(dy.shape)} and argmax {tuple(argmax.shape)} must have the same shape")
+    if dy.shape[:-2] != input_size[:-2]:
+        raise ValueError(f"grad_output {tuple(dy.shape)} and input_size {input_size} differ in batch or channels")
+    if dy.device != argmax.device:
+        raise ValueError(f"argmax must be on grad_output's device ({dy.device}), got {argmax.device}")
+    if argmax.dtype != argmax_dtype(kernel_size):
+        raise TypeError(f"argmax must be {argmax_dtype(kernel_size)} for kernel_size {tuple(kernel_size)}")
+    if channels_last and len(input_size) != 4:
+        raise ValueError("channels_last needs a 4-D input_size")
+    C, H, W = input_size[-3:]
+    OH, OW = dy.shape[-2:]
+    _check_offsets(dy, argmax)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    dx = empty(input_size, dtype=dy.dtype, device=dy.device, memory_format=fmt)
+    total = dx.numel()
+    if total == 0:
+        return dx
+    dy4, a4, dx4 = _as4d(dy), _as4d(argmax), _as4d(dx)
+    BLOCK, warps = _block(total)
+    _maxpool2d_bwd_kernel[(triton.cdiv(total, BLOCK),)](
+        dy4, a4, dx4, total, C, H, W, OH, OW,
+        *dy4.stride(), *a4.stride(), *dx4.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        KH=kernel_size[0], KW=kernel_size[1], CHANNELS_LAST=channels_last,
+        ACC=acc_dtype(dy.dtype), BLOCK=BLOCK, num_warps=warps,
+    )
+    return dx

@@ -1,0 +1,1 @@
+"""Measuring fastalex: benchmarks against cuDNN, the GPU check, committed results."""

@@ -1,0 +1,205 @@
+"""GPU check: every fastalex kernel at AlexNet's real shapes on a CUDA device, then timed against torch.
+
+    python -m perf.gpu_check [--batch 128] [--out DIR] [--dtypes float32,bfloat16] [--quick]
+
+1. Correctness: forward and every gradient against torch in float64 on the same GPU, on fresh
+   random inputs, NCHW and channels_last, each dtype (fp32 may use tf32 as cuDNN does by default).
+2. Speed: forward and backward medians (triton.testing.do_bench) of fastalex (Triton) vs torch
+   (cuDNN with cudnn.benchmark=True; torch's composite LRN), in both layouts; speed-up = torch / fastalex.
+Writes gpu_check.json (card, driver, versions, date, rows) into --out ($OUT, else perf/results/local)
+and prints a table. Exit status 1 if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as TF
+
+import fastalex
+import fastalex.functional as F
+from perf.shapes import CONV, LRN, LRN_ARGS, POOL
+
+TOL = {torch.float32: 5e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def environment() -> dict:
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        driver = "unknown"
+    return {
+        "card": torch.cuda.get_device_name(0), "sm_count": props.multi_processor_count,
+        "memory_gib": round(props.total_memory / 2**30, 1), "driver": driver, "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(), "torch": torch.__version__, "triton": triton.__version__,
+        "python": platform.python_version(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cudnn_benchmark": True, "allow_tf32_conv": torch.backends.cudnn.allow_tf32,
+    }
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double(), ref.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last) if layout == "nhwc" and t.dim() == 4 else t.contiguous()
+
+
+def bench(fn, quick: bool) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=20 if quick else 60, return_mode="median")
+
+
+def run_case(op: str, layer: str, dtype, layout, make, fwd_fast, fwd_torch, flops, nbytes, quick, rows, checks):
+    """Check one op at one shape against float64, then time forward and backward of both."""
+    inputs = make(dtype, layout)
+    ref_inputs = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    with fastalex.backend("triton"):
+        y = fwd_fast(*inputs)
+    ref = fwd_torch(*ref_inputs)
+    dy = torch.randn_like(ref)
+    grads = torch.autograd.grad(y, [t for t in inputs if t.requires_grad], dy.to(y.dtype))
+    ref_grads = torch.autograd.grad(ref, [t for t in ref_inputs if t.requires_grad], dy)
+    names = ["output"] + [f"grad{i}" for i in range(len(grads))]
+    for name, a, r in zip(names, (y, *grads), (ref, *ref_grads)):
+        err = rel_err(a, r)
+        checks.append(dict(op=op, layer=layer, dtype=str(dtype)[6:], layout=layout, tensor=name, rel_err=err,
+                           tol=TOL[dtype], ok=err <= TOL[dtype]))
+    del ref, ref_grads, ref_inputs
+
+    wrt = [t for t in inputs if t.requires_grad]
+    times = {}
+    for impl, fn in (("fastalex", fwd_fast), ("torch", fwd_torch)):
+        with fastalex.backend("triton" if impl == "fastalex" else "torch"):
+            out = fn(*inputs)
+            g = torch.randn_like(out)
+            times[impl, "fwd"] = bench(lambda: fn(*inputs), quick)
+            times[impl, "bwd"] = bench(lambda: torch.autograd.grad(out, wrt, g, retain_graph=True), quick)
+    for pas in ("fwd", "bwd"):
+        f_ms, t_ms = times["fastalex", pas], times["torch", pas]
+        n_flops = flops * (1 if pas == "fwd" else len(wrt))
+        rows.append(dict(op=op, layer=layer, dtype=str(dtype)[6:], layout=layout, **{"pass": pas},
+                         fastalex_ms=f_ms, torch_ms=t_ms, speedup=t_ms / f_ms, flops=n_flops,
+                         bytes=nbytes * (1 if pas == "fwd" else 2),
+                         fastalex_tflops=n_flops / f_ms / 1e9 if n_flops else None,
+                         fastalex_gbps=nbytes * (1 if pas == "fwd" else 2) / f_ms / 1e6))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--out", default=os.environ.get("OUT") or "perf/results/local")
+    p.add_argument("--quick", action="store_true", help="shorter timing runs")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_check needs a CUDA device", file=sys.stderr)
+        return 2
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    dev = "cuda"
+    B = args.batch
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    rows, checks = [], []
+
+    # Memory bandwidth of this card (read + write of a 1 GiB copy), for the memory-bound kernels.
+    src = torch.empty(2**28, device=dev)
+    dst = torch.empty_like(src)
+    copy_ms = bench(lambda: dst.copy_(src), args.quick)
+    bandwidth = 2 * src.numel() * 4 / copy_ms / 1e6  # GB/s
+    del src, dst
+
+    for dtype in dtypes:
+        esize = torch.empty((), dtype=dtype).element_size()
+        for s in CONV:
+            def make(dtype, layout, s=s):
+                x = to_layout(torch.randn(B, s.c_in, s.size, s.size, device=dev, dtype=dtype), layout)
+                w = to_layout(torch.randn(s.c_out, s.c_in // s.groups, s.kernel, s.kernel, device=dev, dtype=dtype)
+                              * (2.0 / (s.c_in // s.groups * s.kernel**2)) ** 0.5, layout)
+                b = torch.randn(s.c_out, device=dev, dtype=dtype) * 0.1
+                return [x.requires_grad_(s.input_needs_grad), w.requires_grad_(), b.requires_grad_()]
+
+            conv_kw = dict(stride=s.stride, padding=s.padding, groups=s.groups)
+            nbytes = esize * (B * s.c_in * s.size**2 + B * s.c_out * s.out_size**2
+                              + s.c_out * s.c_in // s.groups * s.kernel**2)
+            for layout in ("nchw", "nhwc"):
+                run_case("conv2d_relu", s.name, dtype, layout, make,
+                         lambda x, w, b: F.conv2d_relu(x, w, b, **conv_kw),
+                         lambda x, w, b: torch.relu(TF.conv2d(x, w, b, **conv_kw)),
+                         2 * s.macs(B), nbytes, args.quick, rows, checks)
+        for name, c, size in LRN:
+            def make(dtype, layout, c=c, size=size):
+                return [to_layout(torch.randn(B, c, size, size, device=dev, dtype=dtype) * 3, layout).requires_grad_()]
+
+            for layout in ("nchw", "nhwc"):
+                run_case("local_response_norm", name, dtype, layout, make,
+                         lambda x: F.local_response_norm(x, **LRN_ARGS),
+                         lambda x: TF.local_response_norm(x, **LRN_ARGS),
+                         0, 2 * esize * B * c * size * size, args.quick, rows, checks)
+        for name, c, size in POOL:
+            out = (size - 3) // 2 + 1
+
+            def make(dtype, layout, c=c, size=size):
+                return [to_layout(torch.randn(B, c, size, size, device=dev, dtype=dtype), layout).requires_grad_()]
+
+            for layout in ("nchw", "nhwc"):
+                run_case("max_pool2d", name, dtype, layout, make,
+                         lambda x: F.max_pool2d(x, 3, 2), lambda x: TF.max_pool2d(x, 3, 2),
+                         0, esize * B * c * (size * size + out * out), args.quick, rows, checks)
+        torch.cuda.empty_cache()
+
+    for r in rows:
+        r["fraction_of_bandwidth"] = r["fastalex_gbps"] / bandwidth
+    env = environment()
+    env["measured_copy_gbps"] = bandwidth
+    result = dict(environment=env, batch=B, checks=checks, timings=rows,
+                  all_checks_pass=all(c["ok"] for c in checks))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
+    print_summary(result)
+    return 0 if result["all_checks_pass"] else 1
+
+
+def print_summary(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    env = result["environment"]
+    t = Table(title=f"fastalex vs torch, batch {result['batch']}: {env['card']}, torch {env['torch']}, "
+                    f"triton {env['triton']}, {env['date'][:10]}")
+    for col in ("op", "layer", "dtype", "layout", "pass", "fastalex ms", "torch ms", "speed-up", "TFLOP/s", "% BW"):
+        t.add_column(col, justify="right" if "ms" in col or col in ("speed-up", "TFLOP/s", "% BW") else "left")
+    for r in result["timings"]:
+        t.add_row(r["op"], r["layer"], r["dtype"], r["layout"], r["pass"], f"{r['fastalex_ms']:.3f}",
+                  f"{r['torch_ms']:.3f}", f"{r['speedup']:.2f}x",
+                  f"{r['fastalex_tflops']:.1f}" if r["fastalex_tflops"] else "",
+                  f"{100 * r['fraction_of_bandwidth']:.0f}" if not r["flops"] else "")
+    console = Console(width=140)
+    console.print(t)
+    bad = [c for c in result["checks"] if not c["ok"]]
+    for c in bad:
+        console.print(f"[red]FAIL[/red] {c['op']} {c['layer']} {c['dtype']} {c['layout']} {c['tensor']}: "
+                      f"rel err {c['rel_err']:.2e} > {c['tol']:.0e}")
+    console.print(f"{len(result['checks']) - len(bad)}/{len(result['checks'])} correctness checks pass; "
+                  f"copy bandwidth {env['measured_copy_gbps']:.0f} GB/s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

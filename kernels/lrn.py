@@ -1,0 +1,293 @@
+"""Local response normalization across channels: one Triton pass forward, one backward.
+
+Semantics are torch.nn.functional.local_response_norm(x, size, alpha, beta, k) for x of shape
+(N, C, *): with the window W(c) = [c - size//2, c + (size-1)//2] (channels outside [0, C) count 0),
+
+    s_c = k + alpha/size * sum_{j in W(c)} x_j^2,        y_c = x_c * s_c^(-beta).
+
+The gradient, with M(i) = {c : i in W(c)} = [i - (size-1)//2, i + size//2] (the mirror window):
+
+    dx_i = dy_i * s_i^(-beta) - 2*beta*alpha/size * sum_{c in M(i)} (x_i / s_c) * (dy_c * y_c).
+
+The backward recomputes every s_c from x ((size + 1) * size shifted loads per tile, nearly all
+cache hits), so nothing but x is saved between the passes. The products are grouped as (x_i / s_c) * (dy_c * y_c)
+so that no intermediate underflows in fp32 for inputs up to ~1e18 (where x^2 itself overflows, as
+it does in torch's own fp32 computation).
+
+Every tensor is handled as a 3-D view (N, C, S), S = product of the trailing dims, with explicit
+strides: contiguous, channels_last(_3d) and most strided tensors need no copy (layouts whose
+trailing dims cannot merge, e.g. H and W swapped in memory, go through a contiguous copy).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastalex.kernels import _common
+
+# Windows up to this size are unrolled (the backward then holds SIZE^2 + SIZE loads); larger ones
+# (rare: AlexNet, GoogLeNet and Caffe use 5) run as loops so compile time does not grow with SIZE^2.
+MAX_UNROLL = 9
+
+
+@triton.jit
+def _sq(base, j, s_off, s_mask, C, stride_c, ACC: tl.constexpr):
+    """x[j]^2 in the accumulator dtype, 0 for channels j outside [0, C)."""
+    v = tl.load(base + j * stride_c + s_off, mask=(j >= 0) & (j < C) & s_mask, other=0.0).to(ACC)
+    return v * v
+
+
+@triton.jit
+def _window_sumsq(base, c, s_off, s_mask, C, stride_c, first, SIZE: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, UNROLL: tl.constexpr):
+    """sum_{d < SIZE} x[c + first + d]^2, zero outside [0, C), for a [BLOCK_C, BLOCK_S] tile.
+
+    base: pointer to sample n; c: [BLOCK_C, 1] channel ids; s_off: [1, BLOCK_S] position offsets.
+    The shifted loads overlap from one d to the next, so all but one row of them hit cache.
+    """
+    acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
+    if UNROLL:
+        for d in tl.static_range(SIZE):
+            acc += _sq(base, c + (first + d), s_off, s_mask, C, stride_c, ACC)
+    else:  # a loop, not SIZE copies: compile time stays flat for large windows
+        for d in range(SIZE):
+            acc += _sq(base, c + (first + d), s_off, s_mask, C, stride_c, ACC)
+    return acc
+
+
+@triton.jit
+def _pow(s, e, neg_sign):
+    """s ** e with C pow's special cases (as torch.pow): s ** 0 = 1 (even NaN), 0 ** e>0 = 0,
+    0 ** e<0 = inf, inf ** e>0 = inf, inf ** e<0 = 0, NaN propagates, and s < 0 gives
+    |s| ** e * neg_sign, where neg_sign is NaN (e not an integer), 1 (e even) or -1 (e odd)."""
+    mag = tl.exp2(e * tl.log2(tl.abs(s)))
+    mag = tl.where(e == 0, 1.0, mag)
+    return tl.where(s < 0, mag * neg_sign, mag)
+
+
+@triton.jit
+def _scalar(v, ACC: tl.constexpr):
+    """A float argument as a [1, 1] tensor of the accumulator dtype.
+
+    Float arguments are declared fp64 (else Triton passes them as fp32, too coarse for fp64
+    inputs) and rounded here once; the interpreter passes them as Python floats, hence the add.
+    """
+    return (tl.zeros([1, 1], ACC) + v).to(ACC)
+
+
+@triton.jit
+def _tile(N, C, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """This program's sample n, channel ids [BLOCK_C, 1], positions [1, BLOCK_S] and their masks.
+
+    One flat grid axis (axis 1 and 2 are limited to 65535 programs): positions fastest, then
+    channel blocks, then samples.
+    """
+    pid = tl.program_id(0)
+    num_s = tl.cdiv(S, BLOCK_S)
+    num_c = tl.cdiv(C, BLOCK_C)
+    pid_s = pid % num_s
+    pid_c = (pid // num_s) % num_c
+    n = pid // (num_s * num_c)
+    c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C))[:, None]
+    s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S))[None, :]
+    return n, c, s, c < C, s < S
+
+
+@triton.jit
+def _lrn_fwd_kernel(
+    x_ptr,  # (N, C, S) input, strides sx_*
+    y_ptr,  # (N, C, S) output, strides sy_*
+    N, C, S,
+    sx_n, sx_c, sx_s,
+    sy_n, sy_c, sy_s,
+    alpha_over_size: tl.float64, beta: tl.float64, k: tl.float64,
+    neg_sign: tl.float64,  # see _pow
+    SIZE: tl.constexpr,  # window length (any >= 1)
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACC: tl.constexpr,  # accumulator dtype: fp32, or fp64 for fp64 inputs
+    UNROLL: tl.constexpr,  # unroll the window loops (small SIZE) or keep them loops
+):
+    n, c, s, c_mask, s_mask = _tile(N, C, S, BLOCK_C, BLOCK_S)
+    mask = c_mask & s_mask
+    a = _scalar(alpha_over_size, ACC)
+    neg_beta = -_scalar(beta, ACC)
+    k_ = _scalar(k, ACC)
+    sign = _scalar(neg_sign, ACC)
+    x_base = x_ptr + n * sx_n
+    sumsq = _window_sumsq(x_base, c, s * sx_s, s_mask, C, sx_c, -(SIZE // 2), SIZE, BLOCK_C, BLOCK_S, ACC, UNROLL)
+    scale = k_ + a * sumsq
+    x = tl.load(x_base + c * sx_c + s * sx_s, mask=mask, other=0.0).to(ACC)
+    y = x * _pow(scale, neg_beta, sign)
+    tl.store(y_ptr + n * sy_n + c * sy_c + s * sy_s, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mirror_term(x_base, dy_base, c, x_i, x_soff, dy_soff, s_mask, C, sx_c, sd_c, off, a, k_, neg_beta, sign,
+                 SIZE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+                 UNROLL: tl.constexpr):
+    """(x_i / s_cc) * dy_cc * y_cc for the output channels cc = c + off, 0 where cc is outside [0, C)."""
+    cc = c + off
+    valid = (cc >= 0) & (cc < C) & s_mask
+    x_c = tl.load(x_base + cc * sx_c + x_soff, mask=valid, other=0.0).to(ACC)
+    dy_c = tl.load(dy_base + cc * sd_c + dy_soff, mask=valid, other=0.0).to(ACC)
+    s_c = k_ + a * _window_sumsq(x_base, c, x_soff, s_mask, C, sx_c, off - SIZE // 2, SIZE,
+                                 BLOCK_C, BLOCK_S, ACC, UNROLL)
+    term = (x_i / s_c) * (dy_c * (x_c * _pow(s_c, neg_beta, sign)))
+    # Channels outside [0, C) are not outputs: drop them (their s_c may be 0 when k = 0).
+    return tl.where(valid, term, 0.0)
+
+
+@triton.jit
+def _lrn_bwd_kernel(
+    dy_ptr,  # (N, C, S) output gradient, strides sd_*
+    x_ptr,  # (N, C, S) forward input, strides sx_*
+    dx_ptr,  # (N, C, S) input gradient (written), strides sg_*
+    N, C, S,
+    sd_n, sd_c, sd_s,
+    sx_n, sx_c, sx_s,
+    sg_n, sg_c, sg_s,
+    alpha_over_size: tl.float64, beta: tl.float64, k: tl.float64,
+    neg_sign: tl.float64,  # see _pow
+    SIZE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACC: tl.constexpr, UNROLL: tl.constexpr,
+):
+    n, c, s, c_mask, s_mask = _tile(N, C, S, BLOCK_C, BLOCK_S)
+    mask = c_mask & s_mask
+    a = _scalar(alpha_over_size, ACC)
+    neg_beta = -_scalar(beta, ACC)
+    k_ = _scalar(k, ACC)
+    sign = _scalar(neg_sign, ACC)
+    x_base = x_ptr + n * sx_n
+    dy_base = dy_ptr + n * sd_n
+    x_soff = s * sx_s
+    x_i = tl.load(x_base + c * sx_c + x_soff, mask=mask, other=0.0).to(ACC)
+    dy_i = tl.load(dy_base + c * sd_c + s * sd_s, mask=mask, other=0.0).to(ACC)
+
+    # Channel i's own scale, for the direct term dy_i * s_i^(-beta).
+    s_i = k_ + a * _window_sumsq(x_base, c, x_soff, s_mask, C, sx_c, -(SIZE // 2), SIZE,
+                                 BLOCK_C, BLOCK_S, ACC, UNROLL)
+    r_i = _pow(s_i, neg_beta, sign)
+    # The outputs c = i + off in M(i), whose window contains i; each needs its own window sum
+    # (the c = i term recomputes s_i: SIZE + 1 window sums in all, for one uniform loop).
+    acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
+    if UNROLL:
+        for m in tl.static_range(SIZE):
+            acc += _mirror_term(x_base, dy_base, c, x_i, x_soff, s * sd_s, s_mask, C, sx_c, sd_c,
+                                m - (SIZE - 1) // 2, a, k_, neg_beta, sign, SIZE, BLOCK_C, BLOCK_S, ACC, UNROLL)
+    else:
+        for m in range(SIZE):
+            acc += _mirror_term(x_base, dy_base, c, x_i, x_soff, s * sd_s, s_mask, C, sx_c, sd_c,
+                                m - (SIZE - 1) // 2, a, k_, neg_beta, sign, SIZE, BLOCK_C, BLOCK_S, ACC, UNROLL)
+    # With beta = 0 the window term has no gradient (torch's pow backward gives exactly 0, then
+    # 0 * x_i, so only a non-finite x_i itself gets NaN); don't let acc's NaN (inf/inf) leak in.
+    cross = tl.where(neg_beta == 0, x_i * 0.0, (2.0 * neg_beta * a) * acc)
+    dx = dy_i * r_i + cross
+    tl.store(dx_ptr + n * sg_n + c * sg_c + s * sg_s, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _block_sizes(C: int, S: int, backward: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_S, num_warps): powers of two (tl.arange needs them)."""
+    if _common.is_interpreting():
+        # The interpreter's cost is per program: as few, large tiles as possible.
+        block_c = min(_common.next_pow2(C), 256)
+        block_s = min(_common.next_pow2(S), max(2**16 // block_c, 1))
+        return block_c, block_s, 4
+    # At most 64 channels a tile, halved while the padded last channel block would waste more
+    # than 1/8 of the work (C = 48 -> 16, C = 96 -> 32, C = 128 -> 64).
+    block_c = min(_common.next_pow2(C), 64)
+    while block_c > 8 and triton.cdiv(C, block_c) * block_c - C > C // 8:
+        block_c //= 2
+    # Tile and elements per thread from ptxas's register counts on sm_90 (size 5): forward 8 a
+    # thread ~60 registers; backward (SIZE^2 + SIZE loads in flight) 4 a thread ~125 registers,
+    # 8 a thread ~210, 16 a thread spills.
+    tile, per_thread = (1024, 4) if backward else (2048, 8)
+    block_s = min(_common.next_pow2(S), max(tile // block_c, 16))
+    num_warps = max(1, min(8, block_c * block_s // (32 * per_thread)))
+    return block_c, block_s, num_warps
+
+
+def _view3d(t: torch.Tensor) -> torch.Tensor | None:
+    """t as (N, C, S) without a copy, or None where the trailing dims cannot merge (e.g. H and W
+    swapped in memory) or the strided extent exceeds the kernels' int32 offsets."""
+    try:
+        v = t.view(t.shape[0], t.shape[1], -1)
+    except RuntimeError:
+        return None
+    extent = sum((n - 1) * st for n, st in zip(v.shape, v.stride()))
+    return v if extent <= _common.MAX_NUMEL else None
+
+
+def _input3d(t: torch.Tensor) -> torch.Tensor:
+    # The rare layouts _view3d rejects are copied to a contiguous tensor (reshape copies).
+    v = _view3d(t)
+    return v if v is not None else t.reshape(t.shape[0], t.shape[1], -1).contiguous()
+
+
+def _neg_sign(e: float) -> float:
+    """(-t) ** e / t ** e for t > 0, as C's pow has it: NaN unless e is an integer (see _pow)."""
+    if math.isinf(e):
+        return 1.0
+    if math.isnan(e) or e != math.floor(e):
+        return math.nan
+    return -1.0 if e % 2 == 1 else 1.0
+
+
+def _check_args(x: torch.Tensor, size: int, name: str = "x") -> None:
+    _common.check_tensor(x, name)
+    if x.dim() < 3:
+        raise ValueError(f"{name} must be (N, C, *) with at least 3 dims, got shape {tuple(x.shape)}")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+
+
+def _launch(kernel, out: torch.Tensor, tensors, size, alpha, beta, k, backward: bool) -> torch.Tensor:
+    """Run `kernel` over (N, C, S) views of `tensors`, writing `out` (allocated like the input)."""
+    N, C = out.shape[0], out.shape[1]
+    if out.numel() == 0:
+        return out
+    views = [_input3d(t) for t in tensors]
+    out3 = _view3d(out)
+    # An output whose layout does not flatten is written through a contiguous buffer.
+    target = out3 if out3 is not None else _common.empty(views[0].shape, dtype=out.dtype, device=out.device)
+    S = target.shape[2]
+    block_c, block_s, num_warps = _block_sizes(C, S, backward)
+    assert block_c & (block_c - 1) == 0 and block_s & (block_s - 1) == 0
+    grid = (N * triton.cdiv(C, block_c) * triton.cdiv(S, block_s),)
+    strides = [st for v in (*views, target) for st in v.stride()]
+    kernel[grid](
+        *views, target, N, C, S, *strides,
+        float(alpha) / size, float(beta), float(k), _neg_sign(-float(beta)),
+        SIZE=size, BLOCK_C=block_c, BLOCK_S=block_s, ACC=_common.acc_dtype(out.dtype),
+        UNROLL=size <= MAX_UNROLL, num_warps=num_warps,
+    )
+    if out3 is None:
+        out.copy_(target.view(out.shape))
+    return out
+
+
+def lrn_forward(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
+    """y = local_response_norm(x, size, alpha, beta, k). x: (N, C, *) float; y: like x (same strides
+    as torch.empty_like(x))."""
+    _check_args(x, size)
+    y = _common.empty_like(x)
+    return _launch(_lrn_fwd_kernel, y, (x,), size, alpha, beta, k, backward=False)
+
+
+def lrn_backward(dy: torch.Tensor, x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
+    """dx of local_response_norm. dy, x: (N, C, *) of one shape, dtype and device; dx: like x."""
+    _check_args(x, size)
+    _common.check_tensor(dy, "dy")
+    _common.check_same("x", x, "dy", dy)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
+    dx = _common.empty_like(x)
+    return _launch(_lrn_bwd_kernel, dx, (dy, x), size, alpha, beta, k, backward=True)

@@ -13,11 +13,9 @@ import numbers
 import torch
 
 from fastalex._backend import use_triton
+from fastalex.ops._checks import FLOAT_DTYPES
 
 __all__ = ["local_response_norm"]
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 @torch.library.custom_op("fastalex::local_response_norm", mutates_args=())
 def _lrn(input: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
@@ -92,7 +90,7 @@ def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, bet
     if input.dim() < 3:
         raise ValueError(f"local_response_norm: input must have at least 3 dimensions (N, C, *), "
                          f"got shape {tuple(input.shape)}")
-    if input.dtype not in _FLOAT_DTYPES:
+    if input.dtype not in FLOAT_DTYPES:
         raise TypeError(f"local_response_norm: input must be float16, bfloat16, float32 or float64, got {input.dtype}")
     if isinstance(size, bool) or not isinstance(size, numbers.Integral):
         raise TypeError(f"local_response_norm: size must be an int, got {type(size).__name__}")

@@ -18,11 +18,9 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from fastalex._backend import use_triton
+from fastalex.ops._checks import FLOAT_DTYPES
 
 __all__ = ["max_pool2d"]
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 def _argmax_dtype(kernel_size: Sequence[int]) -> torch.dtype:
     # Mirrors kernels.maxpool2d.argmax_dtype (kept here so fakes never import triton).
@@ -159,7 +157,7 @@ def _check_args(input, kernel_size, stride, padding, dilation, ceil_mode, return
     """Validate like torch; return ((kh, kw), (sh, sw), (ph, pw), (dh, dw), (OH, OW))."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"max_pool2d: input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dtype not in _FLOAT_DTYPES:
+    if input.dtype not in FLOAT_DTYPES:
         raise TypeError(f"max_pool2d: input must be float16, bfloat16, float32 or float64, got {input.dtype}")
     if input.dim() not in (3, 4):
         raise ValueError(f"max_pool2d: input must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape {tuple(input.shape)}")

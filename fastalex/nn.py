@@ -35,10 +35,33 @@ class Conv2d(torch.nn.Conv2d):
 
 
 class LocalResponseNorm(torch.nn.LocalResponseNorm):
-    """torch.nn.LocalResponseNorm (across channels of (N, C, *) input), one fused pass each way."""
+    """torch.nn.LocalResponseNorm (across channels of (N, C, *) input), one fused pass each way.
+
+    `groups` > 1 normalises each of `groups` equal channel blocks on its own, as the paper's two
+    towers do (the window never reaches into the other tower's channels).
+    """
+
+    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, *, groups: int = 1):
+        super().__init__(size, alpha, beta, k)
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be a positive int, got {groups!r}")
+        self.groups = groups
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", groups={self.groups}" if self.groups > 1 else "")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.local_response_norm(input, self.size, self.alpha, self.beta, self.k)
+        g = self.groups
+        if g == 1:
+            return F.local_response_norm(input, self.size, self.alpha, self.beta, self.k)
+        if input.dim() < 3 or input.shape[1] % g:
+            raise ValueError(f"input must be (N, C, *) with C divisible by groups={g}, got shape {tuple(input.shape)}")
+        n, c = input.shape[:2]
+        # (N, C, *) -> (N*g, C/g, *): each tower's channels become a sample of their own
+        # (a view for contiguous input).
+        y = F.local_response_norm(input.reshape(n * g, c // g, *input.shape[2:]), self.size, self.alpha, self.beta,
+                                  self.k)
+        return y.reshape(input.shape)
 
 
 class MaxPool2d(torch.nn.MaxPool2d):

@@ -1,0 +1,192 @@
+"""fastalex.AlexNet: the three variants' shapes and parameters, the paper's init, two-device towers,
+torchvision state_dict compatibility, and a whole forward/backward through the Triton kernels."""
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastalex
+from fastalex import AlexNet
+from reference import assert_close
+
+
+def _conv(c_in, c_out, k, groups=1):
+    return c_out * (c_in // groups) * k * k + c_out
+
+
+def _fc(n_in, n_out):
+    return n_in * n_out + n_out
+
+
+# Parameter counts from the layer tables in ALEXNET.md, by hand.
+HAND_PARAMS = {
+    "paper": _conv(3, 96, 11) + _conv(96, 256, 5, 2) + _conv(256, 384, 3) + _conv(384, 384, 3, 2)
+    + _conv(384, 256, 3, 2) + _fc(9216, 4096) + _fc(4096, 4096) + _fc(4096, 1000),
+    "single": _conv(3, 96, 11) + _conv(96, 256, 5) + _conv(256, 384, 3) + _conv(384, 384, 3) + _conv(384, 256, 3)
+    + _fc(9216, 4096) + _fc(4096, 4096) + _fc(4096, 1000),
+    "torchvision": _conv(3, 64, 11) + _conv(64, 192, 5) + _conv(192, 384, 3) + _conv(384, 256, 3)
+    + _conv(256, 256, 3) + _fc(9216, 4096) + _fc(4096, 4096) + _fc(4096, 1000),
+}
+TORCHVISION_SHAPES = {
+    "features.0.weight": (64, 3, 11, 11), "features.0.bias": (64,), "features.3.weight": (192, 64, 5, 5),
+    "features.3.bias": (192,), "features.6.weight": (384, 192, 3, 3), "features.6.bias": (384,),
+    "features.8.weight": (256, 384, 3, 3), "features.8.bias": (256,), "features.10.weight": (256, 256, 3, 3),
+    "features.10.bias": (256,), "classifier.1.weight": (4096, 9216), "classifier.1.bias": (4096,),
+    "classifier.4.weight": (4096, 4096), "classifier.4.bias": (4096,), "classifier.6.weight": (1000, 4096),
+    "classifier.6.bias": (1000,),
+}
+
+
+@pytest.mark.parametrize("variant", ["paper", "single", "torchvision"])
+def test_parameter_counts(variant):
+    n = sum(p.numel() for p in AlexNet(variant=variant).parameters())
+    assert n == HAND_PARAMS[variant]
+    assert n == {"paper": 60_965_224, "single": 62_378_344, "torchvision": 61_100_840}[variant]
+
+
+@pytest.mark.parametrize("variant,size", [("paper", 227), ("single", 227), ("torchvision", 224)])
+def test_output_shape_torch_backend(variant, size):
+    with fastalex.backend("torch"):
+        y = AlexNet(num_classes=10, variant=variant).eval()(torch.randn(2, 3, size, size))
+    assert y.shape == (2, 10)
+
+
+def test_paper_initialisation():
+    torch.manual_seed(0)
+    model = AlexNet(variant="single")
+    sd = model.state_dict()
+    for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"):
+        key = f"features.{name}" if name.startswith("conv") else f"classifier.{name}"
+        w, b = sd[f"{key}.weight"], sd[f"{key}.bias"]
+        assert abs(w.mean().item()) < 1e-3 and abs(w.std().item() - 0.01) < 1e-3, name
+        expect = 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
+        assert torch.equal(b, torch.full_like(b, expect)), name
+    # torch's default init differs visibly (kaiming-uniform: conv1's std is about 0.017)
+    tv = AlexNet(variant="torchvision").state_dict()["features.0.weight"]
+    assert abs(tv.std().item() - 0.01) > 2e-3
+
+
+def test_torchvision_state_dict_and_outputs():
+    """A torchvision-layout state_dict (names, shapes) loads strictly; outputs equal torchvision's net."""
+    model = AlexNet(variant="torchvision").eval()
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == TORCHVISION_SHAPES
+    sd = {k: torch.randn(shape) * (0.05 if len(shape) > 1 else 0.1) for k, shape in TORCHVISION_SHAPES.items()}
+    model.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 3, 224, 224)
+
+    def torchvision_alexnet(x):  # torchvision.models.alexnet's forward, written out
+        h = TF.max_pool2d(TF.relu(TF.conv2d(x, sd["features.0.weight"], sd["features.0.bias"], 4, 2)), 3, 2)
+        h = TF.max_pool2d(TF.relu(TF.conv2d(h, sd["features.3.weight"], sd["features.3.bias"], padding=2)), 3, 2)
+        h = TF.relu(TF.conv2d(h, sd["features.6.weight"], sd["features.6.bias"], padding=1))
+        h = TF.relu(TF.conv2d(h, sd["features.8.weight"], sd["features.8.bias"], padding=1))
+        h = TF.max_pool2d(TF.relu(TF.conv2d(h, sd["features.10.weight"], sd["features.10.bias"], padding=1)), 3, 2)
+        h = torch.flatten(TF.adaptive_avg_pool2d(h, 6), 1)
+        h = TF.relu(TF.linear(h, sd["classifier.1.weight"], sd["classifier.1.bias"]))
+        h = TF.relu(TF.linear(h, sd["classifier.4.weight"], sd["classifier.4.bias"]))
+        return TF.linear(h, sd["classifier.6.weight"], sd["classifier.6.bias"])
+
+    with fastalex.backend("torch"), torch.no_grad():
+        assert torch.allclose(model(x), torchvision_alexnet(x), rtol=1e-5, atol=1e-5)
+
+
+def _grads_by_grouped_name(model):
+    """Gradients keyed like the single-device state_dict (towers' halves concatenated)."""
+    if model.devices is None:
+        return {k: p.grad for k, p in model.named_parameters()}
+    out = {}
+    for k, p in model.towers[0].named_parameters():
+        layer, kind = k.split(".")[-2:]
+        grouped = f"features.{layer}.{kind}" if layer.startswith("conv") else f"classifier.{layer}.{kind}"
+        other = model.towers[1].get_parameter(k).grad
+        out[grouped] = torch.cat([p.grad, other.to(p.device)])
+    return out
+
+
+def test_towers_equal_grouped_model_forward_and_backward():
+    torch.manual_seed(1)
+    towers = AlexNet(num_classes=11, variant="paper", dropout=0.0, image_size=67, devices=("cpu", "cpu"),
+                     init="torch")
+    grouped = AlexNet(num_classes=11, variant="paper", dropout=0.0, image_size=67)
+    grouped.load_state_dict(towers.state_dict())
+    assert towers.state_dict().keys() == grouped.state_dict().keys()
+    x = torch.randn(3, 3, 67, 67)
+    with fastalex.backend("torch"):
+        yt, yg = towers(x), grouped(x)
+        assert yt.shape == (3, 11)
+        torch.testing.assert_close(yt, yg, rtol=1e-5, atol=1e-6)
+        dy = torch.randn_like(yt)
+        yt.backward(dy)
+        yg.backward(dy)
+    gt, gg = _grads_by_grouped_name(towers), _grads_by_grouped_name(grouped)
+    assert gt.keys() == gg.keys()
+    for k in gg:
+        torch.testing.assert_close(gt[k], gg[k], rtol=1e-4, atol=1e-6, msg=k)
+    # and back: the grouped state_dict loads into the towers
+    towers2 = AlexNet(num_classes=11, variant="paper", image_size=67, devices=("cpu", "cpu"))
+    towers2.load_state_dict(grouped.state_dict())
+    for k, v in towers2.state_dict().items():
+        assert torch.equal(v, grouped.state_dict()[k]), k
+
+
+def test_towers_reject_mismatched_state_dict():
+    towers = AlexNet(num_classes=10, variant="paper", image_size=67, devices=("cpu", "cpu"))
+    sd = AlexNet(num_classes=12, variant="paper", image_size=67).state_dict()
+    with pytest.raises(RuntimeError, match="classifier.fc8"):
+        towers.load_state_dict(sd)
+
+
+@pytest.mark.slow
+def test_whole_model_through_kernels_matches_torch():
+    """Forward and backward of the paper net at its smallest input, Triton kernels vs torch's ops."""
+    torch.manual_seed(2)
+    model = AlexNet(num_classes=10, variant="paper", dropout=0.0, image_size=67, init="torch")
+    x = torch.randn(2, 3, 67, 67)
+    outs, grads = {}, {}
+    for backend in ("torch", "triton"):
+        model.zero_grad(set_to_none=True)
+        with fastalex.backend(backend):
+            y = model(x)
+            y.backward(torch.ones_like(y))
+        outs[backend] = y.detach()
+        grads[backend] = {k: p.grad.clone() for k, p in model.named_parameters()}
+    device = "cpu"
+    assert_close(outs["triton"], outs["torch"].double(), torch.float32, device, "logits")
+    for k, g in grads["torch"].items():
+        assert_close(grads["triton"][k], g.double(), torch.float32, device, f"grad {k}")
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(variant="vgg"), "variant must be one of"),
+    (dict(image_size=50), "at least 67x67"),
+    (dict(variant="torchvision", lrn=True), "no LRN"),
+    (dict(pool=(3, 3)), "pool must be"),
+    (dict(activation="gelu"), "activation must be"),
+    (dict(dropout=1.0), "dropout must be in"),
+    (dict(num_classes=0), "num_classes"),
+    (dict(variant="single", devices=("cpu", "cpu")), "needs variant='paper'"),
+    (dict(devices=("cpu",)), "two devices"),
+    (dict(init="xavier"), "init must be"),
+])
+def test_constructor_errors(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        AlexNet(**kwargs)
+
+
+def test_input_errors():
+    model = AlexNet(num_classes=10, variant="single", image_size=67)
+    with pytest.raises(ValueError, match="built for 67x67 inputs"):
+        model(torch.randn(1, 3, 70, 70))
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        model(torch.randn(3, 67, 67))
+    with pytest.raises(ValueError, match="at least 63x63"):
+        AlexNet(variant="torchvision")(torch.randn(1, 3, 60, 60))
+
+
+def test_ablation_options_change_the_net_as_asked():
+    tanh = AlexNet(variant="single", activation="tanh", lrn=False, pool=(2, 2), image_size=67)
+    names = [n for n, _ in tanh.features.named_children()]
+    assert "lrn1" not in names and "act1" in names
+    assert isinstance(tanh.features.act1, torch.nn.Tanh) and tanh.features.conv1.activation is None
+    assert tanh.features.pool1.kernel_size == 2 and tanh.features.pool1.stride == 2
+    with fastalex.backend("torch"):
+        assert tanh.eval()(torch.randn(1, 3, 67, 67)).shape == (1, 1000)

@@ -4,7 +4,9 @@
 
 1. Correctness: forward and every gradient against torch in float64 on the same GPU, on fresh
    random inputs, NCHW and channels_last, each dtype (fp32 may use tf32 as cuDNN does by default).
-2. Speed: forward and backward medians (triton.testing.do_bench) of fastalex (Triton) vs torch
+2. The whole AlexNet (every variant, fp32 and bf16 autocast): forward + backward with the Triton
+   kernels against torch's ops, compared and timed.
+3. Speed: forward and backward medians (triton.testing.do_bench) of fastalex (Triton) vs torch
    (cuDNN with cudnn.benchmark=True; torch's composite LRN), in both layouts; speed-up = torch / fastalex.
 Writes gpu_check.json (card, driver, versions, date, rows) into --out ($OUT, else perf/results/local)
 and prints a table. Exit status 1 if any check fails.
@@ -19,6 +21,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,14 +29,18 @@ import torch.nn.functional as TF
 
 import fastalex
 import fastalex.functional as F
-from perf.shapes import CONV, LRN, LRN_ARGS, POOL
+from perf.shapes import CONV, LRN, LRN_ARGS, POOL, tiny
 
 TOL = {torch.float32: 5e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
-def environment() -> dict:
+def environment(device: str) -> dict:
     import triton
 
+    if device != "cuda":
+        return {"card": f"{device} (smoke run, Triton interpreter)", "torch": torch.__version__,
+                "triton": triton.__version__, "python": platform.python_version(),
+                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     props = torch.cuda.get_device_properties(0)
     try:
         driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -61,6 +68,11 @@ def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def bench(fn, quick: bool) -> float:
+    """Median milliseconds of fn: CUDA events via do_bench on a GPU, one wall-clock run elsewhere (smoke)."""
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=20 if quick else 60, return_mode="median")
@@ -101,25 +113,67 @@ def run_case(op: str, layer: str, dtype, layout, make, fwd_fast, fwd_torch, flop
                          fastalex_gbps=nbytes * (1 if pas == "fwd" else 2) / f_ms / 1e6))
 
 
+def check_models(B: int, quick: bool, rows: list, checks: list, dev: str = "cuda", smoke: bool = False) -> None:
+    """Whole AlexNet forward + backward, Triton kernels vs torch's ops, every variant (fp32 and bf16 autocast)."""
+    from fastalex import AlexNet
+    from fastalex.model import smallest_image_size
+
+    for variant in ("torchvision",) if smoke else ("single", "paper", "torchvision"):
+        size = smallest_image_size(variant) if smoke else (224 if variant == "torchvision" else 227)
+        model = AlexNet(variant=variant, dropout=0.0, init="torch", image_size=size).to(dev)
+        x = torch.randn(B, 3, size, size, device=dev)
+        for precision in ("fp32",) if smoke else ("fp32", "bf16-autocast"):
+            def step():
+                with torch.autocast(dev, dtype=torch.bfloat16, enabled=precision != "fp32"):
+                    y = model(x)
+                y.float().sum().backward()
+                return y
+
+            results, times = {}, {}
+            for backend in ("triton", "torch"):
+                model.zero_grad(set_to_none=True)
+                with fastalex.backend(backend):
+                    y = step()
+                    results[backend] = [y.detach().float()] + [p.grad.detach().float() for p in model.parameters()]
+                    times[backend] = bench(step, quick)
+            tol = 2e-2 if precision == "fp32" else 5e-2
+            errs = [rel_err(a, r) for a, r in zip(results["triton"], results["torch"])]
+            checks.append(dict(op="alexnet", layer=variant, dtype=precision, layout="nchw", tensor="logits+grads",
+                               rel_err=max(errs), tol=tol, ok=max(errs) <= tol))
+            rows.append(dict(op="alexnet step", layer=variant, dtype=precision, layout="nchw", **{"pass": "fwd+bwd"},
+                             fastalex_ms=times["triton"], torch_ms=times["torch"],
+                             speedup=times["torch"] / times["triton"], flops=0, bytes=0, fastalex_tflops=None,
+                             fastalex_gbps=0.0))
+        del model, x
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--out", default=os.environ.get("OUT") or "perf/results/local")
     p.add_argument("--quick", action="store_true", help="shorter timing runs")
+    p.add_argument("--smoke", action="store_true",
+                   help="no GPU needed: tiny shapes in Triton's CPU interpreter, to test this script itself")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_check needs a CUDA device", file=sys.stderr)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu" and not (args.smoke and os.environ.get("TRITON_INTERPRET") == "1"):
+        print("gpu_check needs a CUDA device (or --smoke with TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    dev = "cuda"
     B = args.batch
-    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    # (torch's own CPU LRN has no bf16 kernel: the smoke run stays in fp32)
+    dtypes = [torch.float32] if args.smoke else [getattr(torch, d) for d in args.dtypes.split(",")]
     rows, checks = [], []
+    conv_shapes = [tiny(s) for s in CONV] if args.smoke else CONV
+    lrn_shapes = [(n, min(c, 8), min(s, 7)) for n, c, s in LRN] if args.smoke else LRN
+    pool_shapes = [(n, min(c, 8), min(s, 9)) for n, c, s in POOL] if args.smoke else POOL
 
     # Memory bandwidth of this card (read + write of a 1 GiB copy), for the memory-bound kernels.
-    src = torch.empty(2**28, device=dev)
+    src = torch.empty(2**16 if args.smoke else 2**28, device=dev)
     dst = torch.empty_like(src)
     copy_ms = bench(lambda: dst.copy_(src), args.quick)
     bandwidth = 2 * src.numel() * 4 / copy_ms / 1e6  # GB/s
@@ -127,7 +181,7 @@ def main(argv=None) -> int:
 
     for dtype in dtypes:
         esize = torch.empty((), dtype=dtype).element_size()
-        for s in CONV:
+        for s in conv_shapes:
             def make(dtype, layout, s=s):
                 x = to_layout(torch.randn(B, s.c_in, s.size, s.size, device=dev, dtype=dtype), layout)
                 w = to_layout(torch.randn(s.c_out, s.c_in // s.groups, s.kernel, s.kernel, device=dev, dtype=dtype)
@@ -143,7 +197,7 @@ def main(argv=None) -> int:
                          lambda x, w, b: F.conv2d_relu(x, w, b, **conv_kw),
                          lambda x, w, b: torch.relu(TF.conv2d(x, w, b, **conv_kw)),
                          2 * s.macs(B), nbytes, args.quick, rows, checks)
-        for name, c, size in LRN:
+        for name, c, size in lrn_shapes:
             def make(dtype, layout, c=c, size=size):
                 return [to_layout(torch.randn(B, c, size, size, device=dev, dtype=dtype) * 3, layout).requires_grad_()]
 
@@ -152,7 +206,7 @@ def main(argv=None) -> int:
                          lambda x: F.local_response_norm(x, **LRN_ARGS),
                          lambda x: TF.local_response_norm(x, **LRN_ARGS),
                          0, 2 * esize * B * c * size * size, args.quick, rows, checks)
-        for name, c, size in POOL:
+        for name, c, size in pool_shapes:
             out = (size - 3) // 2 + 1
 
             def make(dtype, layout, c=c, size=size):
@@ -162,11 +216,13 @@ def main(argv=None) -> int:
                 run_case("max_pool2d", name, dtype, layout, make,
                          lambda x: F.max_pool2d(x, 3, 2), lambda x: TF.max_pool2d(x, 3, 2),
                          0, esize * B * c * (size * size + out * out), args.quick, rows, checks)
-        torch.cuda.empty_cache()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    check_models(B, args.quick, rows, checks, dev, args.smoke)
 
     for r in rows:
         r["fraction_of_bandwidth"] = r["fastalex_gbps"] / bandwidth
-    env = environment()
+    env = environment(dev)
     env["measured_copy_gbps"] = bandwidth
     result = dict(environment=env, batch=B, checks=checks, timings=rows,
                   all_checks_pass=all(c["ok"] for c in checks))
@@ -190,7 +246,7 @@ def print_summary(result: dict) -> None:
         t.add_row(r["op"], r["layer"], r["dtype"], r["layout"], r["pass"], f"{r['fastalex_ms']:.3f}",
                   f"{r['torch_ms']:.3f}", f"{r['speedup']:.2f}x",
                   f"{r['fastalex_tflops']:.1f}" if r["fastalex_tflops"] else "",
-                  f"{100 * r['fraction_of_bandwidth']:.0f}" if not r["flops"] else "")
+                  f"{100 * r['fraction_of_bandwidth']:.0f}" if r["bytes"] and not r["flops"] else "")
     console = Console(width=140)
     console.print(t)
     bad = [c for c in result["checks"] if not c["ok"]]

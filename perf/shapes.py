@@ -40,6 +40,12 @@ CONV = [
     ConvShape("conv5-g2", 384, 13, 256, 3, 1, 1, 2),
 ]
 
+def tiny(s: ConvShape) -> ConvShape:
+    """The same layer with few channels and a small image: for smoke runs in Triton's CPU interpreter."""
+    return ConvShape(s.name, min(s.c_in, 4 * s.groups), min(s.size, s.kernel + 4), min(s.c_out, 4 * s.groups),
+                     s.kernel, s.stride, s.padding, s.groups)
+
+
 # (name, channels, size): LRN follows ReLU after conv1 and conv2; torch's constants for the paper's.
 LRN = [("lrn1", 96, 55), ("lrn2", 256, 27)]
 LRN_ARGS = dict(size=5, alpha=5e-4, beta=0.75, k=2.0)

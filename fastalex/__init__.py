@@ -9,8 +9,9 @@ Importing fastalex never touches CUDA and does not import triton; the kernels lo
 
 from fastalex import functional, nn
 from fastalex.model import AlexNet
+from fastalex.trainer import Trainer, TrainingDiverged
 from fastalex._backend import BACKENDS, BackendInfo, backend, backend_info
 
 __version__ = "0.1.0"
 
-__all__ = ["AlexNet", "BACKENDS", "BackendInfo", "backend", "backend_info", "functional", "nn", "__version__"]
+__all__ = ["AlexNet", "BACKENDS", "Trainer", "TrainingDiverged", "BackendInfo", "backend", "backend_info", "functional", "nn", "__version__"]

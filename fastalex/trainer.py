@@ -1,0 +1,409 @@
+"""Trainer: the paper's recipe (SGD, momentum 0.9, weight decay 5e-4, lr 0.01 divided by 10 when the
+validation error stops improving, at most 3 times, batch 128), with exact resume.
+
+    trainer = fastalex.Trainer(model, epochs=90, out_dir="runs/alexnet")
+    trainer.fit(train_data, val_data)          # datasets of (image (3, S, S), label)
+    trainer.evaluate(test_data)                # {"top1_error": ..., "top5_error": ..., ...}
+
+Everything a run depends on is in its checkpoint (model, optimizer, schedule, epoch and step, RNG
+state), the data order is a function of (seed, epoch) and each image's augmentation of
+(seed, epoch, index): a run stopped at any moment and resumed ends with the same weights as one
+that never stopped (on the CPU, where the arithmetic is deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as TF
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fastalex import checkpoint as ckpt
+from fastalex._backend import backend_info
+
+__all__ = ["Trainer", "TrainingDiverged"]
+
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+SCHEDULES = ("plateau", "cosine", "constant")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class _Seeded(Dataset):
+    """Wraps a dataset so each item's random augmentation depends only on (seed, epoch, index)."""
+
+    def __init__(self, data: Dataset, seed: int):
+        self.data, self.seed = data, seed
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG (dropout's) untouched
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            return self.data[index]
+
+
+class _EpochBatches(Sampler):
+    """Batches of (epoch, index) in the epoch's own random order, from batch `start` on."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0):
+        self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
+
+    def __len__(self) -> int:
+        return max(0, math.ceil(self.n / self.batch_size) - self.start)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        for b in range(self.start, math.ceil(self.n / self.batch_size)):
+            yield [(self.epoch, i) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+
+
+def _topk_errors(logits_or_probs: torch.Tensor, labels: torch.Tensor, k: int = 5) -> tuple[int, int]:
+    """(number of top-1 misses, number of top-k misses) in a batch."""
+    k = min(k, logits_or_probs.shape[1])
+    top = logits_or_probs.topk(k, dim=1).indices
+    hit = top == labels[:, None]
+    return int((~hit[:, 0]).sum()), int((~hit.any(dim=1)).sum())
+
+
+class Trainer:
+    """Trains a classifier (by default with the paper's recipe) and evaluates it.
+
+    precision: "32", "bf16-mixed" or "16-mixed" (autocast; "16-mixed" scales the loss, GPU only).
+    lr_schedule: "plateau" (the paper: lr / 10 when validation error stops improving for `patience`
+    epochs, at most `max_lr_drops` times), "cosine" (per step, to 0 at the end) or "constant".
+    checkpoint_every: also save every this many steps (besides each epoch's end).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, epochs: int, batch_size: int = 128, lr: float = 0.01,
+                 momentum: float = 0.9, weight_decay: float = 5e-4, lr_schedule: str = "plateau",
+                 precision: str = "32", device: str = "auto", out_dir: str | Path = "runs/fastalex", seed: int = 0,
+                 workers: int = 0, checkpoint_every: int = 0, patience: int = 1, max_lr_drops: int = 3,
+                 warmup_steps: int = 0, progress: bool = True, class_names: Sequence[str] | None = None,
+                 args: dict | None = None):
+        for name, v, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("workers", workers, 0),
+                            ("checkpoint_every", checkpoint_every, 0), ("patience", patience, 1),
+                            ("max_lr_drops", max_lr_drops, 0), ("warmup_steps", warmup_steps, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        if not lr > 0 or not 0 <= momentum < 1 or weight_decay < 0:
+            raise ValueError(f"need lr > 0, 0 <= momentum < 1, weight_decay >= 0; got {lr}, {momentum}, {weight_decay}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {lr_schedule!r}")
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        if precision == "16-mixed" and self.device.type != "cuda":
+            raise ValueError("precision '16-mixed' needs a CUDA device (use '32' or 'bf16-mixed' on the CPU)")
+        self.model = model if getattr(model, "devices", None) else model.to(self.device)
+        self.epochs, self.batch_size, self.lr, self.seed = epochs, batch_size, lr, seed
+        self.lr_schedule, self.precision, self.workers = lr_schedule, precision, workers
+        self.checkpoint_every, self.patience, self.max_lr_drops = checkpoint_every, patience, max_lr_drops
+        self.warmup_steps, self.progress = warmup_steps, progress
+        self.class_names = list(class_names) if class_names is not None else None
+        self.args = dict(args or {})
+        self.out_dir = Path(out_dir)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum,
+                                         weight_decay=weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "16-mixed")
+        # Progress of the run: everything here goes into the checkpoint.
+        self.epoch, self.step, self.step_in_epoch = 0, 0, 0
+        self.lr_drops, self.bad_epochs, self.best_error = 0, 0, float("inf")
+        self.history: list[dict] = []
+        self.train_seconds, self.train_images = 0.0, 0
+        self.epoch_loss_sum, self.epoch_seen = 0.0, 0  # the current epoch's running training loss
+        self._stop = False
+
+    # -- schedule ------------------------------------------------------------------------------
+
+    def current_lr(self, total_steps: int) -> float:
+        lr = self.lr * 0.1 ** self.lr_drops
+        if self.lr_schedule == "cosine":
+            lr = self.lr * 0.5 * (1 + math.cos(math.pi * min(self.step, total_steps) / max(total_steps, 1)))
+        if self.warmup_steps and self.step < self.warmup_steps:
+            lr *= (self.step + 1) / self.warmup_steps
+        return lr
+
+    def _after_epoch(self, val_error: float | None) -> None:
+        if val_error is None:
+            return
+        if val_error < self.best_error - 1e-6:
+            self.best_error, self.bad_epochs = val_error, 0
+            return
+        self.bad_epochs += 1
+        if self.lr_schedule == "plateau" and self.bad_epochs >= self.patience and self.lr_drops < self.max_lr_drops:
+            self.lr_drops += 1
+            self.bad_epochs = 0
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": {"schedule": self.lr_schedule, "lr_drops": self.lr_drops, "bad_epochs": self.bad_epochs,
+                             "best_error": self.best_error},
+            "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
+            "step_in_epoch": self.step_in_epoch, "history": self.history, "rng": rng,
+            "train_seconds": self.train_seconds, "train_images": self.train_images,
+            "epoch_loss_sum": self.epoch_loss_sum, "epoch_seen": self.epoch_seen, "class_names": self.class_names, "args": self.args,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        sched = state["lr_scheduler"]
+        self.lr_drops, self.bad_epochs, self.best_error = sched["lr_drops"], sched["bad_epochs"], sched["best_error"]
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
+        self.history = list(state["history"])
+        self.train_seconds, self.train_images = state["train_seconds"], state["train_images"]
+        self.epoch_loss_sum, self.epoch_seen = state["epoch_loss_sum"], state["epoch_seen"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if state.get("class_names") and not self.class_names:
+            self.class_names = list(state["class_names"])
+
+    def save(self, name: str = "checkpoint.pt") -> Path:
+        return ckpt.save_atomic(self.state_dict(), self.out_dir / name)
+
+    def resume(self, path: str | Path | None = None) -> None:
+        """Continue from a checkpoint (default: out_dir/checkpoint.pt)."""
+        self.load_state_dict(ckpt.load(path or self.out_dir / "checkpoint.pt"))
+
+    # -- training ------------------------------------------------------------------------------
+
+    def _autocast(self):
+        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def _loader(self, data: Dataset, batches: Sampler) -> DataLoader:
+        # Its own generator: a DataLoader iterator otherwise draws a seed from the global RNG, which
+        # would shift dropout's random stream by where a resumed run re-creates the iterator.
+        return DataLoader(data, batch_sampler=batches, num_workers=self.workers, generator=torch.Generator(),
+                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+    def _install_sigint(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):  # finish the step in flight, save, stop
+            self._stop = True
+
+        return signal.signal(signal.SIGINT, handler)
+
+    def fit(self, train_data: Dataset, val_data: Dataset | None = None) -> list[dict]:
+        """Train for the remaining epochs; returns the per-epoch history (also in metrics.jsonl).
+
+        Ctrl-C finishes the current step, saves checkpoint.pt and returns. A NaN/inf loss raises
+        TrainingDiverged, keeping the last good checkpoint.
+        """
+        if len(train_data) == 0:
+            raise ValueError("train_data is empty")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        seeded = _Seeded(train_data, self.seed)
+        steps_per_epoch = math.ceil(len(train_data) / self.batch_size)
+        total_steps = steps_per_epoch * self.epochs
+        old_handler = self._install_sigint()
+        self._stop = False
+        try:
+            with _Progress(self.progress, total_steps, self.step) as bar:
+                while self.epoch < self.epochs and not self._stop:
+                    self._train_epoch(seeded, steps_per_epoch, total_steps, bar)
+                    if self._stop:
+                        break
+                    self._end_epoch(val_data, bar)
+        finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+        if self._stop:
+            self.save()
+        return self.history
+
+    def _train_epoch(self, data: Dataset, steps_per_epoch: int, total_steps: int, bar) -> None:
+        self.model.train()
+        batches = _EpochBatches(len(data), self.batch_size, self.seed, self.epoch, self.step_in_epoch)
+        out_device = self.model.devices[0] if getattr(self.model, "devices", None) else self.device
+        if self.step_in_epoch == 0:
+            self.epoch_loss_sum, self.epoch_seen = 0.0, 0
+        t0, seen = time.perf_counter(), 0
+        for images, labels in self._loader(data, batches):
+            lr = self.current_lr(total_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(out_device, non_blocking=True)
+            with self._autocast():
+                loss = TF.cross_entropy(self.model(images), labels)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"the loss became {loss.item()} at epoch {self.epoch + 1}, step {self.step + 1} (lr {lr:g}); "
+                    f"the last good checkpoint is kept in {self.out_dir} — try a lower --lr")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.step += 1
+            self.step_in_epoch += 1
+            n = images.shape[0]
+            seen += n
+            self.epoch_seen += n
+            self.epoch_loss_sum += loss.item() * n
+            elapsed = time.perf_counter() - t0
+            bar.update(self.epoch, self.epochs, self.step, loss.item(), lr, seen / max(elapsed, 1e-9))
+            if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                self._account(elapsed, seen)
+                t0, seen = time.perf_counter(), 0
+                self.save()
+            if self._stop:
+                break
+        self._account(time.perf_counter() - t0, seen)
+
+    def _account(self, seconds: float, images: int) -> None:
+        self.train_seconds += seconds
+        self.train_images += images
+
+    def _end_epoch(self, val_data: Dataset | None, bar) -> None:
+        t0 = time.perf_counter()
+        metrics = {"epoch": self.epoch + 1, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+                   "train_loss": self.epoch_loss_sum / max(1, self.epoch_seen)}
+        if val_data is not None:
+            v = self.evaluate(val_data)
+            metrics.update(val_top1_error=v["top1_error"], val_top5_error=v["top5_error"], val_loss=v["loss"])
+        metrics["seconds_train_total"] = round(self.train_seconds, 3)
+        metrics["seconds_eval"] = round(time.perf_counter() - t0, 3)
+        improved = val_data is not None and metrics["val_top1_error"] < self.best_error - 1e-6
+        self._after_epoch(metrics.get("val_top1_error"))
+        self.history.append(metrics)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self._write_metrics()
+        self.save()
+        if improved:
+            self.save("best.pt")
+        bar.epoch_done(metrics)
+
+    def _write_metrics(self) -> None:
+        text = "".join(json.dumps(m) + "\n" for m in self.history)
+        tmp = self.out_dir / ".metrics.jsonl.tmp"
+        tmp.write_text(text)
+        tmp.replace(self.out_dir / "metrics.jsonl")
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, data: Dataset, ten_crop: bool = False, batch_size: int | None = None) -> dict:
+        """Top-1 / top-5 error (fractions) and mean loss on `data`.
+
+        ten_crop: items are (10, 3, S, S) crops of one image (see fastalex.data); the softmax is
+        averaged over the crops, as in the paper.
+        """
+        if len(data) == 0:
+            raise ValueError("evaluation data is empty")
+        was_training = self.model.training
+        self.model.eval()
+        out_device = self.model.devices[0] if getattr(self.model, "devices", None) else self.device
+        loader = DataLoader(data, batch_size=batch_size or self.batch_size, num_workers=self.workers,
+                            generator=torch.Generator())
+        n = miss1 = miss5 = 0
+        loss_sum = 0.0
+        try:
+            for images, labels in loader:
+                labels = labels.to(out_device)
+                probs = self._probs(images, ten_crop)
+                loss_sum += float(TF.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum"))
+                m1, m5 = _topk_errors(probs, labels)
+                miss1, miss5, n = miss1 + m1, miss5 + m5, n + labels.shape[0]
+        finally:
+            self.model.train(was_training)
+        return {"top1_error": miss1 / n, "top5_error": miss5 / n, "top1": 1 - miss1 / n, "top5": 1 - miss5 / n,
+                "loss": loss_sum / n, "images": n}
+
+    def _probs(self, images: torch.Tensor, ten_crop: bool = False) -> torch.Tensor:
+        images = images.to(self.device)
+        if ten_crop:
+            if images.dim() != 5:
+                raise ValueError(f"ten_crop needs items of shape (crops, 3, S, S), got a batch of {tuple(images.shape)}")
+            b, c = images.shape[:2]
+            with self._autocast():
+                logits = self.model(images.flatten(0, 1))
+            return logits.float().softmax(dim=1).view(b, c, -1).mean(dim=1)
+        with self._autocast():
+            logits = self.model(images)
+        return logits.float().softmax(dim=1)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N, num_classes) for images (N, 3, S, S) or one image (3, S, S)."""
+        if not isinstance(images, torch.Tensor) or images.dim() not in (3, 4):
+            raise ValueError("images must be a tensor of shape (N, 3, S, S) or (3, S, S)")
+        single = images.dim() == 3
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            probs = self._probs(images.unsqueeze(0) if single else images)
+        finally:
+            self.model.train(was_training)
+        return probs[0] if single else probs
+
+    def describe(self) -> dict:
+        """What ran, for final.json."""
+        info = backend_info(self.device)
+        model = self.model
+        return {"device": str(self.device), "backend": info.backend, "variant": getattr(model, "variant", None),
+                "image_size": list(getattr(model, "image_size", ())) or None, "precision": self.precision,
+                "epochs": self.epoch, "steps": self.step,
+                "images_per_second": self.train_images / self.train_seconds if self.train_seconds else None,
+                "train_seconds": self.train_seconds}
+
+
+class _Progress:
+    """Rich progress bar (epoch, step, loss, lr, images/s, ETA) and per-epoch summaries; silent if off."""
+
+    def __init__(self, enabled: bool, total: int, done: int):
+        self.enabled, self.total, self.done = enabled, total, done
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2g}  "
+                                           "{task.fields[ips]:.0f} img/s"), TimeElapsedColumn(), TimeRemainingColumn())
+            self.bar.__enter__()
+            self.task = self.bar.add_task("train", total=self.total, completed=self.done, epoch="-", loss=float("nan"),
+                                          lr=0.0, ips=0.0)
+        return self
+
+    def update(self, epoch, epochs, step, loss, lr, ips):
+        if self.enabled:
+            self.bar.update(self.task, completed=step, epoch=f"{epoch + 1}/{epochs}", loss=loss, lr=lr, ips=ips)
+
+    def epoch_done(self, m: dict):
+        if self.enabled:
+            val = (f"  val top-1 err {m['val_top1_error']:.4f}  top-5 err {m['val_top5_error']:.4f}"
+                   if "val_top1_error" in m else "")
+            self.bar.console.print(f"epoch {m['epoch']}: train loss {m['train_loss']:.4f}{val}  "
+                                   f"({m['seconds_train_total']:.0f}s training so far)")
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+        return False

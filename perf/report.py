@@ -34,7 +34,7 @@ from fastalex._backend import interpreter_enabled
 from fastalex.model import VARIANTS, AlexNet, smallest_image_size
 
 DTYPES = ("float32", "bfloat16", "float16")
-GROUPS = (("conv", ("conv",)), ("fc", ("fc",)), ("other", ("lrn", "pool", "avgpool", "relu", "tanh", "dropout")))
+GROUPS = ("conv", "fc", "other")  # the summary's rows; "other": every layer without MACs (LRN, pools, ...)
 
 
 def _positive(text: str) -> int:
@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", help="cuda, cuda:N or cpu (default cuda if available, else cpu)")
     p.add_argument("--backend", choices=("torch", "triton", "both"),
                    help="whose ops run (default both where Triton can run, else torch)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="half types on cuda only")
     p.add_argument("--warmup", type=_non_negative, help="untimed calls first (default 5 on cuda, 1 on cpu)")
     p.add_argument("--repeats", type=_positive, help="timed calls; the median counts (default 20 on cuda, 3 on cpu)")
     p.add_argument("--json", type=Path, help="write the result as JSON here")
@@ -98,6 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--backend {args.backend}: fastalex's Triton kernels cannot run on {device} here "
                 "(they need CUDA, or TRITON_INTERPRET=1 set before starting for the CPU interpreter, and triton)")
     args.backends = ["torch", "triton"] if args.backend == "both" else [args.backend]
+    if not gpu and args.dtype != "float32":  # torch's CPU LRN has no bfloat16/float16 kernels
+        p.error(f"--dtype {args.dtype} needs --device cuda; on the CPU the report runs float32")
     args.image_size = args.image_size or (224 if args.variant == "torchvision" else 227)
     smallest = smallest_image_size(args.variant)
     if args.image_size < smallest:
@@ -259,8 +261,8 @@ def summary_table(result: dict) -> tuple[list[str], list[list[str]]]:
     bs = result["backends"]
     headers = ["group", "layers", "% params", "% FLOPs"] + [f"{b} % time" for b in bs] + [f"{b} ms" for b in bs]
     rows = []
-    for group, kinds in GROUPS:
-        sel = [r for r in result["layers"] if r["kind"] in kinds]
+    for group in GROUPS:
+        sel = [r for r in result["layers"] if r["kind"] == group or group == "other" and r["kind"] not in GROUPS]
         if not sel:
             continue
         ms = {b: sum(r["time_ms"][b] for r in sel) for b in bs}
@@ -282,7 +284,8 @@ def footer(result: dict) -> list[str]:
     for b in result["backends"]:
         lines.append(f"{b}: sum of layer medians {result['total_time_ms'][b]:.3f} ms, whole forward pass "
                      f"{result['forward_time_ms'][b]:.3f} ms ({result['warmup']} warm-up, median of "
-                     f"{result['repeats']}); {result['flops_total'] / 1e9:.2f} GFLOPs at {_gflops(result['gflops'][b])} GFLOP/s")
+                     f"{result['repeats']}); {result['flops_total'] / 1e9:.2f} GFLOPs at "
+                     f"{_gflops(result['gflops'][b])} GFLOP/s")
     if "triton_vs_torch_rel_err" in result:
         lines.append(f"triton vs torch logits: relative error {result['triton_vs_torch_rel_err']:.2e}")
     return lines

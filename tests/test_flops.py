@@ -1,0 +1,198 @@
+"""fastalex.flops: parameters and MACs per layer against values worked out by hand from the layer table."""
+
+import pytest
+import torch
+
+import fastalex
+from fastalex import flops
+from fastalex.model import AlexNet
+
+# Per variant, the five convs at the default image size (227; 224 for torchvision):
+# (C_in, C_out, kernel, groups, output height = width). From ALEXNET.md's table, not from the code.
+CONVS = {
+    "single": [(3, 96, 11, 1, 55), (96, 256, 5, 1, 27), (256, 384, 3, 1, 13), (384, 384, 3, 1, 13),
+               (384, 256, 3, 1, 13)],
+    "paper": [(3, 96, 11, 1, 55), (96, 256, 5, 2, 27), (256, 384, 3, 1, 13), (384, 384, 3, 2, 13),
+              (384, 256, 3, 2, 13)],
+    "torchvision": [(3, 64, 11, 1, 55), (64, 192, 5, 1, 27), (192, 384, 3, 1, 13), (384, 256, 3, 1, 13),
+                    (256, 256, 3, 1, 13)],
+}
+FCS = [(256 * 6 * 6, 4096), (4096, 4096), (4096, 1000)]  # (in, out) of fc6, fc7, fc8
+
+LRN_NET = ["conv1", "lrn1", "pool1", "conv2", "lrn2", "pool2", "conv3", "conv4", "conv5", "pool5",
+           "drop6", "fc6", "act6", "drop7", "fc7", "act7", "fc8"]
+NAMES = {"single": LRN_NET, "paper": LRN_NET,
+         "torchvision": ["conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5", "avgpool",
+                         "drop6", "fc6", "act6", "drop7", "fc7", "act7", "fc8"]}
+KIND = {"conv": "conv", "lrn": "lrn", "pool": "pool", "avgpool": "avgpool", "drop": "dropout", "fc": "fc",
+        "act": "relu"}
+
+# ALEXNET.md's totals (one image): params, MACs, conv share of params and of MACs in percent.
+TOTALS = {"single": (62_378_344, 1_135_256_096, 6.0, 94.8), "paper": (60_965_224, 724_406_816, 3.8, 91.9),
+          "torchvision": (61_100_840, 714_188_480, 4.0, 91.8)}
+
+
+def hand_counts(variant, batch=1, convs=None, fcs=FCS):
+    """{layer: (params, MACs)} for the conv and FC layers, by the textbook formulas."""
+    out = {}
+    for i, (ci, co, k, g, size) in enumerate(convs or CONVS[variant], 1):
+        out[f"conv{i}"] = (co * (ci // g) * k * k + co, batch * co * size * size * (ci // g) * k * k)
+    for i, (fi, fo) in enumerate(fcs, 6):
+        out[f"fc{i}"] = (fi * fo + fo, batch * fi * fo)
+    return out
+
+
+@pytest.mark.parametrize("variant", list(CONVS))
+def test_per_layer_params_and_macs(variant):
+    b = flops.count(variant)
+    assert [l.name for l in b.layers] == NAMES[variant]
+    assert [l.kind for l in b.layers] == [KIND[l.name.rstrip("0123456789")] for l in b.layers]
+    hand = hand_counts(variant)
+    for l in b.layers:
+        params, macs = hand.get(l.name, (0, 0))
+        assert (l.params, l.macs) == (params, macs), l.name
+        assert l.flops == 2 * macs
+        assert l.activation_bytes == 4 * torch.Size(l.output_shape).numel()  # float32
+    assert b.params_total == sum(p for p, _ in hand.values())
+    assert b.macs_total == sum(m for _, m in hand.values())
+
+
+def test_literal_values():
+    b = flops.count("single")
+    assert b.layer("conv1").macs == 105_415_200 and b.layer("conv1").params == 34_944
+    assert b.layer("conv2").macs == 447_897_600 and flops.count("paper").layer("conv2").macs == 223_948_800
+    assert b.layer("fc6").params == 37_752_832 and b.layer("fc6").macs == 37_748_736
+    assert b.layer("pool1").output_shape == (1, 96, 27, 27)
+    assert b.layer("pool5").output_shape == (1, 256, 6, 6)
+    assert b.layer("drop6").output_shape == (1, 9216)
+    assert b.layer("fc8").output_shape == (1, 1000)
+    with pytest.raises(KeyError, match="lrn3"):
+        b.layer("lrn3")
+
+
+@pytest.mark.parametrize("variant", list(TOTALS))
+def test_totals_and_shares(variant):
+    params, macs, conv_params_pct, conv_macs_pct = TOTALS[variant]
+    b = flops.count(variant)
+    assert (b.params_total, b.macs_total, b.flops_total) == (params, macs, 2 * macs)
+    assert round(100 * b.conv_param_share, 1) == conv_params_pct
+    assert round(100 * b.conv_mac_share, 1) == conv_macs_pct
+    conv = [l for l in b.layers if l.kind == "conv"]
+    assert b.conv_param_share == sum(l.params for l in conv) / params
+    assert b.conv_param_share + b.fc_param_share == pytest.approx(1.0)  # nothing else has parameters
+    assert b.conv_mac_share + b.fc_mac_share == pytest.approx(1.0)
+    d = b.to_dict()
+    assert (d["params_total"], d["macs_total"], d["image_size"]) == (params, macs, list(b.image_size))
+    assert [l["name"] for l in d["layers"]] == NAMES[variant]
+
+
+@pytest.mark.parametrize("variant", ["single", "paper"])
+def test_names_are_the_module_names(variant):
+    for l in flops.count(variant).layers:
+        assert l.module.rsplit(".", 1)[-1] == l.name
+
+
+def test_torchvision_names_map_to_its_indices():
+    modules = {l.name: l.module for l in flops.count("torchvision").layers}
+    assert modules["conv1"] == "features.0" and modules["conv5"] == "features.10"
+    assert modules["pool5"] == "features.12" and modules["fc6"] == "classifier.1"
+    assert modules["fc8"] == "classifier.6" and modules["avgpool"] == "avgpool"
+
+
+def test_other_image_size():
+    # 291: conv1 (291-11)/4+1 = 71, pool1 35, conv2 35, pool2 17, conv3-5 17, pool5 8 -> fc6 sees 256*8*8.
+    convs = [(3, 96, 11, 1, 71), (96, 256, 5, 1, 35), (256, 384, 3, 1, 17), (384, 384, 3, 1, 17),
+             (384, 256, 3, 1, 17)]
+    fcs = [(256 * 8 * 8, 4096), (4096, 4096), (4096, 1000)]
+    b = flops.count("single", image_size=291)
+    assert b.image_size == (291, 291)
+    for name, (params, macs) in hand_counts("single", convs=convs, fcs=fcs).items():
+        assert (b.layer(name).params, b.layer(name).macs) == (params, macs), name
+    assert b.layer("pool5").output_shape == (1, 256, 8, 8)
+    # Non-square: only the width changes.
+    b = flops.count("single", image_size=(227, 291))
+    assert b.layer("conv1").output_shape == (1, 96, 55, 71)
+    assert b.layer("pool5").output_shape == (1, 256, 6, 8)
+
+
+def test_torchvision_other_image_size():
+    # 320: conv1 (320+4-11)//4+1 = 79, pool1 39, pool2 19, pool5 9, then avgpool back to 6x6:
+    # the same parameters, more conv work.
+    convs = [(3, 64, 11, 1, 79), (64, 192, 5, 1, 39), (192, 384, 3, 1, 19), (384, 256, 3, 1, 19),
+             (256, 256, 3, 1, 19)]
+    b = flops.count("torchvision", image_size=320)
+    assert b.params_total == TOTALS["torchvision"][0]
+    hand = hand_counts("torchvision", convs=convs)
+    assert b.macs_total == sum(m for _, m in hand.values())
+    assert b.layer("pool5").output_shape == (1, 256, 9, 9)
+    assert b.layer("avgpool").output_shape == (1, 256, 6, 6)
+
+
+@pytest.mark.parametrize("variant", ["paper", "torchvision"])
+def test_batch_scaling(variant):
+    one, eight = flops.count(variant), flops.count(variant, batch_size=8)
+    assert eight.batch_size == 8 and eight.params_total == one.params_total
+    assert eight.macs_total == 8 * one.macs_total
+    for a, b in zip(one.layers, eight.layers):
+        assert (b.name, b.params, b.macs, b.activation_bytes) == (a.name, a.params, 8 * a.macs, 8 * a.activation_bytes)
+        assert b.output_shape == (8,) + a.output_shape[1:]
+    assert eight.conv_mac_share == pytest.approx(one.conv_mac_share)
+
+
+def test_towers_count_as_the_grouped_net():
+    towers = AlexNet(variant="paper", devices=("cpu", "cpu"), init="torch")
+    assert flops.count(towers, batch_size=2) == flops.count("paper", batch_size=2)
+    assert sum(p.numel() for p in towers.parameters()) == TOTALS["paper"][0]
+
+
+def test_model_instance():
+    model = AlexNet(num_classes=10, variant="single", image_size=131, init="torch")
+    b = flops.count(model, batch_size=3)
+    assert b == flops.count("single", image_size=131, batch_size=3, num_classes=10)
+    assert b.params_total == sum(p.numel() for p in model.parameters())
+    assert b.layer("fc8").macs == 3 * 4096 * 10
+    with pytest.raises(ValueError, match="built for 131x131"):
+        flops.count(model, image_size=227)
+    with pytest.raises(ValueError, match="num_classes"):
+        flops.count(model, num_classes=1000)
+    with pytest.raises(TypeError, match="variant names"):
+        flops.count(model, lrn=False)
+    tv = AlexNet(variant="torchvision")  # pools adaptively: any image size is fine
+    assert flops.count(tv, image_size=320).macs_total == flops.count("torchvision", image_size=320).macs_total
+
+
+def test_model_options():
+    tanh = flops.count("paper", activation="tanh")
+    assert [l.name for l in tanh.layers][:3] == ["conv1", "act1", "lrn1"]
+    assert [l.name for l in tanh.layers if l.kind == "tanh"] == ["act1", "act2", "act3", "act4", "act5", "act6",
+                                                                 "act7"]
+    assert tanh.macs_total == TOTALS["paper"][1]
+    no_lrn = flops.count("single", lrn=False)
+    assert "lrn1" not in [l.name for l in no_lrn.layers] and no_lrn.macs_total == TOTALS["single"][1]
+    half = flops.count("single", dtype=torch.bfloat16)
+    assert half.dtype == "bfloat16"
+    assert half.activation_bytes_total * 2 == flops.count("single").activation_bytes_total
+
+
+def test_trace_removes_its_hooks():
+    model = AlexNet(variant="torchvision", init="torch").eval()
+    x = torch.randn(1, 3, 63, 63)
+    with torch.no_grad(), fastalex.backend("torch"):  # torch's ops: the interpreter is slow
+        calls = flops.trace(model, x, keep_inputs=True)
+    assert [c.name for c in calls] == NAMES["torchvision"]
+    assert calls[0].args[0] is x and calls[1].args[0] is calls[0].output
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(model_or_variant="vgg"), ValueError, "variant"),
+    (dict(model_or_variant=torch.nn.Linear(2, 2)), TypeError, "AlexNet"),
+    (dict(batch_size=0), ValueError, "batch_size"),
+    (dict(batch_size=True), ValueError, "batch_size"),
+    (dict(image_size=50), ValueError, "too small"),
+    (dict(image_size=(227,)), TypeError, "image_size"),
+    (dict(dtype=torch.int32), TypeError, "dtype"),
+])
+def test_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        flops.count(**kwargs)

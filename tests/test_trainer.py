@@ -1,0 +1,215 @@
+"""Trainer: learning, exact resume after SIGINT and SIGKILL, atomic checkpoints, divergence, evaluation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastalex
+from fastalex import Trainer, TrainingDiverged
+from fastalex import checkpoint as ckpt
+
+# A small, learnable problem with random augmentation and dropout, so that resume must restore
+# the data order, the augmentation and the dropout RNG to be exact.
+PROBLEM = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    class Blobs(torch.utils.data.Dataset):
+        def __init__(self, n=96, seed=0):
+            centers = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+            g = torch.Generator().manual_seed(seed)
+            self.y = torch.randint(0, 4, (n,), generator=g)
+            self.x = centers[self.y] + 0.8 * torch.randn(n, 3, 8, 8, generator=g)
+        def __len__(self):
+            return len(self.y)
+        def __getitem__(self, i):
+            x = self.x[i] + 0.1 * torch.randn(3, 8, 8)       # augmentation noise: global RNG
+            return (x.flip(-1) if torch.rand(()) < 0.5 else x), self.y[i]
+
+    def small_net():
+        torch.manual_seed(5)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Dropout(0.3),
+                             nn.Linear(512, 4))
+""")
+exec(PROBLEM)
+
+DRIVER = PROBLEM + textwrap.dedent("""
+    import sys, time, fastalex
+    out, resume = sys.argv[1], sys.argv[2] == "resume"
+
+    class SlowBlobs(Blobs):  # slow enough that the test's signal lands mid-run
+        def __getitem__(self, i):
+            time.sleep(0.01)
+            return super().__getitem__(i)
+
+    t = fastalex.Trainer(small_net(), epochs=3, batch_size=8, lr=0.05, out_dir=out, checkpoint_every=2,
+                         progress=False, seed=7)
+    if resume:
+        t.resume()
+    t.fit(SlowBlobs(), Blobs(32, seed=1))
+    print("DONE", t.step, flush=True)
+""")
+
+
+def _trainer(tmp_path, **kw):
+    args = dict(epochs=3, batch_size=8, lr=0.05, out_dir=tmp_path, checkpoint_every=2, progress=False, seed=7)
+    args.update(kw)
+    return Trainer(small_net(), **args)  # noqa: F821 (defined by exec above)
+
+
+def test_loss_falls_and_outputs_are_written(tmp_path):
+    t = _trainer(tmp_path, epochs=4)
+    hist = t.fit(Blobs(), Blobs(32, seed=1))  # noqa: F821
+    assert len(hist) == 4 and hist[-1]["train_loss"] < 0.6 * hist[0]["train_loss"]
+    assert hist[-1]["val_top1_error"] < 0.3
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler", "epoch", "step", "args", "rng"} <= state.keys()
+    assert state["epoch"] == 4 and state["step"] == 48
+    assert (tmp_path / "best.pt").is_file()
+
+
+def _final_weights(path: Path) -> dict:
+    return ckpt.load(path / "checkpoint.pt")["model"]
+
+
+def _run_driver(out: Path, mode: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", DRIVER, str(out), mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _wait_for_checkpoint_step(out: Path, proc: subprocess.Popen, step: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (out / "checkpoint.pt").is_file():
+            try:
+                if ckpt.load(out / "checkpoint.pt")["step"] >= step:
+                    return
+            except ValueError:  # never torn: this would be a bug, but keep polling to report it below
+                pass
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint in time")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    proc = _run_driver(out, "fresh")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    return _final_weights(out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "sigint"])
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, uninterrupted, sig):
+    proc = _run_driver(tmp_path, "fresh")
+    _wait_for_checkpoint_step(tmp_path, proc, 6)
+    proc.send_signal(sig)
+    proc.communicate(timeout=120)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 0, "Ctrl-C must save and exit cleanly"
+    stopped_at = ckpt.load(tmp_path / "checkpoint.pt")["step"]
+    assert stopped_at < 36, "the run finished before the signal; the test proves nothing"
+    proc = _run_driver(tmp_path, "resume")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "DONE 36" in stdout
+    resumed = _final_weights(tmp_path)
+    for k, v in uninterrupted.items():
+        assert torch.equal(resumed[k], v), f"{k} differs after resuming from step {stopped_at}"
+
+
+def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    t = _trainer(tmp_path, epochs=1)
+    t.fit(Blobs(), None)  # noqa: F821
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def torn_save(obj, f, *a, **k):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        t.save()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert ckpt.load(tmp_path / "checkpoint.pt")["step"] == 12
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "temporary file left behind"
+
+
+def test_corrupt_checkpoint_gives_clear_error(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable fastalex checkpoint"):
+        _trainer(tmp_path).resume()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        _trainer(tmp_path / "nothing").resume()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    t = _trainer(tmp_path, epochs=3, lr=1e6, checkpoint_every=1)
+    with pytest.raises(TrainingDiverged, match="the loss became"):
+        t.fit(Blobs(), None)  # noqa: F821
+    state = ckpt.load(tmp_path / "checkpoint.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_plateau_schedule_divides_lr_at_most_max_times(tmp_path):
+    t = _trainer(tmp_path, max_lr_drops=3, patience=1)
+    for err in (0.5, 0.4, 0.4, 0.45, 0.41, 0.42, 0.43):
+        t._after_epoch(err)
+    assert t.lr_drops == 3 and t.current_lr(100) == pytest.approx(0.05e-3)
+    c = _trainer(tmp_path, lr_schedule="cosine")
+    c.step = 50
+    assert c.current_lr(100) == pytest.approx(0.025)
+
+
+def test_evaluate_ten_crop_and_predict(tmp_path):
+    t = _trainer(tmp_path)
+    x = torch.randn(6, 3, 8, 8)
+    crops = torch.stack([x, x.flip(-1)] * 5, dim=1)  # (6, 10, 3, 8, 8)
+    labels = torch.arange(6) % 4
+    probs = t.predict(x)
+    assert probs.shape == (6, 4) and torch.allclose(probs.sum(1), torch.ones(6))
+    t.model.eval()
+    with torch.no_grad():
+        expect = (t.model(x).softmax(1) + t.model(x.flip(-1)).softmax(1)) / 2
+    res = t.evaluate(torch.utils.data.TensorDataset(crops, labels), ten_crop=True)
+    miss1 = int((expect.argmax(1) != labels).sum())
+    assert res["top1_error"] == pytest.approx(miss1 / 6) and res["images"] == 6
+    assert t.predict(x[0]).shape == (4,)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(epochs=0), "epochs must be an int >= 1"),
+    (dict(precision="64"), "precision must be one of"),
+    (dict(precision="16-mixed", device="cpu"), "needs a CUDA device"),
+    (dict(lr_schedule="step"), "lr_schedule must be one of"),
+    (dict(lr=-1.0), "need lr > 0"),
+])
+def test_bad_arguments(tmp_path, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        _trainer(tmp_path, **kw)
+
+
+def test_alexnet_trains_through_the_trainer(tmp_path):
+    # torch's ops: the whole net through the interpreted kernels is tested in test_model.py
+    model = fastalex.AlexNet(num_classes=4, variant="single", image_size=67, init="torch")
+    t = Trainer(model, epochs=1, batch_size=4, lr=0.01, out_dir=tmp_path, progress=False)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 67, 67), torch.arange(8) % 4)
+    with fastalex.backend("torch"):
+        t.fit(data, data)
+        info = t.describe()
+    assert info["variant"] == "single" and info["image_size"] == [67, 67] and info["steps"] == 2
+    assert info["backend"] == "torch"
+    assert os.path.isfile(tmp_path / "best.pt") or t.history[0]["val_top1_error"] >= 1.0

@@ -21,6 +21,7 @@ from fastalex import nn as fnn
 __all__ = ["AlexNet", "VARIANTS"]
 
 VARIANTS = ("paper", "single", "torchvision")
+INITS = ("paper", "torch", "kaiming")
 LRN_ARGS = dict(size=5, alpha=5e-4, beta=0.75, k=2.0)  # the paper's k=2, n=5, alpha=1e-4, beta=0.75 in torch's terms
 CONVS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 FCS = ("fc6", "fc7", "fc8")
@@ -115,7 +116,7 @@ class AlexNet(nn.Module):
     dropout: probability before fc6 and fc7. activation: "relu" (fused into the convs) or "tanh".
     lrn: LRN after conv1 and conv2 (default: on except for "torchvision"). pool: (kernel, stride)
     of the max-pools, (3, 2) overlapping or (2, 2). init: "paper" (N(0, 0.01^2) weights, biases 1
-    in conv2/4/5, fc6, fc7, else 0) or "torch" (torch's default); default "paper" except for
+    in conv2/4/5, fc6, fc7, else 0), "torch" (torch's default) or "kaiming"; default "paper" except for
     "torchvision". devices: two devices for the paper net's towers (each tower's layers on its own
     device; activations cross at conv3 and the FC layers); the state_dict keeps the single-device
     layout's names and shapes, so checkpoints move between the two.
@@ -140,8 +141,8 @@ class AlexNet(nn.Module):
         if lrn and variant == "torchvision":
             raise ValueError("the torchvision variant has no LRN layers (lrn must be False)")
         init = init or ("torch" if variant == "torchvision" else "paper")
-        if init not in ("paper", "torch"):
-            raise ValueError(f"init must be 'paper' or 'torch', got {init!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         image_size = _pair(image_size if image_size is not None else (224 if variant == "torchvision" else 227),
                            "image_size")
         smallest = smallest_image_size(variant, pool)
@@ -199,12 +200,18 @@ class AlexNet(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, init: str = "paper") -> None:
-        """Re-initialise every layer: "paper" (section 5 of the paper) or "torch" (torch's defaults)."""
+        """Re-initialise every layer: "paper" (section 5 of the paper), "torch" (torch's defaults) or
+        "kaiming" (He et al. 2015: N(0, 2/fan_in) weights, zero biases; keeps the activations' scale
+        through the ReLUs, so short runs start learning at once)."""
         for name, m in self.named_modules():
             if not isinstance(m, (nn.Conv2d, nn.Linear)):
                 continue
             if init == "torch":
                 m.reset_parameters()
+                continue
+            if init == "kaiming":
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
                 continue
             m.weight.normal_(0.0, 0.01)
             if m.bias is not None:

@@ -128,6 +128,7 @@ class Trainer:
         self.epoch, self.step, self.step_in_epoch = 0, 0, 0
         self.lr_drops, self.bad_epochs, self.best_error = 0, 0, float("inf")
         self.history: list[dict] = []
+        self.last_val: dict | None = None  # the latest validation result of this process (not checkpointed)
         self.train_seconds, self.train_images = 0.0, 0
         self.epoch_loss_sum, self.epoch_seen = 0.0, 0  # the current epoch's running training loss
         self._stop = False
@@ -290,7 +291,7 @@ class Trainer:
         metrics = {"epoch": self.epoch + 1, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
                    "train_loss": self.epoch_loss_sum / max(1, self.epoch_seen)}
         if val_data is not None:
-            v = self.evaluate(val_data)
+            v = self.last_val = self.evaluate(val_data)
             metrics.update(val_top1_error=v["top1_error"], val_top5_error=v["top5_error"], val_loss=v["loss"])
         metrics["seconds_train_total"] = round(self.train_seconds, 3)
         metrics["seconds_eval"] = round(time.perf_counter() - t0, 3)

@@ -39,13 +39,14 @@ def _check_subset(subset, n: int, what: str) -> None:
 
 
 def load_for_training(dataset: str, data: str | os.PathLike | None = None, *, image_size=227,
-                      subset: int | None = None, ten_crop: bool = False, download: bool = True
-                      ) -> tuple[Dataset, Dataset, Dataset, list[str]]:
+                      subset: int | None = None, ten_crop: bool = False, download: bool = True,
+                      augment: bool = True) -> tuple[Dataset, Dataset, Dataset, list[str]]:
     """(train, val, test, class names) for "fashion-mnist" or "imagefolder" (see the module docstring).
 
     data: the folder (--data DIR); for fashion-mnist see find_fashion_mnist, for imagefolder it is
     required (or $FASTALEX_DATA) and holds train/<class>/* and val/<class>/*. image_size: the
-    model's input, int or (H, W). Raises DataError (with FileNotFoundError and friends mixed in
+    model's input, int or (H, W). augment: random training augmentation (off: the images as they
+    are, e.g. for runs too short to overfit). Raises DataError (with FileNotFoundError and friends mixed in
     where they fit) for anything the user can fix.
     """
     if dataset == "fashion-mnist":
@@ -53,7 +54,7 @@ def load_for_training(dataset: str, data: str | os.PathLike | None = None, *, im
         test_images, test_labels = load_fashion_mnist("test", data, download=download)
         _check_subset(subset, len(train_images), "the Fashion-MNIST training set")
         train = FashionMNIST.from_arrays(train_images, train_labels, split="train", image_size=image_size,
-                                         augment=True, subset=subset)
+                                         augment=augment, subset=subset)
         val = FashionMNIST.from_arrays(test_images, test_labels, split="test", image_size=image_size)
         test = (FashionMNIST.from_arrays(test_images, test_labels, split="test", image_size=image_size,
                                          ten_crop=True) if ten_crop else val)
@@ -65,7 +66,8 @@ def load_for_training(dataset: str, data: str | os.PathLike | None = None, *, im
                                        "train/<class>/<image> and val/<class>/<image>")
         size = image_size if isinstance(image_size, int) else max(image_size)
         resize = max(256, size)  # the paper's 256, or the input size if that is larger
-        train = ImageFolder(root, "train", transform=paper_train_transform(image_size, resize=resize))
+        train = ImageFolder(root, "train", transform=paper_train_transform(image_size, resize=resize) if augment
+                            else paper_eval_transform(image_size, resize=resize))
         val = ImageFolder(root, "val", transform=paper_eval_transform(image_size, resize=resize))
         if train.classes != val.classes:
             extra = sorted(set(train.classes) ^ set(val.classes))

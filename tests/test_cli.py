@@ -1,0 +1,94 @@
+"""The `fastalex` command on a tiny Fashion-MNIST-format dataset written by the test."""
+
+import gzip
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastalex import cli
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    magic = 0x0800 | array.ndim  # unsigned bytes
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def tiny_fashion(tmp_path_factory):
+    """64 training and 32 test images of 4 easy classes (bright quadrant = class), in the real file layout."""
+    d = tmp_path_factory.mktemp("fashion")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("t10k", 32)):
+        labels = rng.integers(0, 4, n)
+        images = rng.integers(0, 60, (n, 28, 28))
+        for i, c in enumerate(labels):
+            r, q = divmod(int(c), 2)
+            images[i, r * 14:(r + 1) * 14, q * 14:(q + 1) * 14] += 180
+        _write_idx(d / f"{split}-images-idx3-ubyte.gz", images)
+        _write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels)
+    return d
+
+
+def _train(data, out, *extra):
+    return cli.main(["train", "--data", str(data), "--out", str(out), "--epochs", "2", "-b", "16", "--image-size",
+                     "67", "--backend", "torch", "--no-progress", "--lr", "0.01", *extra])
+
+
+def test_train_writes_results_and_eval_reads_them(tiny_fashion, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(tiny_fashion, out) == 0
+    final = json.loads((out / "final.json").read_text())
+    for key in ("test_top1", "test_top5", "epochs", "wall_seconds", "images_per_second", "device", "backend",
+                "variant", "image_size"):
+        assert key in final, key
+    assert final["epochs"] == 2 and final["test_images"] == 32 and final["image_size"] == [67, 67]
+    assert 0.0 <= final["test_top1"] <= final["test_top5"] <= 1.0
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["class_names"][0] == "T-shirt/top" and state["args"]["variant"] == "single"
+
+    assert cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(tiny_fashion),
+                     "--json", str(tmp_path / "eval.json")]) == 0
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert res["images"] == 32 and res["top1"] == pytest.approx(final["test_top1"])
+
+
+def test_existing_run_is_not_overwritten_without_asking(tiny_fashion, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(tiny_fashion, out, "--epochs", "1") == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    assert _train(tiny_fashion, out, "--epochs", "1") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    # --resume continues the same run to more epochs
+    assert _train(tiny_fashion, out, "--resume") == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["train", "--epochs", "0"], "--epochs must be at least 1"),
+    (["train", "--data", "/nonexistent/fashion"], "/nonexistent/fashion"),
+    (["train", "--image-size", "40", "--data", "DATA"], "too small"),
+    (["eval", "--checkpoint", "/nonexistent.pt"], "no checkpoint at"),
+])
+def test_clear_messages(argv, msg, tiny_fashion, capsys):
+    argv = [str(tiny_fashion) if a == "DATA" else a for a in argv]
+    assert cli.main(argv) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "fastalex", "train", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0
+    for flag in ("--dataset", "--variant", "--image-size", "--batch-size", "--lr", "--momentum", "--wd",
+                 "--precision", "--workers", "--seed", "--subset", "--resume", "--test-only", "--checkpoint-every",
+                 "--preset"):
+        assert flag in out.stdout, flag

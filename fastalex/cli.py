@@ -160,7 +160,7 @@ def train(args) -> int:
             test = trainer.evaluate(test_set, ten_crop=s["ten_crop"])
     final = dict(trainer.describe(), test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"],
                  test_images=test["images"], wall_seconds=wall, dataset=args.dataset, preset=s["preset"],
-                 skipped_images=getattr(train_set, "skipped", 0) + getattr(test_set, "skipped", 0))
+                 skipped_images=trainer.skipped_images + test.get("skipped_images", 0))
     (out / "final.json").write_text(json.dumps(final, indent=1))
     print(f"test top-1 accuracy {test['top1']:.4f}, top-5 {test['top5']:.4f} on {test['images']} images; "
           f"{final['epochs']} epochs in {wall:.0f}s; results in {out}/final.json")

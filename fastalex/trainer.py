@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as TF
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from fastalex import checkpoint as ckpt
 from fastalex._backend import backend_info
@@ -74,6 +74,16 @@ class _EpochBatches(Sampler):
         order = torch.randperm(self.n, generator=g).tolist()
         for b in range(self.start, math.ceil(self.n / self.batch_size)):
             yield [(self.epoch, i) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+
+
+def _collate(batch):
+    """default_collate, dropping items a dataset returned as None (an unreadable image it skipped,
+    with a warning naming the file): (images, labels, skipped), images None if none was readable."""
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        return None, None, len(batch)
+    images, labels = default_collate(kept)
+    return images, labels, len(batch) - len(kept)
 
 
 def _topk_errors(logits_or_probs: torch.Tensor, labels: torch.Tensor, k: int = 5) -> tuple[int, int]:
@@ -131,6 +141,7 @@ class Trainer:
         self.last_val: dict | None = None  # the latest validation result of this process (not checkpointed)
         self.train_seconds, self.train_images = 0.0, 0
         self.epoch_loss_sum, self.epoch_seen = 0.0, 0  # the current epoch's running training loss
+        self.skipped_images = 0  # unreadable training images skipped so far
         self._stop = False
 
     # -- schedule ------------------------------------------------------------------------------
@@ -167,7 +178,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
             "step_in_epoch": self.step_in_epoch, "history": self.history, "rng": rng,
             "train_seconds": self.train_seconds, "train_images": self.train_images,
-            "epoch_loss_sum": self.epoch_loss_sum, "epoch_seen": self.epoch_seen, "class_names": self.class_names, "args": self.args,
+            "epoch_loss_sum": self.epoch_loss_sum, "epoch_seen": self.epoch_seen,
+            "skipped_images": self.skipped_images, "class_names": self.class_names, "args": self.args,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -181,6 +193,7 @@ class Trainer:
         self.history = list(state["history"])
         self.train_seconds, self.train_images = state["train_seconds"], state["train_images"]
         self.epoch_loss_sum, self.epoch_seen = state["epoch_loss_sum"], state["epoch_seen"]
+        self.skipped_images = state.get("skipped_images", 0)
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -204,7 +217,7 @@ class Trainer:
         # Its own generator: a DataLoader iterator otherwise draws a seed from the global RNG, which
         # would shift dropout's random stream by where a resumed run re-creates the iterator.
         return DataLoader(data, batch_sampler=batches, num_workers=self.workers, generator=torch.Generator(),
-                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+                          collate_fn=_collate, pin_memory=self.device.type == "cuda", persistent_workers=False)
 
     def _install_sigint(self):
         if threading.current_thread() is not threading.main_thread():
@@ -250,7 +263,12 @@ class Trainer:
         if self.step_in_epoch == 0:
             self.epoch_loss_sum, self.epoch_seen = 0.0, 0
         t0, seen = time.perf_counter(), 0
-        for images, labels in self._loader(data, batches):
+        for images, labels, skipped in self._loader(data, batches):
+            self.skipped_images += skipped
+            if images is None:  # every image of this batch was unreadable: the step is kept, empty
+                self.step += 1
+                self.step_in_epoch += 1
+                continue
             lr = self.current_lr(total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -327,11 +345,14 @@ class Trainer:
         self.model.eval()
         out_device = self.model.devices[0] if getattr(self.model, "devices", None) else self.device
         loader = DataLoader(data, batch_size=batch_size or self.batch_size, num_workers=self.workers,
-                            generator=torch.Generator())
-        n = miss1 = miss5 = 0
+                            generator=torch.Generator(), collate_fn=_collate)
+        n = miss1 = miss5 = skipped_total = 0
         loss_sum = 0.0
         try:
-            for images, labels in loader:
+            for images, labels, skipped in loader:
+                skipped_total += skipped
+                if images is None:
+                    continue
                 labels = labels.to(out_device)
                 probs = self._probs(images, ten_crop)
                 loss_sum += float(TF.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum"))
@@ -339,8 +360,10 @@ class Trainer:
                 miss1, miss5, n = miss1 + m1, miss5 + m5, n + labels.shape[0]
         finally:
             self.model.train(was_training)
+        if n == 0:
+            raise ValueError(f"no readable image in the evaluation data ({skipped_total} skipped)")
         return {"top1_error": miss1 / n, "top5_error": miss5 / n, "top1": 1 - miss1 / n, "top5": 1 - miss5 / n,
-                "loss": loss_sum / n, "images": n}
+                "loss": loss_sum / n, "images": n, "skipped_images": skipped_total}
 
     def _probs(self, images: torch.Tensor, ten_crop: bool = False) -> torch.Tensor:
         images = images.to(self.device)
@@ -375,7 +398,7 @@ class Trainer:
         model = self.model
         return {"device": str(self.device), "backend": info.backend, "variant": getattr(model, "variant", None),
                 "image_size": list(getattr(model, "image_size", ())) or None, "precision": self.precision,
-                "epochs": self.epoch, "steps": self.step,
+                "epochs": self.epoch, "steps": self.step, "skipped_train_images": self.skipped_images,
                 "images_per_second": self.train_images / self.train_seconds if self.train_seconds else None,
                 "train_seconds": self.train_seconds}
 

@@ -92,3 +92,24 @@ def test_module_entry_point():
                  "--precision", "--workers", "--seed", "--subset", "--resume", "--test-only", "--checkpoint-every",
                  "--preset"):
         assert flag in out.stdout, flag
+
+
+def test_imagefolder_with_a_corrupt_image_is_skipped_and_counted(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 6), ("val", 4)):
+        for c in ("cat", "dog"):
+            folder = tmp_path / "data" / split / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (tmp_path / "data" / "train" / "dog" / "bad.jpg").write_bytes(b"definitely not a jpeg")
+    out = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="bad.jpg"):
+        code = cli.main(["train", "--dataset", "imagefolder", "--data", str(tmp_path / "data"), "--out", str(out),
+                         "--variant", "single", "--image-size", "67", "--epochs", "1", "-b", "4", "--backend",
+                         "torch", "--no-progress", "--init", "kaiming"])
+    assert code == 0
+    final = json.loads((out / "final.json").read_text())
+    assert final["skipped_images"] == 1 and final["test_images"] == 8

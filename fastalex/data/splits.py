@@ -67,13 +67,13 @@ def load_for_training(dataset: str, data: str | os.PathLike | None = None, *, im
         size = image_size if isinstance(image_size, int) else max(image_size)
         resize = max(256, size)  # the paper's 256, or the input size if that is larger
         train = ImageFolder(root, "train", transform=paper_train_transform(image_size, resize=resize) if augment
-                            else paper_eval_transform(image_size, resize=resize))
-        val = ImageFolder(root, "val", transform=paper_eval_transform(image_size, resize=resize))
+                            else paper_eval_transform(image_size, resize=resize), on_error="skip")
+        val = ImageFolder(root, "val", transform=paper_eval_transform(image_size, resize=resize), on_error="skip")
         if train.classes != val.classes:
             extra = sorted(set(train.classes) ^ set(val.classes))
             raise DataError(f"{root}: train and val have different class folders (in one only: "
                             f"{', '.join(extra[:10])}{' ...' if len(extra) > 10 else ''})")
-        test = (ImageFolder(root, "val", transform=paper_ten_crop_transform(image_size, resize=resize))
+        test = (ImageFolder(root, "val", transform=paper_ten_crop_transform(image_size, resize=resize), on_error="skip")
                 if ten_crop else val)
         _check_subset(subset, len(train), f"{train.root}")
         if subset is not None:

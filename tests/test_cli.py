@@ -52,7 +52,7 @@ def test_train_writes_results_and_eval_reads_them(tiny_fashion, tmp_path, capsys
     assert 0.0 <= final["test_top1"] <= final["test_top5"] <= 1.0
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert state["class_names"][0] == "T-shirt/top" and state["args"]["variant"] == "single"
+    assert state["class_names"][0] == "T-shirt/top" and state["args"]["variant"] == "paper"
 
     assert cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(tiny_fashion),
                      "--json", str(tmp_path / "eval.json")]) == 0

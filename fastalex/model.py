@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fastalex import nn as fnn
+from fastalex.ops._checks import pair
 
 __all__ = ["AlexNet", "VARIANTS"]
 
@@ -38,14 +39,6 @@ def _conv_plan(variant: str):
     return [("conv1", 3, 96, 11, 4, 0, False), ("conv2", 96, 256, 5, 1, 2, True),
             ("conv3", 256, 384, 3, 1, 1, False), ("conv4", 384, 384, 3, 1, 1, True),
             ("conv5", 384, 256, 3, 1, 1, True)]
-
-
-def _pair(v, name: str) -> tuple[int, int]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return v, v
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(e, int) and not isinstance(e, bool) for e in v):
-        return int(v[0]), int(v[1])
-    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
 
 
 def feature_size(variant: str, size: int, pool: tuple[int, int] = (3, 2)) -> int:
@@ -134,7 +127,7 @@ class AlexNet(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if activation not in ("relu", "tanh"):
             raise ValueError(f"activation must be 'relu' or 'tanh', got {activation!r}")
-        pool = _pair(pool, "pool")
+        pool = pair(pool, "pool", minimum=1)
         if pool not in ((3, 2), (2, 2)):
             raise ValueError(f"pool must be (3, 2) (overlapping, the paper's) or (2, 2), got {pool}")
         lrn = variant != "torchvision" if lrn is None else bool(lrn)
@@ -143,8 +136,8 @@ class AlexNet(nn.Module):
         init = init or ("torch" if variant == "torchvision" else "paper")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        image_size = _pair(image_size if image_size is not None else (224 if variant == "torchvision" else 227),
-                           "image_size")
+        image_size = pair(image_size if image_size is not None else (224 if variant == "torchvision" else 227),
+                          "image_size", minimum=1)
         smallest = smallest_image_size(variant, pool)
         if min(image_size) < smallest:
             raise ValueError(f"image_size {image_size} is too small for the {variant} variant: inputs must be at "

@@ -28,6 +28,26 @@ __all__ = ["argmax_dtype", "output_size", "maxpool2d_forward", "maxpool2d_backwa
 
 
 @triton.jit
+def _decode(offs, C, H, W, CHANNELS_LAST: tl.constexpr):
+    """Flat positions -> (n, c, h, w), walked in (n, h, w, c) order for channels_last, else (n, c, h, w)."""
+    if CHANNELS_LAST:
+        c = offs % C
+        r = offs // C
+        w = r % W
+        r = r // W
+        h = r % H
+        n = r // H
+    else:
+        w = offs % W
+        r = offs // W
+        h = r % H
+        r = r // H
+        c = r % C
+        n = r // C
+    return n, c, h, w
+
+
+@triton.jit
 def _maxpool2d_fwd_kernel(
     x_ptr,  # (N, C, H, W), strides sxn, sxc, sxh, sxw
     y_ptr,  # (N, C, OH, OW), strides syn, syc, syh, syw (also those of arg and idx)
@@ -46,20 +66,7 @@ def _maxpool2d_fwd_kernel(
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
-    if CHANNELS_LAST:
-        c = offs % C
-        r = offs // C
-        ow = r % OW
-        r = r // OW
-        oh = r % OH
-        n = r // OH
-    else:
-        ow = offs % OW
-        r = offs // OW
-        oh = r % OH
-        r = r // OH
-        c = r % C
-        n = r // C
+    n, c, oh, ow = _decode(offs, C, OH, OW, CHANNELS_LAST)
     h0 = oh * SH - PH
     w0 = ow * SW - PW
     x_base = x_ptr + n * sxn + c * sxc
@@ -106,20 +113,7 @@ def _maxpool2d_bwd_kernel(
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
-    if CHANNELS_LAST:
-        c = offs % C
-        r = offs // C
-        iw = r % W
-        r = r // W
-        ih = r % H
-        n = r // H
-    else:
-        iw = offs % W
-        r = offs // W
-        ih = r % H
-        r = r // H
-        c = r % C
-        n = r // C
+    n, c, ih, iw = _decode(offs, C, H, W, CHANNELS_LAST)
     dy_base = dy_ptr + n * sdn + c * sdc
     arg_base = arg_ptr + n * san + c * sac
     acc = tl.zeros([BLOCK], ACC)

@@ -202,14 +202,16 @@ def test_bad_arguments(tmp_path, kw, msg):
         _trainer(tmp_path, **kw)
 
 
-def test_alexnet_trains_through_the_trainer(tmp_path):
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_alexnet_trains_through_the_trainer(tmp_path, precision):
     # torch's ops: the whole net through the interpreted kernels is tested in test_model.py
     model = fastalex.AlexNet(num_classes=4, variant="single", image_size=67, init="torch")
-    t = Trainer(model, epochs=1, batch_size=4, lr=0.01, out_dir=tmp_path, progress=False)
+    t = Trainer(model, epochs=1, batch_size=4, lr=0.01, out_dir=tmp_path, progress=False, precision=precision)
     data = torch.utils.data.TensorDataset(torch.randn(8, 3, 67, 67), torch.arange(8) % 4)
     with fastalex.backend("torch"):
         t.fit(data, data)
         info = t.describe()
     assert info["variant"] == "single" and info["image_size"] == [67, 67] and info["steps"] == 2
     assert info["backend"] == "torch"
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
     assert os.path.isfile(tmp_path / "best.pt") or t.history[0]["val_top1_error"] >= 1.0

@@ -141,9 +141,15 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     """
     check_float_tensor(input, "input", dims=(3, 4))
     check_float_tensor(weight, "weight", dims=(4,))
-    check_same_kind("input", input, "weight", weight)
     if bias is not None:
         check_float_tensor(bias, "bias", dims=(1,))
+    if torch.is_autocast_enabled(input.device.type):
+        # Under autocast torch runs convolutions in the autocast dtype (fp32 weights, bf16 input, ...);
+        # so do both backends. float64 stays float64, as autocast leaves it.
+        dt = torch.get_autocast_dtype(input.device.type)
+        input, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(dt) for t in (input, weight, bias))
+    check_same_kind("input", input, "weight", weight)
+    if bias is not None:
         check_same_kind("input", input, "bias", bias)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -179,11 +185,6 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
                                        dilation_, groups)
         return torch.relu(y) if activation == "relu" else y
 
-    if torch.is_autocast_enabled(x.device.type):
-        # Under autocast torch runs convolutions in the autocast dtype; so do we.
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
     y = _conv2d_op(x, weight, bias, list(stride_), list(front), list(dilation_), groups, output_size,
                    activation == "relu")
     return y.squeeze(0) if unbatched else y

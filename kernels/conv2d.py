@@ -275,6 +275,17 @@ def _config(kind: str, dtype: torch.dtype, m: int, n: int) -> dict:
     return cfg
 
 
+def _pick(config: dict | None, kind: str, dtype: torch.dtype, m: int, n: int) -> dict:
+    """The caller's config (checked) if given, else the heuristic's."""
+    if config is None:
+        return _config(kind, dtype, m, n)
+    keys = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"}
+    if set(config) != keys:
+        raise ValueError(f"config must have exactly the keys {sorted(keys)}, got {sorted(config)}")
+    check_config(config, dtype)
+    return dict(config)
+
+
 def check_config(cfg: dict, dtype: torch.dtype) -> None:
     """What the GPU compiler requires of a tl.dot config, which the interpreter does not check."""
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
@@ -319,13 +330,14 @@ def _check_conv_args(x, weight, stride, padding, dilation, groups):
 
 
 def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_size, relu,
-                   channels_last=False, allow_tf32=True):
+                   channels_last=False, allow_tf32=True, config=None):
     """y (N, C_out, OH, OW) = relu?(conv2d(x, weight) + bias).
 
     x (N, C_in, H, W), weight (C_out, C_in/groups, KH, KW), bias (C_out,) or None: same dtype and
     device, any strides. padding = (top, left); output_size = (OH, OW) (torch's size for symmetric
     padding; one more row/column of bottom/right padding covers 'same' with even kernels).
     channels_last picks y's memory format. allow_tf32: fp32 products in tf32 on the GPU.
+    config: block sizes, num_warps and num_stages instead of the heuristic's (for tuning).
     """
     _check_conv_args(x, weight, stride, padding, dilation, groups)
     if bias is not None:
@@ -340,7 +352,7 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
     if M == 0:
         return y
     Cog = C_out // groups
-    cfg = _config("fwd", x.dtype, M, Cog)
+    cfg = _pick(config, "fwd", x.dtype, M, Cog)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cog, cfg["BLOCK_N"]), groups)
     _conv2d_fwd_kernel[grid](
         x, weight, bias if bias is not None else x, y,
@@ -356,7 +368,7 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
 
 
 def conv2d_input_grad(grad_output, output, weight, input_shape, stride, padding, dilation, groups, relu,
-                      channels_last=False, allow_tf32=True):
+                      channels_last=False, allow_tf32=True, config=None):
     """dx (N, C_in, H, W) from grad_output (N, C_out, OH, OW) and weight (C_out, C_in/groups, KH, KW).
 
     With relu, `output` is the forward's (post-ReLU) output and masks grad_output where it is <= 0.
@@ -377,7 +389,7 @@ def conv2d_input_grad(grad_output, output, weight, input_shape, stride, padding,
     if M == 0:
         return dx
     Cog = C_out // groups
-    cfg = _config("dgrad", dx.dtype, M, Cig)
+    cfg = _pick(config, "dgrad", dx.dtype, M, Cig)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cig, cfg["BLOCK_N"]), groups)
     y = output if relu else grad_output
     _conv2d_dgrad_kernel[grid](
@@ -394,7 +406,7 @@ def conv2d_input_grad(grad_output, output, weight, input_shape, stride, padding,
 
 
 def conv2d_weight_grad(grad_output, output, x, weight_shape, stride, padding, dilation, groups, relu,
-                       allow_tf32=True, split_k=None):
+                       allow_tf32=True, split_k=None, config=None):
     """(dw (C_out, C_in/groups, KH, KW), db (C_out,)) from grad_output (N, C_out, OH, OW) and x.
 
     With relu, `output` masks grad_output as in conv2d_input_grad. The reduction over the N*OH*OW
@@ -416,7 +428,7 @@ def conv2d_weight_grad(grad_output, output, x, weight_shape, stride, padding, di
     K = N * OH * OW
     dtype, device = grad_output.dtype, grad_output.device
     acc_t = torch.float64 if dtype == torch.float64 else torch.float32
-    cfg = _config("wgrad", dtype, Cog, CKK)
+    cfg = _pick(config, "wgrad", dtype, Cog, CKK)
     tiles = triton.cdiv(Cog, cfg["BLOCK_M"]) * triton.cdiv(CKK, cfg["BLOCK_N"])
     k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
     split = split_k if split_k is not None else _split_k(tiles * groups, k_blocks, device)

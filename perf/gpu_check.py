@@ -78,7 +78,17 @@ def bench(fn, quick: bool) -> float:
     return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=20 if quick else 60, return_mode="median")
 
 
-def run_case(op: str, layer: str, dtype, layout, make, fwd_fast, fwd_torch, flops, nbytes, quick, rows, checks):
+def run_case(op, layer, dtype, layout, *args):
+    """_run_case, with an error recorded as a failed check: one broken case must not hide the rest."""
+    try:
+        _run_case(op, layer, dtype, layout, *args)
+    except Exception as e:  # noqa: BLE001 (reported, and the exit status says so)
+        args[-1].append(dict(op=op, layer=layer, dtype=str(dtype)[6:], layout=layout, tensor="error",
+                             rel_err=float("inf"), tol=0.0, ok=False, error=f"{type(e).__name__}: {str(e)[:800]}"))
+        print(f"ERROR {op} {layer} {dtype} {layout}: {type(e).__name__}: {str(e)[:800]}", flush=True)
+
+
+def _run_case(op: str, layer: str, dtype, layout, make, fwd_fast, fwd_torch, flops, nbytes, quick, rows, checks):
     """Check one op at one shape against float64, then time forward and backward of both."""
     inputs = make(dtype, layout)
     ref_inputs = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
@@ -87,7 +97,13 @@ def run_case(op: str, layer: str, dtype, layout, make, fwd_fast, fwd_torch, flop
     ref = fwd_torch(*ref_inputs)
     dy = torch.randn_like(ref)
     grads = torch.autograd.grad(y, [t for t in inputs if t.requires_grad], dy.to(y.dtype))
-    ref_grads = torch.autograd.grad(ref, [t for t in ref_inputs if t.requires_grad], dy)
+    ref_back = ref
+    if op == "conv2d_relu":
+        # The gradients follow the kernel's own ReLU mask: with tf32 products, outputs within
+        # rounding of zero flip sign, and each flip moves a whole dy element (a relative error
+        # near 1e-2 at these sizes that says nothing about the backward kernels).
+        ref_back = fwd_torch.pre(*ref_inputs) * (y.detach() > 0)
+    ref_grads = torch.autograd.grad(ref_back, [t for t in ref_inputs if t.requires_grad], dy)
     names = ["output"] + [f"grad{i}" for i in range(len(grads))]
     for name, a, r in zip(names, (y, *grads), (ref, *ref_grads)):
         err = rel_err(a, r)
@@ -122,24 +138,43 @@ def check_models(B: int, quick: bool, rows: list, checks: list, dev: str = "cuda
         size = smallest_image_size(variant) if smoke else (224 if variant == "torchvision" else 227)
         model = AlexNet(variant=variant, dropout=0.0, init="torch", image_size=size).to(dev)
         x = torch.randn(B, 3, size, size, device=dev)
-        for precision in ("fp32",) if smoke else ("fp32", "bf16-autocast"):
-            def step():
-                with torch.autocast(dev, dtype=torch.bfloat16, enabled=precision != "fp32"):
-                    y = model(x)
-                y.float().sum().backward()
-                return y
 
-            results, times = {}, {}
-            for backend in ("triton", "torch"):
-                model.zero_grad(set_to_none=True)
+        def step(precision):
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=precision != "fp32"):
+                y = model(x)
+            y.float().sum().backward()
+            return y
+
+        def run(backend, precision, tf32):
+            model.zero_grad(set_to_none=True)
+            saved = torch.backends.cudnn.allow_tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+            try:
                 with fastalex.backend(backend):
-                    y = step()
-                    results[backend] = [y.detach().float()] + [p.grad.detach().float() for p in model.parameters()]
-                    times[backend] = bench(step, quick)
-            tol = 2e-2 if precision == "fp32" else 5e-2
-            errs = [rel_err(a, r) for a, r in zip(results["triton"], results["torch"])]
+                    y = step(precision)
+            finally:
+                torch.backends.cudnn.allow_tf32 = saved
+            return [y.detach().float()] + [p.grad.detach().float() for p in model.parameters()]
+
+        # The reference: torch in true fp32 (no tf32). tf32 makes two implementations drift apart
+        # through ReLU sign flips, so fp32 is compared without it (to 1e-3), and bf16 autocast
+        # (~1e-1 from fp32 in early layers' gradients) must be no farther from fp32 than torch's own bf16.
+        ref = run("torch", "fp32", tf32=False)
+        for precision in ("fp32",) if smoke else ("fp32", "bf16-autocast"):
+            ours = run("triton", precision, tf32=False)
+            errs = [rel_err(a, r) for a, r in zip(ours, ref)]
+            if precision == "fp32":
+                worst, tol, ok = max(errs), 1e-3, max(errs) <= 1e-3
+            else:
+                theirs = [rel_err(a, r) for a, r in zip(run("torch", precision, tf32=False), ref)]
+                excess = [e - (1.5 * t + 1e-2) for e, t in zip(errs, theirs)]
+                worst, tol, ok = max(errs), 1.5 * max(theirs) + 1e-2, max(excess) <= 0
             checks.append(dict(op="alexnet", layer=variant, dtype=precision, layout="nchw", tensor="logits+grads",
-                               rel_err=max(errs), tol=tol, ok=max(errs) <= tol))
+                               rel_err=worst, tol=tol, ok=ok))
+            times = {}
+            for backend in ("triton", "torch"):
+                with fastalex.backend(backend):
+                    times[backend] = bench(lambda: step(precision), quick)
             rows.append(dict(op="alexnet step", layer=variant, dtype=precision, layout="nchw", **{"pass": "fwd+bwd"},
                              fastalex_ms=times["triton"], torch_ms=times["torch"],
                              speedup=times["torch"] / times["triton"], flops=0, bytes=0, fastalex_tflops=None,
@@ -192,10 +227,13 @@ def main(argv=None) -> int:
             conv_kw = dict(stride=s.stride, padding=s.padding, groups=s.groups)
             nbytes = esize * (B * s.c_in * s.size**2 + B * s.c_out * s.out_size**2
                               + s.c_out * s.c_in // s.groups * s.kernel**2)
+            def conv_ref(x, w, b, conv_kw=conv_kw):
+                return torch.relu(TF.conv2d(x, w, b, **conv_kw))
+
+            conv_ref.pre = lambda x, w, b, conv_kw=conv_kw: TF.conv2d(x, w, b, **conv_kw)
             for layout in ("nchw", "nhwc"):
                 run_case("conv2d_relu", s.name, dtype, layout, make,
-                         lambda x, w, b: F.conv2d_relu(x, w, b, **conv_kw),
-                         lambda x, w, b: torch.relu(TF.conv2d(x, w, b, **conv_kw)),
+                         lambda x, w, b, conv_kw=conv_kw: F.conv2d_relu(x, w, b, **conv_kw), conv_ref,
                          2 * s.macs(B), nbytes, args.quick, rows, checks)
         for name, c, size in lrn_shapes:
             def make(dtype, layout, c=c, size=size):
@@ -218,7 +256,12 @@ def main(argv=None) -> int:
                          0, esize * B * c * (size * size + out * out), args.quick, rows, checks)
         if dev == "cuda":
             torch.cuda.empty_cache()
-    check_models(B, args.quick, rows, checks, dev, args.smoke)
+    try:
+        check_models(B, args.quick, rows, checks, dev, args.smoke)
+    except Exception as e:  # noqa: BLE001
+        checks.append(dict(op="alexnet", layer="all", dtype="", layout="", tensor="error", rel_err=float("inf"),
+                           tol=0.0, ok=False, error=f"{type(e).__name__}: {str(e)[:800]}"))
+        print(f"ERROR alexnet: {type(e).__name__}: {e}", flush=True)
 
     for r in rows:
         r["fraction_of_bandwidth"] = r["fastalex_gbps"] / bandwidth
@@ -252,7 +295,7 @@ def print_summary(result: dict) -> None:
     bad = [c for c in result["checks"] if not c["ok"]]
     for c in bad:
         console.print(f"[red]FAIL[/red] {c['op']} {c['layer']} {c['dtype']} {c['layout']} {c['tensor']}: "
-                      f"rel err {c['rel_err']:.2e} > {c['tol']:.0e}")
+                      f"rel err {c['rel_err']:.2e} > {c['tol']:.0e} {c.get('error') or ''}")
     console.print(f"{len(result['checks']) - len(bad)}/{len(result['checks'])} correctness checks pass; "
                   f"copy bandwidth {env['measured_copy_gbps']:.0f} GB/s")
 

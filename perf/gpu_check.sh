@@ -1,39 +1,75 @@
 #!/usr/bin/env bash
-# The one script to run on a CUDA machine (no network needed), from the repository root:
-#   1. the kernel tests on the GPU (tests/, small shapes, every dtype and layout),
-#   2. perf.gpu_check: every kernel at AlexNet's real shapes (batch 128) against float64 torch,
-#      then timed against torch (cuDNN, cudnn.benchmark=True), JSON + table,
-#   3. perf.report: the compute breakdown of the single and paper nets (batch 128), per-layer
-#      times of both backends next to each layer's FLOP share, JSON + Markdown.
-# Results go to $OUT if set (the device tool brings it back), else perf/results/local/.
-# Commit the JSON under perf/results/ named with the card and date.
+# The one script to run on a CUDA machine (no network needed), from the repository root. Stages,
+# in the order given by $STAGES (default: all of them, about 8 minutes on an H100):
+#   tune   perf.tune: every conv launch config at AlexNet's real shapes vs cuDNN per GEMM
+#          (compiles in parallel processes first, which also warms Triton's cache for the rest)
+#   check  perf.gpu_check: every kernel at batch 128 against float64 torch, then timed against
+#          torch (cuDNN, cudnn.benchmark=True); whole-model checks
+#   step   perf.step: the whole training step, fastalex vs eager (NCHW, channels_last) vs
+#          torch.compile, fp32 and bf16, single and paper nets, with MFU
+#   tests  the test suite on the GPU (tests/: small shapes, every dtype and layout)
+#   bench  pytest-benchmark: `pytest perf --benchmark-only`, JSON for each kernel and layer
+#   report perf.report: compute breakdown of the single and paper nets, both backends
+#   dist   the distributed strategies (towers and DDP) with one GPU plus the CPU
+# Each stage has its own time limit ($<STAGE>_TIMEOUT seconds); a failing stage does not stop
+# the rest, and the exit status says whether any failed. Results go to perf/results/local/, or,
+# where $OUT is set (the device tool brings back a few files from it), to a temporary folder
+# packed after every stage into $OUT/results.tgz. Commit them under perf/results/<card>-<date>/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-perf/results/local}"
+PACK="${OUT:-}"
+if [ -n "$PACK" ]; then OUT="$(mktemp -d)"; else OUT=perf/results/local; fi
 mkdir -p "$OUT"
+export OUT
 PY="${PYTHON:-python3}"
+STAGES="${STAGES:-tune check step tests bench report dist}"
+export PYTHONUNBUFFERED=1
 
 # Use this checkout: an editable install maps kernels/ to fastalex.kernels.
 "$PY" -m pip install --no-deps --no-build-isolation -q -e . >"$OUT/install.log" 2>&1 || {
     echo "editable install failed; see $OUT/install.log"; exit 2; }
+rm -rf fastalex.egg-info build
 "$PY" - <<'PY' | tee "$OUT/versions.txt"
-import torch, triton
+import subprocess, torch, triton, numpy
 print("card", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
-print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(),
+      "triton", triton.__version__, "numpy", numpy.__version__)
+try:
+    print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu",
+                          "--format=csv"], capture_output=True, text=True).stdout)
+except OSError as e:
+    print("nvidia-smi:", e)
 PY
 
 status=0
-timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest tests -q -x -n 8 -p no:cacheprovider \
-    --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1 || status=1
-tail -n 15 "$OUT/tests.log"
+stage() {  # stage NAME DEFAULT_TIMEOUT COMMAND...: run with a time limit, log to $OUT/NAME.log
+    local name=$1 limit=$2; shift 2
+    local var; var="$(echo "$name" | tr a-z A-Z)_TIMEOUT"
+    local t0=$SECONDS
+    echo "=== $name (limit ${!var:-$limit} s)"
+    timeout "${!var:-$limit}" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n "${TAIL:-25}" "$OUT/$name.log"
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+    [ $rc -eq 0 ] || status=1
+    [ -z "$PACK" ] || tar czf "$PACK/results.tgz" -C "$OUT" .
+}
 
-timeout "${CHECK_TIMEOUT:-300}" "$PY" -m perf.gpu_check --out "$OUT" ${GPU_CHECK_ARGS:-} 2>&1 | tee "$OUT/gpu_check.log" | tail -n 80
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-for variant in single paper; do
-    timeout "${REPORT_TIMEOUT:-300}" "$PY" -m perf.report --device cuda --backend both --batch-size 128 \
-        --variant "$variant" --json "$OUT/report_$variant.json" --markdown "$OUT/report_$variant.md" 2>&1 \
-        | tee "$OUT/report_$variant.log" | tail -n 40
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+for s in $STAGES; do
+    case $s in
+        tune) stage tune 120 "$PY" -m perf.tune --out "$OUT" ;;
+        check) stage check 150 "$PY" -m perf.gpu_check --quick --out "$OUT" ;;
+        step) stage step 180 "$PY" -m perf.step --out "$OUT" ${STEP_ARGS:-} ;;
+        tests) stage tests 150 "$PY" -m pytest tests -q -n 8 -p no:cacheprovider --maxfail 30 \
+                   --junitxml="$OUT/tests.xml" ;;
+        bench) stage bench 150 "$PY" -m pytest perf/test_bench_kernels.py -q -p no:cacheprovider --benchmark-only \
+                   --benchmark-max-time=0.1 --benchmark-min-rounds=5 --benchmark-json="$OUT/bench.json" ;;
+        report) for v in single paper; do
+                    stage "report_$v" 60 "$PY" -m perf.report --device cuda --backend both --batch-size 128 \
+                        --variant "$v" --json "$OUT/report_$v.json" --markdown "$OUT/report_$v.md"
+                done ;;
+        dist) stage dist 90 "$PY" -m perf.dist_check --out "$OUT" ;;
+        *) echo "unknown stage $s"; status=1 ;;
+    esac
 done
 exit $status

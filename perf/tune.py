@@ -1,0 +1,205 @@
+"""Sweep the conv kernels' launch configs at AlexNet's real shapes on a GPU, against cuDNN per GEMM.
+
+    python -m perf.tune [--batch 128] [--dtypes float32,bfloat16] [--layouts nhwc,nchw]
+                        [--kinds fwd,dgrad,wgrad] [--layers conv1,...] [--compile-workers 8] [--out DIR]
+
+For each layer, kind (fwd: conv + bias + ReLU; dgrad: input gradient; wgrad: weight and bias
+gradients), dtype and layout, every config in CONFIGS[kind] (and, for wgrad, three split-K
+factors) is timed with triton.testing.do_bench (median) next to the heuristic's choice and
+cuDNN's own kernel for the same GEMM (aten.convolution_backward for the gradients). Compilation
+runs first in --compile-workers processes (Triton's on-disk cache is shared), so the timing pass,
+in one process, only times. Writes tune.json and prints the best config per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from perf.shapes import CONV, tiny
+
+DEVICE = "cuda"  # "cpu" in --smoke runs (Triton's interpreter)
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+CONFIGS = {
+    "fwd": [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (128, 64, 64, 4, 3),
+            (64, 128, 32, 4, 4), (64, 64, 64, 4, 4), (256, 128, 32, 8, 3), (128, 256, 32, 8, 3)],
+    "wgrad": [(64, 128, 32, 4, 4), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3),
+              (64, 64, 64, 4, 4), (128, 256, 32, 8, 3)],
+}
+CONFIGS["dgrad"] = CONFIGS["fwd"]
+KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+
+
+def _cfg(t) -> dict:
+    return dict(zip(KEYS, t))
+
+
+def _cases(args) -> list[tuple]:
+    out = []
+    for s in ([tiny(c) for c in CONV] if args.smoke else CONV):
+        if args.layers and s.name not in args.layers:
+            continue
+        for kind in args.kinds:
+            if kind == "dgrad" and not s.input_needs_grad:
+                continue
+            for dtype in args.dtypes:
+                for layout in args.layouts:
+                    out.append((s, kind, dtype, layout))
+    return out
+
+
+def _tensors(s, dtype: str, layout: str, batch: int):
+    dt = getattr(torch, dtype)
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    x = torch.randn(batch, s.c_in, s.size, s.size, device=DEVICE, dtype=dt).contiguous(memory_format=fmt)
+    w = (torch.randn(s.c_out, s.c_in // s.groups, s.kernel, s.kernel, device=DEVICE, dtype=dt) * 0.05)
+    w = w.contiguous(memory_format=fmt)
+    b = torch.randn(s.c_out, device=DEVICE, dtype=dt)
+    y = torch.relu(torch.nn.functional.conv2d(x, w, b, s.stride, s.padding, 1, s.groups))
+    dy = torch.randn_like(y)
+    return x, w, b, y, dy
+
+
+def _calls(s, kind, x, w, b, y, dy, layout):
+    """(fastalex(config, split) callable, cuDNN callable) for one GEMM."""
+    from fastalex.kernels import conv2d as K
+
+    st, pad, dil = (s.stride,) * 2, (s.padding,) * 2, (1, 1)
+    cl = layout == "nhwc"
+    tf32 = torch.backends.cudnn.allow_tf32
+    if kind == "fwd":
+        def fast(cfg, split=None):
+            return K.conv2d_forward(x, w, b, st, pad, dil, s.groups, y.shape[2:], True, cl, tf32, config=cfg)
+
+        def ref():
+            return torch.relu(torch.nn.functional.conv2d(x, w, b, s.stride, s.padding, 1, s.groups))
+    elif kind == "dgrad":
+        def fast(cfg, split=None):
+            return K.conv2d_input_grad(dy, y, w, x.shape, st, pad, dil, s.groups, True, cl, tf32, config=cfg)
+
+        def ref():
+            return torch.ops.aten.convolution_backward(dy, x, w, None, st, pad, dil, False, [0, 0], s.groups,
+                                                       [True, False, False])
+    else:
+        def fast(cfg, split=None):
+            return K.conv2d_weight_grad(dy, y, x, w.shape, st, pad, dil, s.groups, True, tf32, split_k=split,
+                                        config=cfg)
+
+        def ref():
+            return torch.ops.aten.convolution_backward(dy, x, w, [s.c_out], st, pad, dil, False, [0, 0], s.groups,
+                                                       [False, True, True])
+    return fast, ref
+
+
+def _splits(s, cfg, batch) -> list[int | None]:
+    from fastalex.kernels import conv2d as K
+    import triton
+
+    m, n = s.c_out // s.groups, s.c_in // s.groups * s.kernel**2
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]) * s.groups
+    k_blocks = triton.cdiv(batch * s.out_size**2, cfg["BLOCK_K"])
+    auto = K._split_k(tiles, k_blocks, torch.device(DEVICE))
+    return sorted({max(1, auto // 2), auto, min(2 * auto, k_blocks)})
+
+
+def _compile_worker(args, shard: int, nshards: int) -> None:
+    torch.backends.cudnn.benchmark = True
+    for i, (s, kind, dtype, layout) in enumerate(_cases(args)):
+        if i % nshards != shard:
+            continue
+        x, w, b, y, dy = _tensors(s, dtype, layout, args.batch)
+        fast, _ = _calls(s, kind, x, w, b, y, dy, layout)
+        for t in CONFIGS[kind]:
+            try:
+                fast(_cfg(t))
+            except Exception:  # noqa: BLE001 (the timing pass records the error)
+                pass
+        fast(None)
+    torch.cuda.synchronize()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--dtypes", type=lambda t: t.split(","), default="float32,bfloat16")
+    p.add_argument("--layouts", type=lambda t: t.split(","), default="nhwc,nchw")
+    p.add_argument("--kinds", type=lambda t: t.split(","), default="fwd,dgrad,wgrad")
+    p.add_argument("--layers", type=lambda t: t.split(","), default=None)
+    p.add_argument("--compile-workers", type=int, default=8)
+    p.add_argument("--out", default=os.environ.get("OUT") or "perf/results/local")
+    p.add_argument("--smoke", action="store_true",
+                   help="no GPU needed: tiny shapes, two configs, in Triton's CPU interpreter (tests this script)")
+    args = p.parse_args(argv)
+    global DEVICE
+    if args.smoke and os.environ.get("TRITON_INTERPRET") == "1":
+        DEVICE, args.compile_workers = "cpu", 1
+    elif not torch.cuda.is_available():
+        print("perf.tune needs a CUDA device (or --smoke with TRITON_INTERPRET=1)", file=sys.stderr)
+        return 2
+    import triton.testing
+
+    if args.compile_workers > 1:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_compile_worker, args=(args, i, args.compile_workers))
+                 for i in range(args.compile_workers)]
+        for pr in procs:
+            pr.start()
+        for pr in procs:
+            pr.join()
+    torch.backends.cudnn.benchmark = True
+
+    def bench(fn):
+        if DEVICE == "cpu":
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+    configs = {k: v[:2] for k, v in CONFIGS.items()} if args.smoke else CONFIGS
+    rows = []
+    for s, kind, dtype, layout in _cases(args):
+        x, w, b, y, dy = _tensors(s, dtype, layout, args.batch)
+        fast, ref = _calls(s, kind, x, w, b, y, dy, layout)
+        cudnn_ms = bench(ref)
+        case = dict(layer=s.name, kind=kind, dtype=dtype, layout=layout, cudnn_ms=cudnn_ms)
+        heur_ms = bench(lambda: fast(None))
+        results = []
+        for t in configs[kind]:
+            cfg = _cfg(t)
+            for split in (_splits(s, cfg, args.batch) if kind == "wgrad" else [None]):
+                try:
+                    ms = bench(lambda: fast(cfg, split))
+                    err = None
+                except Exception as e:  # noqa: BLE001
+                    ms, err = None, f"{type(e).__name__}: {str(e)[:200]}"
+                results.append(dict(config=t, split=split, ms=ms, error=err))
+        ok = [r for r in results if r["ms"]]
+        top = min(ok, key=lambda r: r["ms"]) if ok else None
+        row = dict(case, heuristic_ms=heur_ms, results=results, best=top,
+                   best_vs_cudnn=cudnn_ms / top["ms"] if top else None, heuristic_vs_cudnn=cudnn_ms / heur_ms)
+        rows.append(row)
+        print(f"{s.name:9} {kind:5} {dtype:8} {layout}: cuDNN {cudnn_ms:.3f} ms, heuristic {heur_ms:.3f} "
+              f"({cudnn_ms / heur_ms:.2f}x), best {top['ms'] if top else float('nan'):.3f} "
+              f"({row['best_vs_cudnn'] or 0:.2f}x) {top['config'] if top else ''} split={top and top['split']}",
+              flush=True)
+        del x, w, b, y, dy
+    import triton
+
+    env = dict(card=torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (smoke, interpreter)", torch=torch.__version__, triton=triton.__version__,
+               cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if DEVICE == "cuda" else None, batch=args.batch)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tune.json").write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -383,6 +383,10 @@ def conv2d_input_grad(grad_output, output, weight, input_shape, stride, padding,
     N, C_in, H, W = input_shape
     C_out, Cig, KH, KW = weight.shape
     _, _, OH, OW = grad_output.shape
+    if (tuple(stride) == (1, 1) and not relu and config is None
+            and padding[0] <= dilation[0] * (KH - 1) and padding[1] <= dilation[1] * (KW - 1)):
+        return _input_grad_as_forward(grad_output, weight, input_shape, padding, dilation, groups, channels_last,
+                                      allow_tf32)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     dx = empty((N, C_in, H, W), dtype=grad_output.dtype, device=grad_output.device, memory_format=fmt)
     M = N * H * W
@@ -403,6 +407,21 @@ def conv2d_input_grad(grad_output, output, weight, input_shape, stride, padding,
         **cfg,
     )
     return dx
+
+
+def _input_grad_as_forward(grad_output, weight, input_shape, padding, dilation, groups, channels_last, allow_tf32):
+    """dx of a stride-1 convolution is itself a stride-1 convolution: dy with the kernel flipped in
+    space and input/output channels swapped within each group, padded by dilation*(K-1) - padding.
+    The forward kernel runs it with dy's positions as the GEMM's M and no per-tap hit test."""
+    N, C_in, H, W = input_shape
+    C_out, Cig, KH, KW = weight.shape
+    Cog = C_out // groups
+    # (g, Cog, Cig, KH, KW) -> (g, Cig, Cog, KH, KW), flipped: a small copy of the weight.
+    w_t = (weight.reshape(groups, Cog, Cig, KH, KW).flip(3, 4).transpose(1, 2)
+           .reshape(groups * Cig, Cog, KH, KW))
+    pad = [dilation[0] * (KH - 1) - padding[0], dilation[1] * (KW - 1) - padding[1]]
+    return conv2d_forward(grad_output, w_t, None, (1, 1), pad, dilation, groups, (H, W), False,
+                          channels_last=channels_last, allow_tf32=allow_tf32)
 
 
 def conv2d_weight_grad(grad_output, output, x, weight_shape, stride, padding, dilation, groups, relu,

@@ -166,6 +166,26 @@ def test_weight_grad_split_k(device, split):
     assert_close(db, br.grad, torch.float32, device, "grad_bias")
 
 
+@pytest.mark.parametrize("stride,padding", [((1, 1), (1, 1)), ((2, 2), (1, 1)), ((1, 1), (3, 3))],
+                         ids=["as-forward", "dgrad-kernel-strided", "dgrad-kernel-wide-padding"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_input_grad_paths(device, stride, padding, relu):
+    """Both input-gradient paths (stride 1: the forward kernel on the flipped weight; otherwise the
+    dgrad kernel, which can also apply the ReLU mask itself) against float64 autograd."""
+    x = make_input((2, 6, 9, 8), torch.float32, device, requires_grad=False)
+    w = make_input((8, 3, 3, 3), torch.float32, device, requires_grad=False)
+    y = TF.conv2d(x, w, stride=stride, padding=padding, groups=2).relu()
+    dy = torch.randn_like(y)
+    dx = K.conv2d_input_grad(dy, y if relu else None, w, x.shape, stride, padding, (1, 1), 2, relu=relu)
+    xr, wr = ref_inputs(x, w)
+    xr.requires_grad_()
+    yr = TF.conv2d(xr, wr, stride=stride, padding=padding, groups=2)
+    if relu:
+        yr = yr * (y.double().cpu() > 0)
+    yr.backward(dy.double().cpu())
+    assert_close(dx, xr.grad, torch.float32, device, "grad_input")
+
+
 def test_gpu_configs_are_valid(monkeypatch):
     """Configs the launcher picks on a GPU obey the compiler's rules (the interpreter checks none)."""
     monkeypatch.setattr(K, "is_interpreting", lambda: False)

@@ -97,6 +97,11 @@ def _backward(ctx, grad_output):
     input, weight, output = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conf
     grad_input = grad_weight = grad_bias = None
+    if output is not None:
+        # The ReLU mask, applied once (torch's own relu backward: zero where output <= 0), rather than
+        # inside both GEMMs, where dgrad would re-read the output once per kernel tap.
+        grad_output = torch.ops.aten.threshold_backward(grad_output, output, 0)
+        output = None
     if ctx.needs_input_grad[0]:  # skipped for conv1, whose input is the image
         grad_input = _conv2d_input_grad_op(grad_output, output, weight, ctx.input_shape, stride, padding, dilation,
                                            groups, ctx.channels_last)

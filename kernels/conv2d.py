@@ -6,11 +6,12 @@ Shapes (g = groups, Cig = C_in / g, Cog = C_out / g):
   forward  y  = relu?(x * w + b)          GEMM  M = N*OH*OW   N = Cog       K = (KH, KW, Cig)
   dgrad    dx = dy' *^T w                  GEMM  M = N*H*W     N = Cig       K = (KH, KW, Cog)
   wgrad    dw = dy'^T * x,  db = sum dy'   GEMM  M = Cog       N = Cig*KH*KW K = N*OH*OW (split-K)
+                                                     N as (ci, kh, kw), or (kh, kw, ci) for NHWC x
 
 dy' = dy masked by the ReLU (zero where y <= 0, as torch's threshold_backward), applied as the
 tiles load: no separate ReLU pass. Groups are a grid axis. Padding is implicit (masked loads), so
 any top/left padding plus an explicit output size covers torch's asymmetric 'same' padding.
-Accumulation is fp32 (fp64 for fp64 inputs).
+Accumulation is fp32 (fp64 for fp64 inputs; tl.dot gets out_dtype=ACC, as Triton 3.6 rejects an fp64 acc otherwise).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def _conv2d_fwd_kernel(
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + g * Cog + offs_n, mask=mask_n, other=0.0)
@@ -159,7 +160,7 @@ def _conv2d_dgrad_kernel(
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
 
     dx_ptrs = (dx_ptr + n * sxn + ih * sxh + iw * sxw)[:, None] + ((g * Cig + offs_n) * sxc)[None, :]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -170,7 +171,7 @@ def _conv2d_wgrad_kernel(
     dy_ptr,  # (N, C_out, OH, OW)
     y_ptr,  # (N, C_out, OH, OW) output of the forward, read only if RELU
     x_ptr,  # (N, C_in, H, W)
-    dw_ptr,  # (SPLIT, C_out, Cig*KH*KW) fp32/fp64 partials
+    dw_ptr,  # (SPLIT, C_out, Cig*KH*KW) fp32/fp64 partials, N in (ci, kh, kw) or, if CI_FAST, (kh, kw, ci) order
     db_ptr,  # (SPLIT, C_out) fp32/fp64 partials
     H, W, OH, OW, Cig, Cog, K, K_PER_SPLIT,  # K = N*OH*OW; K_PER_SPLIT a multiple of BLOCK_K
     sdn, sdc, sdh, sdw,
@@ -178,7 +179,7 @@ def _conv2d_wgrad_kernel(
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH, KW, C_out,
-    RELU: tl.constexpr,
+    RELU: tl.constexpr, CI_FAST: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -191,12 +192,20 @@ def _conv2d_wgrad_kernel(
     pid_n = pid % num_pid_n
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output channels within group g
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # flat (ci, kh, kw) as in the weight
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # flat (ci, kh, kw), or (kh, kw, ci) if CI_FAST
     mask_m = offs_m < Cog
     mask_n = offs_n < CKK
-    ci = offs_n // (KH * KW)
-    kh = (offs_n % (KH * KW)) // KW
-    kw = offs_n % KW
+    if CI_FAST:
+        # Channels-contiguous x: adjacent lanes read adjacent channels of one tap (coalesced);
+        # in weight order they would be different taps, a sector per element.
+        ci = offs_n % Cig
+        tap = offs_n // Cig
+        kh = tap // KW
+        kw = tap % KW
+    else:
+        ci = offs_n // (KH * KW)
+        kh = (offs_n % (KH * KW)) // KW
+        kw = offs_n % KW
     co_off_dy = (g * Cog + offs_m) * sdc
     co_off_y = (g * Cog + offs_m) * syc
     ci_off_x = (g * Cig + ci) * sxc
@@ -224,7 +233,7 @@ def _conv2d_wgrad_kernel(
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
 
     dw_ptrs = dw_ptr + split * C_out * CKK + ((g * Cog + offs_m) * CKK)[:, None] + offs_n[None, :]
     tl.store(dw_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
@@ -247,6 +256,29 @@ def _sum_splits_kernel(
     for s in range(1, SPLIT):
         acc += tl.load(p_ptr + s * L + offs, mask=mask, other=0.0)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_splits_to_weight_kernel(
+    p_ptr,  # (SPLIT, C_out, T, Cig) partials, T = KH*KW taps, ci fastest
+    out_ptr,  # (C_out, Cig, T) contiguous: the weight's layout
+    R, T, Cig, SPLIT,  # R = C_out*T rows (co, tap) of Cig channels
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # _sum_splits_kernel's fixed-order sum (deterministic), then (co, tap, ci) -> (co, ci, tap).
+    # A 2-D tile so both the reads (along ci) and the writes (along tap) stay contiguous.
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_r < R)[:, None] & (offs_c < Cig)[None, :]
+    src = offs_r[:, None] * Cig + offs_c[None, :]
+    L = R * Cig
+    acc = tl.load(p_ptr + src, mask=mask, other=0.0)
+    for s in range(1, SPLIT):
+        acc += tl.load(p_ptr + s * L + src, mask=mask, other=0.0)
+    co = offs_r // T
+    tap = offs_r % T
+    dst = (co * (Cig * T) + tap)[:, None] + (offs_c * T)[None, :]
+    tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,7 +462,9 @@ def conv2d_weight_grad(grad_output, output, x, weight_shape, stride, padding, di
 
     With relu, `output` masks grad_output as in conv2d_input_grad. The reduction over the N*OH*OW
     output positions is split `split_k` ways (default: enough to fill the GPU) into fp32 partials
-    that a second kernel sums in a fixed order: deterministic.
+    that a second kernel sums in a fixed order: deterministic. dw is contiguous in the weight's
+    layout whatever x's; for channels-contiguous x the partials are in (co, kh, kw, ci) order and
+    the sum permutes them.
     """
     check_tensor(grad_output, "grad_output", ndim=4)
     check_tensor(x, "input", ndim=4)
@@ -453,6 +487,8 @@ def conv2d_weight_grad(grad_output, output, x, weight_shape, stride, padding, di
     split = split_k if split_k is not None else _split_k(tiles * groups, k_blocks, device)
     split = max(1, min(int(split), max(k_blocks, 1)))
     k_per_split = triton.cdiv(k_blocks, split) * cfg["BLOCK_K"]
+    # ci fastest when x's channels are contiguous (NHWC); when Cig or KH*KW is 1 the orders coincide.
+    ci_fast = x.stride(1) == 1 and Cig > 1 and KH * KW > 1
     dw_part = empty((split, C_out, CKK), dtype=acc_t, device=device)
     db_part = empty((split, C_out), dtype=acc_t, device=device)
     if K == 0:
@@ -466,13 +502,20 @@ def conv2d_weight_grad(grad_output, output, x, weight_shape, stride, padding, di
             *grad_output.stride(), *y.stride(), *x.stride(),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             KH, KW, C_out,
-            RELU=relu,
+            RELU=relu, CI_FAST=ci_fast,
             ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype, allow_tf32), UPCAST=dot_upcast(dtype),
             **cfg,
         )
     dw = empty(tuple(weight_shape), dtype=dtype, device=device)
     db = empty((C_out,), dtype=dtype, device=device)
-    for part, out in ((dw_part, dw), (db_part, db)):
+    parts = ((dw_part, dw), (db_part, db))
+    if ci_fast:
+        T = KH * KW
+        br, bc = 32, 32
+        _sum_splits_to_weight_kernel[(triton.cdiv(C_out * T, br), triton.cdiv(Cig, bc))](
+            dw_part, dw, C_out * T, T, Cig, split, BLOCK_R=br, BLOCK_C=bc)
+        parts = parts[1:]
+    for part, out in parts:
         L = out.numel()
         block = 1024
         _sum_splits_kernel[(triton.cdiv(L, block),)](part, out, L, split, BLOCK=block)

@@ -102,7 +102,7 @@ def _run_case(op: str, layer: str, dtype, layout, make, fwd_fast, fwd_torch, flo
         # The gradients follow the kernel's own ReLU mask: with tf32 products, outputs within
         # rounding of zero flip sign, and each flip moves a whole dy element (a relative error
         # near 1e-2 at these sizes that says nothing about the backward kernels).
-        ref_back = fwd_torch.pre(*ref_inputs) * (y.detach() > 0)
+        ref_back = fwd_torch.pre(*ref_inputs) * ~(y.detach() <= 0)
     ref_grads = torch.autograd.grad(ref_back, [t for t in ref_inputs if t.requires_grad], dy)
     names = ["output"] + [f"grad{i}" for i in range(len(grads))]
     for name, a, r in zip(names, (y, *grads), (ref, *ref_grads)):

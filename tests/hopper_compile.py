@@ -87,6 +87,9 @@ def _collect(batch: int) -> None:
             y = conv.conv2d_forward(x, w, b, st, pd, (1, 1), s.groups, (s.out_size, s.out_size), relu=True)
             conv.conv2d_input_grad(y, y, w, x.shape, st, pd, (1, 1), s.groups, relu=True)
             conv.conv2d_weight_grad(y, y, x, w.shape, st, pd, (1, 1), s.groups, relu=True, split_k=4)
+            # channels_last (NHWC) x and dy: the ci-fastest wgrad variant and its permuting split sum
+            xl, yl = (t.contiguous(memory_format=torch.channels_last) for t in (x, y))
+            conv.conv2d_weight_grad(yl, yl, xl, w.shape, st, pd, (1, 1), s.groups, relu=True, split_k=4)
         for _, c, size in LRN:
             x = torch.empty(batch, c, size, size, dtype=dtype, **meta)
             lrn.lrn_forward(x, **LRN_ARGS)

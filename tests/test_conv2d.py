@@ -25,15 +25,16 @@ ALEXNET = [
 def _check(device, dtype, x, w, b, relu=True, **conv):
     """Run fastalex (Triton backend) and the float64 torch reference; compare output and grads."""
     xr, wr, br = ref_inputs(x, w, b)
-    ref = TF.conv2d(xr, wr, br, **conv)
-    if relu:
-        ref = torch.relu(ref)
+    pre = TF.conv2d(xr, wr, br, **conv)
+    ref = torch.relu(pre) if relu else pre
     with fastalex.backend("triton"):
         y = F.conv2d(x, w, b, activation="relu" if relu else None, **conv)
     assert y.dtype == x.dtype and y.device == x.device
     assert_close(y, ref, dtype, device, "output")
     dy = torch.randn(ref.shape, dtype=torch.float64)
-    ref.backward(dy)
+    # The gradients follow the kernel's own ReLU mask: on a GPU (tf32) outputs within rounding of
+    # zero can flip sign, each moving a whole dy element, which says nothing about the backward.
+    (pre * ~(y.detach().cpu().double() <= 0) if relu else pre).backward(dy)  # NaN keeps dy, as torch
     y.backward(dy.to(device=device, dtype=dtype))
     for name, t, r in (("input", x, xr), ("weight", w, wr), ("bias", b, br)):
         if t is None:
@@ -164,6 +165,80 @@ def test_weight_grad_split_k(device, split):
     yr.backward(dy.double().cpu())
     assert_close(dw, wr.grad, torch.float32, device, "grad_weight")
     assert_close(db, br.grad, torch.float32, device, "grad_bias")
+
+
+WGRAD_NHWC = [
+    # (N, C_in, H, W, C_out, kernel, stride, padding, groups, split, relu, dtype)
+    (2, 5, 7, 8, 7, (3, 5), 1, (1, 2), 1, 1, True, torch.float32),
+    (3, 7, 12, 12, 5, 5, 1, 2, 1, 3, False, torch.float32),  # CKK 175: two N blocks, one split mid-tap
+    (3, 6, 21, 21, 4, 3, 2, 1, 2, 3, True, torch.float32),
+    (3, 9, 22, 20, 6, (3, 5), 2, (2, 1), 3, 3, False, torch.float32),
+    (3, 5, 11, 10, 7, (3, 5), 1, (1, 2), 1, 3, True, torch.float64),
+    (2, 6, 8, 8, 4, 3, 1, 1, 2, 1, False, torch.bfloat16),
+]
+
+
+class _LaunchSpy:
+    """Stands in for a kernel: records each launch's grid and keyword arguments, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids, self.kwargs = kernel, [], []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.grids.append(grid)
+            self.kwargs.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("case", WGRAD_NHWC, ids=[f"nhwc{i}" for i in range(len(WGRAD_NHWC))])
+def test_weight_grad_channels_last(device, case, monkeypatch):
+    """Channels-last x and dy: the wgrad kernel runs ci-fastest and the split sum permutes the partials
+    back, so dw is the contiguous (C_out, Cig, KH, KW) gradient of float64 autograd."""
+    N, C, H, W, Co, k, s, p, g, split, relu, dtype = case
+    k = k if isinstance(k, tuple) else (k, k)
+    s = s if isinstance(s, tuple) else (s, s)
+    p = p if isinstance(p, tuple) else (p, p)
+    cl = torch.channels_last
+    x = make_input((N, C, H, W), dtype, device, layout="channels_last", requires_grad=False)
+    w = make_input((Co, C // g, *k), dtype, device, requires_grad=False, scale=0.3)
+    y = TF.conv2d(x.float(), w.float(), stride=s, padding=p, groups=g).relu().to(dtype).contiguous(memory_format=cl)
+    dy = torch.randn(y.shape, device=device).to(dtype).contiguous(memory_format=cl)
+    spy = _LaunchSpy(K._conv2d_wgrad_kernel)
+    monkeypatch.setattr(K, "_conv2d_wgrad_kernel", spy)
+    dw, db = K.conv2d_weight_grad(dy, y if relu else None, x, w.shape, s, p, (1, 1), g, relu=relu, split_k=split)
+    assert [kw["CI_FAST"] for kw in spy.kwargs] == [True]
+    assert spy.grids[0][2] == split  # K spans enough blocks for every split to get some
+    assert dw.shape == (Co, C // g, *k) and dw.is_contiguous() and dw.dtype == dtype and db.dtype == dtype
+    xr, wr = ref_inputs(x, w)
+    wr.requires_grad_()
+    br = torch.zeros(Co, dtype=torch.float64, requires_grad=True)
+    yr = TF.conv2d(xr, wr, br, stride=s, padding=p, groups=g)
+    if relu:
+        yr = yr * (y.double().cpu() > 0)  # the kernel's mask: the forward output it was given
+    yr.backward(dy.double().cpu())
+    assert_close(dw, wr.grad, dtype, device, "grad_weight")
+    assert_close(db, br.grad, dtype, device, "grad_bias")
+
+
+def test_weight_grad_layout_flag(device, monkeypatch):
+    """ci-fastest only where it helps: channels-contiguous x with more than one channel and tap."""
+    spy = _LaunchSpy(K._conv2d_wgrad_kernel)
+    monkeypatch.setattr(K, "_conv2d_wgrad_kernel", spy)
+    cases = [((4, 4, 3, 3), 1, "contiguous", False), ((4, 4, 3, 3), 1, "channels_last", True),
+             ((4, 1, 3, 3), 4, "channels_last", False), ((4, 4, 1, 1), 1, "channels_last", False)]
+    for ws, g, layout, want in cases:
+        x = make_input((2, 4, 5, 5), torch.float32, device, layout=layout, requires_grad=False)
+        w = make_input(ws, torch.float32, device, requires_grad=False)
+        dy = TF.conv2d(x, w, groups=g)
+        dw, _ = K.conv2d_weight_grad(dy, None, x, w.shape, (1, 1), (0, 0), (1, 1), g, relu=False)
+        assert spy.kwargs[-1]["CI_FAST"] is want and dw.is_contiguous()
+        xr, wr = ref_inputs(x, w)
+        wr.requires_grad_()
+        TF.conv2d(xr, wr, groups=g).backward(dy.double().cpu())
+        assert_close(dw, wr.grad, torch.float32, device, "grad_weight")
 
 
 @pytest.mark.parametrize("stride,padding", [((1, 1), (1, 1)), ((2, 2), (1, 1)), ((1, 1), (3, 3))],

@@ -148,10 +148,11 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     check_float_tensor(weight, "weight", dims=(4,))
     if bias is not None:
         check_float_tensor(bias, "bias", dims=(1,))
-    if torch.is_autocast_enabled(input.device.type):
+    kind = input.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):  # (not on "meta")
         # Under autocast torch runs convolutions in the autocast dtype (fp32 weights, bf16 input, ...);
         # so do both backends. float64 stays float64, as autocast leaves it.
-        dt = torch.get_autocast_dtype(input.device.type)
+        dt = torch.get_autocast_dtype(kind)
         input, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(dt) for t in (input, weight, bias))
     check_same_kind("input", input, "weight", weight)
     if bias is not None:

@@ -3,6 +3,8 @@
     fastalex train                          # the default: Fashion-MNIST, the quick preset, CPU-friendly
     fastalex train --preset paper --dataset imagefolder --data /data/imagenet
     fastalex eval --checkpoint runs/fashion-mnist/best.pt
+    fastalex train --strategy towers --devices cuda:0,cuda:1          # the paper's two-GPU split
+    torchrun --nproc-per-node 2 -m fastalex train --strategy ddp        # data parallel (or hybrid)
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="random training augmentation (default: the preset's)")
     t.add_argument("--precision", choices=("32", "bf16-mixed", "16-mixed"), default="32")
     t.add_argument("--device", default="auto")
+    t.add_argument("--strategy", choices=("single", "towers", "ddp", "hybrid"), default="single",
+                   help="towers: the paper's split of the net over --devices; ddp / hybrid: under torchrun, "
+                        "data parallel / convs data parallel and FC layers split (one weird trick)")
+    t.add_argument("--devices", default=None, help="two devices for --strategy towers, e.g. cuda:0,cuda:1")
     t.add_argument("--backend", choices=("auto", "triton", "torch"), default=None)
     t.add_argument("-j", "--workers", type=int, default=0)
     t.add_argument("--seed", type=int, default=0)
@@ -117,27 +124,50 @@ def _model_from(settings: dict, num_classes: int):
         raise UsageError(str(e)) from None
 
 
+def _trainer(args, s, model, out, classes, run_args, devices):
+    from fastalex import Trainer
+
+    return Trainer(model, epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], momentum=s["momentum"],
+                   weight_decay=s["wd"], lr_schedule=s["lr_schedule"], warmup_steps=s["warmup_steps"],
+                   precision=args.precision, device=args.device, out_dir=out, seed=args.seed, workers=args.workers,
+                   checkpoint_every=args.checkpoint_every, progress=not args.no_progress, class_names=classes,
+                   args={k: v for k, v in run_args.items() if isinstance(v, (str, int, float, bool, type(None)))},
+                   strategy=args.strategy, devices=devices)
+
+
 def train(args) -> int:
     import fastalex
-    from fastalex import Trainer, TrainingDiverged
+    from fastalex import TrainingDiverged
+    from fastalex.distributed import DistributedError
 
     s = _settings(args)
     out = Path(args.out or f"runs/{args.dataset}-{s['variant']}")
-    if args.resume is None and not args.test_only and (out / "checkpoint.pt").exists() and not args.overwrite:
+    devices = args.devices.split(",") if args.devices else None
+    if (args.strategy == "towers") != (devices is not None):
+        raise UsageError("--strategy towers needs --devices DEV0,DEV1 (one per tower), and --devices is only for it")
+    if devices is not None and len(devices) != 2:
+        raise UsageError(f"--devices must name two devices, one per tower, e.g. cuda:0,cuda:1; got {args.devices!r}")
+    # A worker that torchrun restarted (--max-restarts) continues from the last checkpoint.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    if (args.resume is None and not restarted and not args.test_only and (out / "checkpoint.pt").exists()
+            and not args.overwrite):
         raise UsageError(f"{out} already holds a run (checkpoint.pt): pass --resume to continue it, --out for a "
                          f"new folder, or --overwrite to start afresh there")
     train_set, val_set, test_set, classes = _datasets(args.dataset, args.data, s["image_size"], args.subset,
                                                       s["ten_crop"], s["augment"])
     model = _model_from(s, len(classes))
     run_args = dict(vars(args), **s, num_classes=len(classes), dataset=args.dataset)
-    trainer = Trainer(model, epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], momentum=s["momentum"],
-                      weight_decay=s["wd"], lr_schedule=s["lr_schedule"], warmup_steps=s["warmup_steps"],
-                      precision=args.precision,
-                      device=args.device, out_dir=out, seed=args.seed, workers=args.workers,
-                      checkpoint_every=args.checkpoint_every, progress=not args.no_progress, class_names=classes,
-                      args={k: v for k, v in run_args.items() if isinstance(v, (str, int, float, bool, type(None)))})
+    try:
+        trainer = _trainer(args, s, model, out, classes, run_args, devices)
+    except DistributedError as e:
+        print(f"fastalex: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.resume is not None:
         trainer.resume(args.resume or None)
+    elif restarted and trainer.resume(missing_ok=True) and trainer.dist.is_main:
+        print(f"fastalex: restarted by torchrun; continuing from step {trainer.step}", file=sys.stderr)
     backend = fastalex.backend(args.backend) if args.backend else contextlib.nullcontext()
     with backend:
         if not args.test_only:
@@ -148,8 +178,9 @@ def train(args) -> int:
                 print(f"fastalex: training stopped: {e}", file=sys.stderr)
                 return 1
             if trainer.epoch < trainer.epochs:  # stopped by Ctrl-C
-                print(f"fastalex: stopped at epoch {trainer.epoch + 1}, step {trainer.step}; checkpoint saved in "
-                      f"{out}. Continue with: fastalex train --resume --out {out}", file=sys.stderr)
+                if trainer.dist.is_main:
+                    print(f"fastalex: stopped at epoch {trainer.epoch + 1}, step {trainer.step}; checkpoint saved in "
+                          f"{out}. Continue with: fastalex train --resume --out {out}", file=sys.stderr)
                 return 130
             wall = time.perf_counter() - started
         else:
@@ -158,6 +189,8 @@ def train(args) -> int:
             test = trainer.last_val  # the last epoch's validation already ran on these images and weights
         else:
             test = trainer.evaluate(test_set, ten_crop=s["ten_crop"])
+    if not trainer.dist.is_main:
+        return 0
     final = dict(trainer.describe(), test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"],
                  test_images=test["images"], wall_seconds=wall, dataset=args.dataset, preset=s["preset"],
                  skipped_images=trainer.skipped_images + test.get("skipped_images", 0))

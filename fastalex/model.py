@@ -150,6 +150,9 @@ class AlexNet(nn.Module):
                 raise ValueError(f"devices must name two devices, one per tower, got {devices!r}")
             devices = tuple(torch.device(d) for d in devices)
 
+        # What rebuilds this net with other devices (to_towers); init is irrelevant once weights are copied.
+        self.config = dict(num_classes=num_classes, variant=variant, dropout=float(dropout), image_size=image_size,
+                           activation=activation, lrn=lrn, pool=pool)
         self.variant, self.num_classes, self.image_size = variant, num_classes, image_size
         self.activation, self.lrn, self.pool, self.devices = activation, lrn, pool, devices
         fused = "relu" if activation == "relu" else None
@@ -224,6 +227,16 @@ class AlexNet(nn.Module):
             raise ValueError(f"this AlexNet was built for {self.image_size[0]}x{self.image_size[1]} inputs, got "
                              f"{x.shape[-2]}x{x.shape[-1]}: build it with AlexNet(image_size=...) for other sizes "
                              f"(at least {smallest_image_size(self.variant, self.pool)})")
+
+    def to_towers(self, devices: Sequence) -> "AlexNet":
+        """A copy of this paper net with each tower on its own device (the paper's model parallelism),
+        same weights; its state_dict is this net's, so checkpoints move between the two."""
+        if self.variant != "paper":
+            raise ValueError(f"towers need the paper variant (two towers as groups=2), got {self.variant!r}")
+        towers = AlexNet(**self.config, devices=devices)
+        towers.load_state_dict(self.state_dict())
+        towers.train(self.training)
+        return towers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -26,12 +26,14 @@ import torch.nn.functional as TF
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from fastalex import checkpoint as ckpt
+from fastalex import distributed as fdist
 from fastalex._backend import backend_info
 
 __all__ = ["Trainer", "TrainingDiverged"]
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 SCHEDULES = ("plateau", "cosine", "constant")
+STRATEGIES = ("single", "towers", "ddp", "hybrid")
 
 
 class TrainingDiverged(RuntimeError):
@@ -61,19 +63,36 @@ class _Seeded(Dataset):
 
 
 class _EpochBatches(Sampler):
-    """Batches of (epoch, index) in the epoch's own random order, from batch `start` on."""
+    """Batches of (epoch, index) in the epoch's own random order, from batch `start` on.
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0):
+    With world_size > 1 each step's global batch (batch_size x world_size images) is cut into
+    world_size equal parts and this rank gets part `rank`: per-epoch shuffled, disjoint shards, as
+    with DistributedSampler, but aligned to global batches (so a step over all ranks sees exactly
+    the images one process would see with the combined batch, and a resume starts at the exact
+    step). The last, incomplete global batch is dropped then (every rank must take equal steps).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0,
+                 world_size: int = 1):
         self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
+        self.rank, self.world_size = rank, world_size
+
+    def steps(self) -> int:
+        """Steps in a whole epoch."""
+        if self.world_size == 1:
+            return math.ceil(self.n / self.batch_size)
+        return self.n // (self.batch_size * self.world_size)
 
     def __len__(self) -> int:
-        return max(0, math.ceil(self.n / self.batch_size) - self.start)
+        return max(0, self.steps() - self.start)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
-        for b in range(self.start, math.ceil(self.n / self.batch_size)):
-            yield [(self.epoch, i) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+        gb = self.batch_size * self.world_size
+        for b in range(self.start, self.steps()):
+            mine = order[b * gb:(b + 1) * gb][self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            yield [(self.epoch, i) for i in mine]
 
 
 def _collate(batch):
@@ -101,6 +120,13 @@ class Trainer:
     lr_schedule: "plateau" (the paper: lr / 10 when validation error stops improving for `patience`
     epochs, at most `max_lr_drops` times), "cosine" (per step, to 0 at the end) or "constant".
     checkpoint_every: also save every this many steps (besides each epoch's end).
+    strategy: "single" (one device), "towers" (the paper's model parallelism: the paper net's two
+    towers on `devices`, two of them), "ddp" (data parallel, DistributedDataParallel under torchrun:
+    NCCL on GPUs, gloo on CPUs) or "hybrid" (Krizhevsky's one weird trick under torchrun: the convs
+    data parallel, the FC layers split across ranks; see fastalex.hybrid). Under ddp and hybrid
+    `batch_size` is per process (the global batch is batch_size x world size), the lr is taken as
+    given, and only rank 0 logs, shows progress and writes files; every rank must call fit,
+    evaluate and save together.
     """
 
     def __init__(self, model: torch.nn.Module, *, epochs: int, batch_size: int = 128, lr: float = 0.01,
@@ -108,7 +134,7 @@ class Trainer:
                  precision: str = "32", device: str = "auto", out_dir: str | Path = "runs/fastalex", seed: int = 0,
                  workers: int = 0, checkpoint_every: int = 0, patience: int = 1, max_lr_drops: int = 3,
                  warmup_steps: int = 0, progress: bool = True, class_names: Sequence[str] | None = None,
-                 args: dict | None = None):
+                 args: dict | None = None, strategy: str = "single", devices: Sequence | None = None):
         for name, v, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("workers", workers, 0),
                             ("checkpoint_every", checkpoint_every, 0), ("patience", patience, 1),
                             ("max_lr_drops", max_lr_drops, 0), ("warmup_steps", warmup_steps, 0)):
@@ -120,9 +146,44 @@ class Trainer:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {lr_schedule!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        self.strategy, self.dist = strategy, fdist.Env()
+        if strategy == "towers":
+            if devices is None or len(devices) != 2:
+                raise ValueError(f"strategy 'towers' needs devices=(device0, device1), one per tower; got {devices!r}")
+            if getattr(model, "devices", None) is None:
+                if not hasattr(model, "to_towers"):
+                    raise ValueError("strategy 'towers' needs a fastalex.AlexNet(variant='paper')")
+                model = model.to_towers(devices)
+            device = str(model.devices[0])
+        elif devices is not None:
+            raise ValueError(f"devices is for strategy 'towers' (ddp and hybrid take one device per process from "
+                             f"torchrun's LOCAL_RANK); got devices={devices!r} with strategy {strategy!r}")
+        if strategy in ("ddp", "hybrid"):
+            if getattr(model, "devices", None) is not None:
+                raise ValueError(f"strategy {strategy!r} needs a single-device model, not the towers model")
+            local = fdist.env().local_rank
+            if device == "auto":
+                device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         if precision == "16-mixed" and self.device.type != "cuda":
             raise ValueError("precision '16-mixed' needs a CUDA device (use '32' or 'bf16-mixed' on the CPU)")
+        self.arch = {k: getattr(model, k, None) for k in ("variant", "image_size")}
+        if strategy in ("ddp", "hybrid"):
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            self.dist = fdist.init(self.device)
+            model = model.to(self.device)
+            fdist.broadcast_module(model)  # every rank starts from rank 0's weights
+            if strategy == "ddp":
+                from torch.nn.parallel import DistributedDataParallel
+
+                model = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            else:
+                from fastalex.hybrid import HybridAlexNet
+
+                model = HybridAlexNet(model)
         self.model = model if getattr(model, "devices", None) else model.to(self.device)
         self.epochs, self.batch_size, self.lr, self.seed = epochs, batch_size, lr, seed
         self.lr_schedule, self.precision, self.workers = lr_schedule, precision, workers
@@ -143,6 +204,12 @@ class Trainer:
         self.epoch_loss_sum, self.epoch_seen = 0.0, 0  # the current epoch's running training loss
         self.skipped_images = 0  # unreadable training images skipped so far
         self._stop = False
+        self._fresh = True  # no checkpoint loaded: ranks seed their own dropout streams at fit
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model itself (unwrapped from DistributedDataParallel)."""
+        return getattr(self.model, "module", self.model) if self.strategy == "ddp" else self.model
 
     # -- schedule ------------------------------------------------------------------------------
 
@@ -168,11 +235,17 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        """Everything to resume from (the same on every rank; collective under ddp and hybrid)."""
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.strategy == "hybrid":
+            model_state, opt_state = self.model.full_state_dict(), self.model.gather_optimizer_state(self.optimizer)
+        else:
+            model_state, opt_state = self.module.state_dict(), self.optimizer.state_dict()
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": model_state, "optimizer": opt_state, "world_size": self.dist.world_size,
+            "rng_per_rank": fdist.all_gather_object(rng),
             "lr_scheduler": {"schedule": self.lr_schedule, "lr_drops": self.lr_drops, "bad_epochs": self.bad_epochs,
                              "best_error": self.best_error},
             "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
@@ -183,8 +256,18 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.dist.world_size and state["step_in_epoch"] != 0:
+            raise ValueError(
+                f"this checkpoint was written mid-epoch by {saved_world} process(es); resuming it with "
+                f"{self.dist.world_size} would change every later batch. Resume with {saved_world} process(es), or "
+                f"from a checkpoint written at the end of an epoch")
+        if self.strategy == "hybrid":
+            self.model.load_full_state_dict(state["model"])
+            self.model.load_optimizer_state(self.optimizer, state["optimizer"])
+        else:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         sched = state["lr_scheduler"]
         self.lr_drops, self.bad_epochs, self.best_error = sched["lr_drops"], sched["bad_epochs"], sched["best_error"]
         if state.get("scaler"):
@@ -194,18 +277,39 @@ class Trainer:
         self.train_seconds, self.train_images = state["train_seconds"], state["train_images"]
         self.epoch_loss_sum, self.epoch_seen = state["epoch_loss_sum"], state["epoch_seen"]
         self.skipped_images = state.get("skipped_images", 0)
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        if len(per_rank) == self.dist.world_size:  # each rank continues its own dropout stream
+            rng = per_rank[self.dist.rank]
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        else:
+            self._seed_rank()
+        self._fresh = False
         if state.get("class_names") and not self.class_names:
             self.class_names = list(state["class_names"])
 
     def save(self, name: str = "checkpoint.pt") -> Path:
-        return ckpt.save_atomic(self.state_dict(), self.out_dir / name)
+        """Write out_dir/name atomically (rank 0 writes; every rank must call it under ddp and hybrid)."""
+        state, path = self.state_dict(), self.out_dir / name
+        if self.dist.is_main:
+            ckpt.save_atomic(state, path)
+        fdist.barrier()
+        return path
 
-    def resume(self, path: str | Path | None = None) -> None:
-        """Continue from a checkpoint (default: out_dir/checkpoint.pt)."""
-        self.load_state_dict(ckpt.load(path or self.out_dir / "checkpoint.pt"))
+    def resume(self, path: str | Path | None = None, missing_ok: bool = False) -> bool:
+        """Continue from a checkpoint (default: out_dir/checkpoint.pt). With missing_ok, a missing
+        file means a fresh start (what a worker restarted by torchrun wants); returns whether it resumed."""
+        path = Path(path or self.out_dir / "checkpoint.pt")
+        if missing_ok and not path.exists():
+            return False
+        self.load_state_dict(ckpt.load(path))
+        return True
+
+    def _seed_rank(self) -> None:
+        # Each rank its own dropout stream (same for the same seed and rank); one process keeps the caller's.
+        if self.dist.world_size > 1:
+            torch.manual_seed((self.seed * 1_000_003 + self.dist.rank) * 7919 + 17)
 
     # -- training ------------------------------------------------------------------------------
 
@@ -236,16 +340,25 @@ class Trainer:
         """
         if len(train_data) == 0:
             raise ValueError("train_data is empty")
+        world = self.dist.world_size
+        if world > 1 and len(train_data) < self.batch_size * world:
+            raise ValueError(f"train_data has {len(train_data)} images, fewer than one global batch "
+                             f"({self.batch_size} x {world} processes)")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         seeded = _Seeded(train_data, self.seed)
-        steps_per_epoch = math.ceil(len(train_data) / self.batch_size)
+        steps_per_epoch = _EpochBatches(len(train_data), self.batch_size, self.seed, 0, 0, 0, world).steps()
         total_steps = steps_per_epoch * self.epochs
+        if self._fresh:
+            self._seed_rank()
+            self._fresh = False
         old_handler = self._install_sigint()
         self._stop = False
         try:
-            with _Progress(self.progress, total_steps, self.step) as bar:
+            with _Progress(self.progress and self.dist.is_main, total_steps, self.step) as bar:
                 while self.epoch < self.epochs and not self._stop:
                     self._train_epoch(seeded, steps_per_epoch, total_steps, bar)
+                    if self.dist.world_size > 1:  # a stop asked for after the epoch's last step: all agree
+                        self._stop = fdist.all_reduce_sum([float(self._stop)], self.device)[0] > 0
                     if self._stop:
                         break
                     self._end_epoch(val_data, bar)
@@ -258,7 +371,8 @@ class Trainer:
 
     def _train_epoch(self, data: Dataset, steps_per_epoch: int, total_steps: int, bar) -> None:
         self.model.train()
-        batches = _EpochBatches(len(data), self.batch_size, self.seed, self.epoch, self.step_in_epoch)
+        batches = _EpochBatches(len(data), self.batch_size, self.seed, self.epoch, self.step_in_epoch,
+                                self.dist.rank, self.dist.world_size)
         out_device = self.model.devices[0] if getattr(self.model, "devices", None) else self.device
         if self.step_in_epoch == 0:
             self.epoch_loss_sum, self.epoch_seen = 0.0, 0
@@ -276,12 +390,21 @@ class Trainer:
             labels = labels.to(out_device, non_blocking=True)
             with self._autocast():
                 loss = TF.cross_entropy(self.model(images), labels)
-            if not torch.isfinite(loss):
+            shown, stop = loss.detach(), self._stop
+            if self.dist.world_size > 1:
+                # One small all-reduce: the mean loss (so every rank sees, and stops at, the same value)
+                # and whether any rank was asked to stop (so all stop after the same step).
+                both = torch.stack([shown.float().reshape(()), torch.tensor(float(stop), device=shown.device)])
+                torch.distributed.all_reduce(both)
+                shown, stop = both[0] / self.dist.world_size, bool(both[1] > 0)
+            if not torch.isfinite(shown):
                 raise TrainingDiverged(
-                    f"the loss became {loss.item()} at epoch {self.epoch + 1}, step {self.step + 1} (lr {lr:g}); "
+                    f"the loss became {shown.item()} at epoch {self.epoch + 1}, step {self.step + 1} (lr {lr:g}); "
                     f"the last good checkpoint is kept in {self.out_dir} — try a lower --lr")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            if self.strategy == "hybrid":
+                self.model.finish_gradients()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.step += 1
@@ -291,23 +414,26 @@ class Trainer:
             self.epoch_seen += n
             self.epoch_loss_sum += loss.item() * n
             elapsed = time.perf_counter() - t0
-            bar.update(self.epoch, self.epochs, self.step, loss.item(), lr, seen / max(elapsed, 1e-9))
+            bar.update(self.epoch, self.epochs, self.step, shown.item(), lr,
+                       seen * self.dist.world_size / max(elapsed, 1e-9))
             if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                 self._account(elapsed, seen)
                 t0, seen = time.perf_counter(), 0
                 self.save()
-            if self._stop:
+            if stop:
+                self._stop = True
                 break
         self._account(time.perf_counter() - t0, seen)
 
     def _account(self, seconds: float, images: int) -> None:
         self.train_seconds += seconds
-        self.train_images += images
+        self.train_images += images * self.dist.world_size  # every rank takes an equal share
 
     def _end_epoch(self, val_data: Dataset | None, bar) -> None:
         t0 = time.perf_counter()
+        loss_sum, seen = fdist.all_reduce_sum([self.epoch_loss_sum, self.epoch_seen], self.device)
         metrics = {"epoch": self.epoch + 1, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
-                   "train_loss": self.epoch_loss_sum / max(1, self.epoch_seen)}
+                   "train_loss": loss_sum / max(1, seen)}
         if val_data is not None:
             v = self.last_val = self.evaluate(val_data)
             metrics.update(val_top1_error=v["top1_error"], val_top5_error=v["top5_error"], val_loss=v["loss"])
@@ -318,7 +444,8 @@ class Trainer:
         self.history.append(metrics)
         self.epoch += 1
         self.step_in_epoch = 0
-        self._write_metrics()
+        if self.dist.is_main:
+            self._write_metrics()
         self.save()
         if improved:
             self.save("best.pt")
@@ -341,9 +468,12 @@ class Trainer:
         """
         if len(data) == 0:
             raise ValueError("evaluation data is empty")
-        was_training = self.model.training
-        self.model.eval()
-        out_device = self.model.devices[0] if getattr(self.model, "devices", None) else self.device
+        model = self._eval_model()
+        was_training = model.training
+        model.eval()
+        out_device = model.devices[0] if getattr(model, "devices", None) else self.device
+        if self.dist.world_size > 1:  # each rank its share of the images; the counts are summed below
+            data = torch.utils.data.Subset(data, range(self.dist.rank, len(data), self.dist.world_size))
         loader = DataLoader(data, batch_size=batch_size or self.batch_size, num_workers=self.workers,
                             generator=torch.Generator(), collate_fn=_collate)
         n = miss1 = miss5 = skipped_total = 0
@@ -354,50 +484,60 @@ class Trainer:
                 if images is None:
                     continue
                 labels = labels.to(out_device)
-                probs = self._probs(images, ten_crop)
+                probs = self._probs(model, images, ten_crop)
                 loss_sum += float(TF.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum"))
                 m1, m5 = _topk_errors(probs, labels)
                 miss1, miss5, n = miss1 + m1, miss5 + m5, n + labels.shape[0]
         finally:
-            self.model.train(was_training)
+            model.train(was_training)
+        n, miss1, miss5, loss_sum, skipped_total = (
+            int(v) if i != 3 else v for i, v in enumerate(fdist.all_reduce_sum([n, miss1, miss5, loss_sum,
+                                                                              skipped_total], self.device)))
         if n == 0:
             raise ValueError(f"no readable image in the evaluation data ({skipped_total} skipped)")
         return {"top1_error": miss1 / n, "top5_error": miss5 / n, "top1": 1 - miss1 / n, "top5": 1 - miss5 / n,
                 "loss": loss_sum / n, "images": n, "skipped_images": skipped_total}
 
-    def _probs(self, images: torch.Tensor, ten_crop: bool = False) -> torch.Tensor:
+    def _eval_model(self) -> torch.nn.Module:
+        # No collectives in evaluation: ddp's bare module; hybrid's full net (gathered, so collective).
+        return self.model.full_model() if self.strategy == "hybrid" else self.module
+
+    def _probs(self, model: torch.nn.Module, images: torch.Tensor, ten_crop: bool = False) -> torch.Tensor:
         images = images.to(self.device)
         if ten_crop:
             if images.dim() != 5:
                 raise ValueError(f"ten_crop needs items of shape (crops, 3, S, S), got a batch of {tuple(images.shape)}")
             b, c = images.shape[:2]
             with self._autocast():
-                logits = self.model(images.flatten(0, 1))
+                logits = model(images.flatten(0, 1))
             return logits.float().softmax(dim=1).view(b, c, -1).mean(dim=1)
         with self._autocast():
-            logits = self.model(images)
+            logits = model(images)
         return logits.float().softmax(dim=1)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (N, num_classes) for images (N, 3, S, S) or one image (3, S, S)."""
+        """Class probabilities (N, num_classes) for images (N, 3, S, S) or one image (3, S, S).
+        (Under hybrid every rank must call it: the FC slices are gathered first.)"""
         if not isinstance(images, torch.Tensor) or images.dim() not in (3, 4):
             raise ValueError("images must be a tensor of shape (N, 3, S, S) or (3, S, S)")
         single = images.dim() == 3
-        was_training = self.model.training
-        self.model.eval()
+        model = self._eval_model()
+        was_training = model.training
+        model.eval()
         try:
-            probs = self._probs(images.unsqueeze(0) if single else images)
+            probs = self._probs(model, images.unsqueeze(0) if single else images)
         finally:
-            self.model.train(was_training)
+            model.train(was_training)
         return probs[0] if single else probs
 
     def describe(self) -> dict:
         """What ran, for final.json."""
         info = backend_info(self.device)
-        model = self.model
-        return {"device": str(self.device), "backend": info.backend, "variant": getattr(model, "variant", None),
-                "image_size": list(getattr(model, "image_size", ())) or None, "precision": self.precision,
+        return {"device": str(self.device), "backend": info.backend, "variant": self.arch["variant"],
+                "image_size": list(self.arch["image_size"] or ()) or None, "precision": self.precision,
+                "strategy": self.strategy, "world_size": self.dist.world_size,
+                "devices": [str(d) for d in self.module.devices] if getattr(self.module, "devices", None) else None,
                 "epochs": self.epoch, "steps": self.step, "skipped_train_images": self.skipped_images,
                 "images_per_second": self.train_images / self.train_seconds if self.train_seconds else None,
                 "train_seconds": self.train_seconds}

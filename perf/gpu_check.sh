@@ -11,8 +11,9 @@
 #   bench  pytest-benchmark: `pytest perf --benchmark-only`, JSON for each kernel and layer
 #   report perf.report: compute breakdown of the single and paper nets, both backends
 #   dist   the distributed strategies (towers and DDP) with one GPU plus the CPU
-# Each stage has its own time limit ($<STAGE>_TIMEOUT seconds); a failing stage does not stop
-# the rest, and the exit status says whether any failed. Results go to perf/results/local/, or,
+# Each stage has its own time limit ($<STAGE>_TIMEOUT seconds), cut to what is left of the whole
+# script's $BUDGET (default 470 s, so one call ends within 8 minutes); a stage with under 15 s left
+# is skipped. A failing stage does not stop the rest; the exit status says whether any failed. Results go to perf/results/local/, or,
 # where $OUT is set (the device tool brings back a few files from it), to a temporary folder
 # packed after every stage into $OUT/results.tgz. Commit them under perf/results/<card>-<date>/.
 set -uo pipefail
@@ -42,12 +43,17 @@ except OSError as e:
 PY
 
 status=0
+BUDGET="${BUDGET:-470}"
 stage() {  # stage NAME DEFAULT_TIMEOUT COMMAND...: run with a time limit, log to $OUT/NAME.log
     local name=$1 limit=$2; shift 2
     local var; var="$(echo "$name" | tr a-z A-Z)_TIMEOUT"
+    limit=${!var:-$limit}
+    local left=$((BUDGET - SECONDS))
+    if [ "$left" -lt 15 ]; then echo "=== $name: skipped, the budget of $BUDGET s is spent"; status=1; return; fi
+    [ "$limit" -le "$left" ] || limit=$left
     local t0=$SECONDS
-    echo "=== $name (limit ${!var:-$limit} s)"
-    timeout "${!var:-$limit}" "$@" >"$OUT/$name.log" 2>&1
+    echo "=== $name (limit $limit s)"
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
     tail -n "${TAIL:-25}" "$OUT/$name.log"
     echo "=== $name: exit $rc after $((SECONDS - t0)) s"
@@ -57,18 +63,18 @@ stage() {  # stage NAME DEFAULT_TIMEOUT COMMAND...: run with a time limit, log t
 
 for s in $STAGES; do
     case $s in
-        tune) stage tune 120 "$PY" -m perf.tune --out "$OUT" ;;
-        check) stage check 150 "$PY" -m perf.gpu_check --quick --out "$OUT" ;;
-        step) stage step 180 "$PY" -m perf.step --out "$OUT" ${STEP_ARGS:-} ;;
-        tests) stage tests 150 "$PY" -m pytest tests -q -n 8 -p no:cacheprovider --maxfail 30 \
-                   --junitxml="$OUT/tests.xml" ;;
-        bench) stage bench 150 "$PY" -m pytest perf/test_bench_kernels.py -q -p no:cacheprovider --benchmark-only \
-                   --benchmark-max-time=0.1 --benchmark-min-rounds=5 --benchmark-json="$OUT/bench.json" ;;
+        tune) stage tune 80 "$PY" -m perf.tune --kinds fwd,wgrad --layouts nhwc --out "$OUT" ${TUNE_ARGS:-} ;;
+        check) stage check 100 "$PY" -m perf.gpu_check --quick --out "$OUT" ;;
+        step) stage step 140 "$PY" -m perf.step --steps 20 --out "$OUT" ${STEP_ARGS:-} ;;
+        tests) stage tests 60 "$PY" -m pytest tests/test_conv2d.py tests/test_lrn.py tests/test_maxpool2d.py \
+                   tests/test_model.py -q -n 8 -p no:cacheprovider -rf --maxfail 30 --junitxml="$OUT/tests.xml" ;;
+        bench) stage bench 50 "$PY" -m pytest perf/test_bench_kernels.py -q -p no:cacheprovider --benchmark-only \
+                   --benchmark-max-time=0.05 --benchmark-min-rounds=5 --benchmark-json="$OUT/bench.json" ;;
         report) for v in single paper; do
-                    stage "report_$v" 60 "$PY" -m perf.report --device cuda --backend both --batch-size 128 \
+                    stage "report_$v" 25 "$PY" -m perf.report --device cuda --backend both --batch-size 128 \
                         --variant "$v" --json "$OUT/report_$v.json" --markdown "$OUT/report_$v.md"
                 done ;;
-        dist) stage dist 90 "$PY" -m perf.dist_check --out "$OUT" ;;
+        dist) stage dist 40 "$PY" -m perf.dist_check --out "$OUT" ;;
         *) echo "unknown stage $s"; status=1 ;;
     esac
 done

@@ -113,3 +113,48 @@ def test_imagefolder_with_a_corrupt_image_is_skipped_and_counted(tmp_path):
     assert code == 0
     final = json.loads((out / "final.json").read_text())
     assert final["skipped_images"] == 1 and final["test_images"] == 8
+
+
+def test_strategy_towers_from_the_command_line(tiny_fashion, tmp_path):
+    out = tmp_path / "towers"
+    assert _train(tiny_fashion, out, "--epochs", "1", "--strategy", "towers", "--devices", "cpu,cpu") == 0
+    final = json.loads((out / "final.json").read_text())
+    assert final["strategy"] == "towers" and final["devices"] == ["cpu", "cpu"] and final["world_size"] == 1
+    # the checkpoint is in the single-device layout: eval loads it into the grouped net
+    assert cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(tiny_fashion)]) == 0
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--strategy", "towers"], "needs --devices"),
+    (["--devices", "cpu,cpu"], "needs --devices DEV0,DEV1 (one per tower), and --devices is only for it"),
+    (["--strategy", "towers", "--devices", "cpu"], "must name two devices"),
+    (["--strategy", "ddp"], "run under torchrun"),
+])
+def test_strategy_usage_errors(tiny_fashion, tmp_path, capsys, extra, msg, monkeypatch):
+    for var in ("WORLD_SIZE", "MASTER_ADDR", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert _train(tiny_fashion, tmp_path / "bad", *extra) in (1, 2)
+    assert msg in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ddp_through_torchrun_and_the_command(tiny_fashion, tmp_path):
+    """The user's command: torchrun -m fastalex train --strategy ddp (2 ranks, gloo)."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "fastalex", "train",
+           "--strategy", "ddp", "--data", str(tiny_fashion), "--out", str(out), "--epochs", "1", "-b", "8",
+           "--image-size", "67", "--backend", "torch", "--no-progress", "--lr", "0.01"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run(cmd, env=dict(env, OMP_NUM_THREADS="1", FASTALEX_DIST_TIMEOUT="60"), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    final = json.loads((out / "final.json").read_text())
+    assert final["strategy"] == "ddp" and final["world_size"] == 2 and final["test_images"] == 32
+    assert p.stdout.count("test top-1 accuracy") == 1  # rank 0 alone reports

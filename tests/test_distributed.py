@@ -1,0 +1,193 @@
+"""Training strategies on CPUs: DDP and hybrid under torchrun (gloo, loopback), towers on ("cpu", "cpu"),
+two nodes through torchrun's rendezvous, a worker killed and restarted, and an unreachable rank.
+
+Each run is compared with one process training on the combined batch: same data order, same steps.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastalex
+import dist_driver
+
+DRIVER = Path(dist_driver.__file__)
+ROOT = DRIVER.parent.parent
+
+
+def _env(**extra) -> dict:
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: with torchrun's rendezvous store shared with the process
+    # group, a restarted group can read the dead workers' addresses (pytorch/pytorch#135712).
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), FASTALEX_DIST_TIMEOUT="60",
+               TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    env.pop("TRITON_INTERPRET", None)  # the driver runs torch's ops
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def _driver_args(out, strategy, kind, batch, epochs=2, every=0, slow=0.0) -> list[str]:
+    return [str(DRIVER), str(out), strategy, kind, str(batch), str(epochs), str(every), str(slow)]
+
+
+def _run(cmd, timeout=240, **env):
+    p = subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    return p
+
+
+def _single(tmp_path, kind, batch, epochs=2) -> dict:
+    """One process, the combined batch: the reference."""
+    train, val = dist_driver.data(kind)
+    with fastalex.backend("torch"):
+        t = fastalex.Trainer(dist_driver.build(kind), epochs=epochs, batch_size=batch, lr=dist_driver.lr(kind),
+                             out_dir=tmp_path / "single", progress=False, seed=7)
+        t.fit(train, val)
+    return {"model": t.module.state_dict(), "step": t.step, "history": t.history}
+
+
+def _assert_same_params(a: dict, b: dict, rtol=1e-4):
+    assert a.keys() == b.keys()
+    for k in a:
+        err = (a[k].double() - b[k].double()).norm() / b[k].double().norm().clamp_min(1e-12)
+        assert err < rtol, (k, err.item())
+
+
+def _standalone(n: int) -> list[str]:
+    return ["--nnodes", "1", "--nproc-per-node", str(n), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{_free_port()}"]
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
+    _run(_torchrun(*_standalone(2), *_driver_args(tmp_path / "ddp", "ddp", "plain", 4)))
+    got = torch.load(tmp_path / "ddp" / "final.pt", weights_only=True)
+    ref = _single(tmp_path, "plain", 8)
+    assert got["step"] == ref["step"] == 24
+    _assert_same_params(got["model"], ref["model"])
+    # metrics reduced over ranks: the same training loss and validation error as one process
+    for g, r in zip(got["history"], ref["history"]):
+        assert g["train_loss"] == pytest.approx(r["train_loss"], rel=1e-4)
+        assert g["val_top1_error"] == pytest.approx(r["val_top1_error"], abs=1e-9)
+    assert got["describe"]["strategy"] == "ddp" and got["describe"]["world_size"] == 2
+    # rank 0 alone wrote the run's files
+    assert (tmp_path / "ddp" / "metrics.jsonl").read_text().count("\n") == 2
+
+
+@pytest.mark.slow
+def test_two_nodes_through_torchrun_rendezvous(tmp_path):
+    port = _free_port()
+    node = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "fastalex-test",
+            "--rdzv-endpoint", f"127.0.0.1:{port}"]
+    cmd = _torchrun(*node, *_driver_args(tmp_path / "nodes", "ddp", "plain", 4))
+    procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-4000:]
+    got = torch.load(tmp_path / "nodes" / "final.pt", weights_only=True)
+    _assert_same_params(got["model"], _single(tmp_path, "plain", 8)["model"])
+
+
+@pytest.mark.slow
+def test_hybrid_equals_one_process(tmp_path):
+    _run(_torchrun(*_standalone(2), *_driver_args(tmp_path / "hybrid", "hybrid", "alexnet", 3, epochs=1)))
+    got = torch.load(tmp_path / "hybrid" / "final.pt", weights_only=True)
+    ref = _single(tmp_path, "alexnet", 6, epochs=1)
+    assert got["step"] == ref["step"] == 8
+    _assert_same_params(got["model"], ref["model"])
+    assert got["describe"]["strategy"] == "hybrid"
+
+
+def test_towers_on_two_cpus_equal_the_grouped_model(tmp_path):
+    torch.manual_seed(0)
+    model = fastalex.AlexNet(num_classes=4, variant="paper", image_size=67, dropout=0.0, init="kaiming")
+    train = dist_driver.Blobs(16, 67)
+    results = {}
+    for strategy, devices in (("single", None), ("towers", ("cpu", "cpu"))):
+        m = fastalex.AlexNet(num_classes=4, variant="paper", image_size=67, dropout=0.0)
+        m.load_state_dict(model.state_dict())
+        with fastalex.backend("torch"):
+            t = fastalex.Trainer(m, epochs=1, batch_size=8, lr=0.05, out_dir=tmp_path / strategy, progress=False,
+                                 seed=3, strategy=strategy, devices=devices)
+            t.fit(train)
+        results[strategy] = t.module.state_dict()
+        if strategy == "towers":
+            assert t.module.devices is not None and t.describe()["devices"] == ["cpu", "cpu"]
+    _assert_same_params(results["towers"], results["single"])
+    # the towers run's checkpoint is in the single-device layout: it loads into the grouped model
+    state = torch.load(tmp_path / "towers" / "checkpoint.pt", weights_only=True)
+    fastalex.AlexNet(num_classes=4, variant="paper", image_size=67).load_state_dict(state["model"])
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_from_checkpoint_and_ends_like_an_undisturbed_run(tmp_path):
+    out = tmp_path / "faults"
+    cmd = _torchrun(*_standalone(2), "--max-restarts", "1",
+                    *_driver_args(out, "ddp", "plain", 4, epochs=3, every=2, slow=0.02))
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "pid.1.0").exists() and (out / "checkpoint.pt").exists()):
+            assert proc.poll() is None, proc.communicate()[1][-4000:]
+            assert time.monotonic() < deadline, "the run never wrote its first checkpoint"
+            time.sleep(0.05)
+        time.sleep(0.3)  # a few steps past the checkpoint: those are lost and redone
+        os.kill(int((out / "pid.1.0").read_text()), 9)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-4000:]
+    assert (out / "pid.0.1").exists() and (out / "pid.1.1").exists(), "torchrun did not restart the workers"
+    got = torch.load(out / "final.pt", weights_only=True)
+    ref = _single(tmp_path, "plain", 8, epochs=3)
+    assert got["step"] == ref["step"] == 36
+    _assert_same_params(got["model"], ref["model"], rtol=1e-5)
+
+
+def test_unreachable_rank_fails_with_a_clear_message_in_bounded_time(tmp_path):
+    env = dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               FASTALEX_DIST_TIMEOUT="3")
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, *_driver_args(tmp_path, "ddp", "plain", 4)], env=_env(**env),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "could not reach the other ranks at 127.0.0.1" in p.stderr, p.stderr[-3000:]
+    assert time.monotonic() - t0 < 90
+
+
+def test_strategy_argument_errors(tmp_path, monkeypatch):
+    model = dist_driver.build("plain")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        fastalex.Trainer(model, epochs=1, out_dir=tmp_path, strategy="fsdp")
+    with pytest.raises(ValueError, match="needs devices"):
+        fastalex.Trainer(model, epochs=1, out_dir=tmp_path, strategy="towers")
+    with pytest.raises(ValueError, match="needs a fastalex.AlexNet"):
+        fastalex.Trainer(model, epochs=1, out_dir=tmp_path, strategy="towers", devices=("cpu", "cpu"))
+    with pytest.raises(ValueError, match="devices is for strategy 'towers'"):
+        fastalex.Trainer(model, epochs=1, out_dir=tmp_path, devices=("cpu", "cpu"))
+    from fastalex.distributed import DistributedError
+
+    for var in ("WORLD_SIZE", "MASTER_ADDR", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(DistributedError, match="run under torchrun"):
+        fastalex.Trainer(model, epochs=1, out_dir=tmp_path, strategy="ddp")

@@ -4,6 +4,9 @@
     fastalex train --preset paper --dataset imagefolder --data /data/imagenet
     fastalex eval --checkpoint runs/fashion-mnist/best.pt
     fastalex train --strategy towers --devices cuda:0,cuda:1          # the paper's two-GPU split
+    fastalex predict shoe.png --checkpoint runs/fashion-mnist/best.pt             # Figure 4 (left): top-5
+    fastalex neighbors --checkpoint CKPT --query shoe.png --out grid.png          # Figure 4 (right)
+    fastalex filters --checkpoint CKPT --out kernels.png                          # Figure 3: conv1's kernels
     torchrun --nproc-per-node 2 -m fastalex train --strategy ddp        # data parallel (or hybrid)
 """
 
@@ -83,6 +86,37 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-b", "--batch-size", type=int, default=256)
     e.add_argument("-j", "--workers", type=int, default=0)
     e.add_argument("--json", default=None, help="also write the result here")
+
+    pr = sub.add_parser("predict", help="top classes of image files (the paper's Figure 4, left)")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="PNG / JPEG files, any size, grey or colour")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--top", type=int, default=5, help="classes shown per image")
+    pr.add_argument("--json", default=None, help="also write the predictions here")
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--backend", choices=("auto", "triton", "torch"), default=None)
+    pr.add_argument("-b", "--batch-size", type=int, default=64)
+
+    nb = sub.add_parser("neighbors", help="training images nearest to queries in the last hidden layer "
+                                          "(the paper's Figure 4, right)")
+    nb.add_argument("--checkpoint", required=True)
+    nb.add_argument("--query", nargs="+", required=True, metavar="IMAGE", help="PNG / JPEG files")
+    nb.add_argument("--data", default=None, help="dataset folder (default: the checkpoint's)")
+    nb.add_argument("-k", type=int, default=6, help="neighbours per query")
+    nb.add_argument("--out", default="neighbors.png", help="the picture: a row per query, then its neighbours")
+    nb.add_argument("--json", default=None, help="also write indices and distances here")
+    nb.add_argument("--tile", type=int, default=96, help="pixels per image in the picture")
+    nb.add_argument("-b", "--batch-size", type=int, default=256)
+    nb.add_argument("-j", "--workers", type=int, default=0)
+    nb.add_argument("--device", default="auto")
+    nb.add_argument("--backend", choices=("auto", "triton", "torch"), default=None)
+    nb.add_argument("--no-progress", action="store_true")
+
+    fi = sub.add_parser("filters", help="conv1's kernels as a picture (the paper's Figure 3)")
+    fi.add_argument("--checkpoint", required=True)
+    fi.add_argument("--out", required=True, help="PNG file to write")
+    fi.add_argument("--scale", type=int, default=4, help="pixels per kernel weight")
+    fi.add_argument("--normalize", choices=("kernel", "global"), default="kernel",
+                    help="stretch each kernel to [0, 1] by its own range (default) or all by one range")
     return p
 
 
@@ -223,10 +257,199 @@ def evaluate(args) -> int:
     return 0
 
 
+def _at_least(value: int, flag: str, minimum: int = 1) -> None:
+    if value < minimum:
+        raise UsageError(f"{flag} must be at least {minimum}, got {value}")
+
+
+def _files_exist(checkpoint: str, images) -> None:
+    """Every named file is there: checked before any work, so a typo costs nothing."""
+    if not Path(checkpoint).is_file():
+        raise UsageError(f"no checkpoint at {checkpoint}")
+    for image in images:
+        if not Path(image).is_file():
+            raise UsageError(f"no image file at {image}")
+
+
+def _load_run(path: str) -> tuple[dict, dict]:
+    """(checkpoint, its run settings) of a checkpoint written by `fastalex train`."""
+    from fastalex import checkpoint
+
+    try:
+        state = checkpoint.load(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    a = (state.get("args") or {}) if isinstance(state, dict) else {}
+    if "variant" not in a or "image_size" not in a or not isinstance(state.get("model"), dict):
+        raise UsageError(f"{path} has no model settings or weights: it was not written by `fastalex train`")
+    return state, a
+
+
+def _num_classes(state: dict, a: dict) -> int:
+    n = a.get("num_classes") or len(state.get("class_names") or [])
+    if not n:
+        last = [v for k, v in state["model"].items() if k.startswith("classifier.") and k.endswith(".weight")]
+        n = last[-1].shape[0] if last else 0
+    if not n:
+        raise UsageError("the checkpoint does not say how many classes its model has")
+    return int(n)
+
+
+def _class_name(names, i: int) -> str:
+    return str(names[i]) if names and i < len(names) else str(i)
+
+
+def _checkpoint_model(state: dict, a: dict, device: str):
+    """The checkpoint's model (built from its settings like `fastalex eval`), weights loaded, on `device`."""
+    import torch
+
+    try:
+        dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    except RuntimeError as e:
+        raise UsageError(f"--device: {e}") from None
+    model = _model_from(a, _num_classes(state, a))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise UsageError(f"the checkpoint's weights do not fit its model settings: {e}") from None
+    return model.to(dev).eval()
+
+
+def _queries(paths, a: dict):
+    from fastalex import explore
+    from fastalex.data import UnreadableImageError
+
+    try:
+        return explore.preprocess_images(paths, a.get("dataset", "fashion-mnist"), a["image_size"])
+    except (UnreadableImageError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _write(path: str, write) -> None:
+    """write(path), with an unwritable path reported as a usage error."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e}") from None
+
+
+def _backend(name):
+    import fastalex
+
+    return fastalex.backend(name) if name else contextlib.nullcontext()
+
+
+def predict(args) -> int:
+    """Top classes per image file: rich bars on stdout, and JSON
+    [{"image": path, "top": [{"class": name, "index": i, "probability": p}, ...]}, ...] with --json."""
+    from rich.bar import Bar
+    from rich.console import Console
+    from rich.table import Table
+
+    from fastalex import explore
+
+    _at_least(args.top, "--top")
+    _at_least(args.batch_size, "--batch-size")
+    _files_exist(args.checkpoint, args.images)
+    state, a = _load_run(args.checkpoint)
+    x = _queries(args.images, a)
+    model = _checkpoint_model(state, a, args.device)
+    with _backend(args.backend):
+        probs = explore.probabilities(model, x, args.batch_size)
+    p, idx = probs.topk(min(args.top, probs.shape[1]), dim=1)
+    names = state.get("class_names")
+    results = [{"image": str(path), "top": [{"class": _class_name(names, int(i)), "index": int(i),
+                                             "probability": float(v)} for v, i in zip(pv, iv)]}
+               for path, pv, iv in zip(args.images, p, idx)]
+    console = Console()
+    for r in results:
+        table = Table(title=r["image"], title_justify="left", show_header=False, box=None)
+        for t in r["top"]:
+            table.add_row(t["class"], Bar(1.0, 0.0, t["probability"], width=30, color="green"),
+                          f"{100 * t['probability']:6.2f}%")
+        console.print(table)
+    if args.json:
+        _write(args.json, lambda p: Path(p).write_text(json.dumps(results, indent=1)))
+    return 0
+
+
+def neighbors(args) -> int:
+    """The k training images nearest to each query in the last hidden layer: a picture (--out) and JSON
+    [{"query": path, "neighbors": [{"index": i, "distance": d, "label": l, "class": name}, ...]}, ...]
+    (index: position in the training split; "path" too for image folders), nearest first."""
+    from rich.console import Console
+
+    from fastalex import explore
+    from fastalex.data import ImageFolder, load_image
+
+    _at_least(args.k, "-k")
+    _at_least(args.batch_size, "--batch-size")
+    _at_least(args.tile, "--tile")
+    _at_least(args.workers, "--workers", 0)
+    _files_exist(args.checkpoint, args.query)
+    state, a = _load_run(args.checkpoint)
+    queries = _queries(args.query, a)
+    train_set = _datasets(a.get("dataset", "fashion-mnist"), args.data or a.get("data"), a["image_size"], None,
+                          False, augment=False)[0]
+    if args.k > len(train_set):
+        raise UsageError(f"-k {args.k} is more than the training split's {len(train_set)} images")
+    model = _checkpoint_model(state, a, args.device)
+    with _backend(args.backend):
+        dist, idx = explore.nearest_neighbors(model, train_set, queries, args.k, args.batch_size,
+                                              workers=args.workers, progress=not args.no_progress)
+    names = state.get("class_names") or getattr(train_set, "classes", None)
+    targets = getattr(train_set, "targets", None)
+    results = []
+    for path, drow, irow in zip(args.query, dist.tolist(), idx.tolist()):
+        found = []
+        for d, i in zip(drow, irow):
+            label = int(targets[i]) if targets is not None else int(train_set[i][1])
+            entry = {"index": i, "distance": d, "label": label, "class": _class_name(names, label)}
+            if isinstance(train_set, ImageFolder):
+                entry["path"] = train_set.samples[i][0]
+            found.append(entry)
+        results.append({"query": str(path), "neighbors": found})
+    grid = explore.neighbor_grid([[load_image(r["query"])] + [explore.display_image(train_set, n["index"])
+                                                               for n in r["neighbors"]] for r in results],
+                                 tile=args.tile)
+    _write(args.out, lambda p: explore.save_png(grid, p))
+    if args.json:
+        _write(args.json, lambda p: Path(p).write_text(json.dumps(results, indent=1)))
+    console = Console()
+    for r in results:
+        console.print(f"[bold]{r['query']}[/]: " + ", ".join(f"{n['class']} #{n['index']} ({n['distance']:.3g})"
+                                                             for n in r["neighbors"]))
+    console.print(f"wrote {args.out} ({grid.width}x{grid.height})" + (f" and {args.json}" if args.json else ""))
+    return 0
+
+
+def filters(args) -> int:
+    """conv1's kernels as a PNG (explore.filter_grid): the paper net's two towers in separate blocks of rows."""
+    from fastalex import explore
+
+    _at_least(args.scale, "--scale")
+    _files_exist(args.checkpoint, ())
+    state, a = _load_run(args.checkpoint)
+    try:
+        weight = explore.conv1_weight(state["model"], a["variant"])
+    except KeyError as e:
+        raise UsageError(f"{args.checkpoint}: {e.args[0]}") from None
+    grid = explore.filter_grid(weight, groups=2 if a["variant"] == "paper" else 1, scale=args.scale,
+                               normalize=args.normalize)
+    _write(args.out, lambda p: explore.save_png(grid, p))
+    print(f"wrote {args.out}: {weight.shape[0]} kernels {tuple(weight.shape[1:])}, {grid.shape[1]}x{grid.shape[0]} "
+          f"pixels" + (" (tower 1 above, tower 2 below)" if a["variant"] == "paper" else ""))
+    return 0
+
+
+COMMANDS = {"train": train, "eval": evaluate, "predict": predict, "neighbors": neighbors, "filters": filters}
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return train(args) if args.command == "train" else evaluate(args)
+        return COMMANDS[args.command](args)
     except UsageError as e:
         print(f"fastalex: {e}", file=sys.stderr)
         return 2

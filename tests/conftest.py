@@ -29,3 +29,34 @@ def _seed(request):
     # Fresh random inputs per test, but reproducible from the test's name.
     torch.manual_seed(hash(request.node.nodeid) % 2**31)
     yield
+
+
+def _write_idx(path, array) -> None:
+    import gzip
+    import struct
+
+    import numpy as np
+
+    magic = 0x0800 | array.ndim  # unsigned bytes
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def tiny_fashion(tmp_path_factory):
+    """64 training and 32 test images of 4 easy classes (bright quadrant = class), in Fashion-MNIST's
+    real file layout (gzipped IDX): for the command-line, explore and ablation tests."""
+    import numpy as np
+
+    d = tmp_path_factory.mktemp("fashion")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("t10k", 32)):
+        labels = rng.integers(0, 4, n)
+        images = rng.integers(0, 60, (n, 28, 28))
+        for i, c in enumerate(labels):
+            r, q = divmod(int(c), 2)
+            images[i, r * 14:(r + 1) * 14, q * 14:(q + 1) * 14] += 180
+        _write_idx(d / f"{split}-images-idx3-ubyte.gz", images)
+        _write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels)
+    return d

@@ -1,9 +1,7 @@
 """perf.ablate: the paper's ablations, on a tiny Fashion-MNIST written by the test (torch's ops, a few steps)."""
 
-import gzip
 import json
 import math
-import struct
 
 import numpy as np
 import pytest
@@ -17,29 +15,6 @@ RUN_KEYS = {"run", "model", "steps", "diverged_at_step", "train_seconds", "eval_
             "epochs", "final_train_loss", "final_train_error", "steps_to_25", "epochs_to_25", "seconds_to_25",
             "steps_to_converge", "epochs_to_converge", "seconds_to_converge", "test_top1_error", "test_top5_error",
             "test_loss", "test_images", "seconds_per_step", "curve"}
-
-
-def _write_idx(path, array: np.ndarray) -> None:
-    magic = 0x0800 | array.ndim  # unsigned bytes
-    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture(scope="module")
-def tiny_fashion(tmp_path_factory):
-    """64 training and 32 test images of 4 easy classes (bright quadrant = class), in the real file layout."""
-    d = tmp_path_factory.mktemp("fashion")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 64), ("t10k", 32)):
-        labels = rng.integers(0, 4, n)
-        images = rng.integers(0, 60, (n, 28, 28))
-        for i, c in enumerate(labels):
-            r, q = divmod(int(c), 2)
-            images[i, r * 14:(r + 1) * 14, q * 14:(q + 1) * 14] += 180
-        _write_idx(d / f"{split}-images-idx3-ubyte.gz", images)
-        _write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels)
-    return d
 
 
 def _tiny(data, out, *extra):

@@ -364,7 +364,9 @@ def predict(args) -> int:
                for path, pv, iv in zip(args.images, p, idx)]
     console = Console()
     for r in results:
-        table = Table(title=r["image"], title_justify="left", show_header=False, box=None)
+        # the path on a line of its own, never wrapped (a table title would fold a long path)
+        console.print(r["image"], style="bold", soft_wrap=True, markup=False, highlight=False)
+        table = Table(show_header=False, box=None)
         for t in r["top"]:
             table.add_row(t["class"], Bar(1.0, 0.0, t["probability"], width=30, color="green"),
                           f"{100 * t['probability']:6.2f}%")

@@ -202,8 +202,9 @@ class Trainer:
         self.last_val: dict | None = None  # the latest validation result of this process (not checkpointed)
         self.train_seconds, self.train_images = 0.0, 0
         self.epoch_loss_sum, self.epoch_seen = 0.0, 0  # the current epoch's running training loss
-        self.skipped_images = 0  # unreadable training images skipped so far
+        self.skipped_images = 0  # unreadable training images skipped so far (by all ranks)
         self._stop = False
+        self._item_shape: tuple | None = None  # one training image's shape, for stand-ins of unreadable ones
         self._fresh = True  # no checkpoint loaded: ranks seed their own dropout streams at fit
 
     @property
@@ -377,30 +378,51 @@ class Trainer:
         if self.step_in_epoch == 0:
             self.epoch_loss_sum, self.epoch_seen = 0.0, 0
         t0, seen = time.perf_counter(), 0
+        world = self.dist.world_size
         for images, labels, skipped in self._loader(data, batches):
-            self.skipped_images += skipped
-            if images is None:  # every image of this batch was unreadable: the step is kept, empty
+            kept = 0 if images is None else images.shape[0]
+            if world == 1 and images is None:  # every image of this batch was unreadable: the step is kept, empty
+                self.skipped_images += skipped
                 self.step += 1
                 self.step_in_epoch += 1
                 continue
+            if world > 1 and skipped:
+                # Every rank must run the same collectives on equal-size batches (hybrid gathers rows; DDP
+                # all-reduces after every backward): unreadable images become zero rows that the loss ignores.
+                images, labels = self._pad_batch(images, labels, kept + skipped)
+            self._item_shape = tuple(images.shape[1:])
             lr = self.current_lr(total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(out_device, non_blocking=True)
             with self._autocast():
-                loss = TF.cross_entropy(self.model(images), labels)
-            shown, stop = loss.detach(), self._stop
-            if self.dist.world_size > 1:
-                # One small all-reduce: the mean loss (so every rank sees, and stops at, the same value)
-                # and whether any rank was asked to stop (so all stop after the same step).
-                both = torch.stack([shown.float().reshape(()), torch.tensor(float(stop), device=shown.device)])
-                torch.distributed.all_reduce(both)
-                shown, stop = both[0] / self.dist.world_size, bool(both[1] > 0)
-            if not torch.isfinite(shown):
+                # A sum (padded rows, label -100, add nothing), divided below by the number of readable
+                # images in the global batch: every rank's gradient is then that of the global mean.
+                loss_sum = TF.cross_entropy(self.model(images), labels, reduction="sum")
+            local = loss_sum.detach().float().reshape(())
+            stats = torch.stack([local, *(local.new_tensor(float(v)) for v in (kept, self._stop, skipped))])
+            if world > 1:
+                # One small all-reduce: the loss and image count (so every rank sees, and stops at, the same
+                # mean loss), whether any rank was asked to stop (so all stop after the same step) and the
+                # unreadable images skipped (counted over all ranks).
+                torch.distributed.all_reduce(stats)
+            local_sum, global_sum, total, stop, skipped = torch.cat([local.reshape(1), stats]).tolist()
+            stop = stop > 0
+            self.skipped_images += int(skipped)
+            if total == 0:  # no rank read any image of this global batch: all skip the step alike
+                self.step += 1
+                self.step_in_epoch += 1
+                if stop:
+                    self._stop = True
+                    break
+                continue
+            shown = global_sum / total
+            if not math.isfinite(shown):
                 raise TrainingDiverged(
-                    f"the loss became {shown.item()} at epoch {self.epoch + 1}, step {self.step + 1} (lr {lr:g}); "
+                    f"the loss became {shown} at epoch {self.epoch + 1}, step {self.step + 1} (lr {lr:g}); "
                     f"the last good checkpoint is kept in {self.out_dir} — try a lower --lr")
+            loss = loss_sum * (world / total)  # DDP and hybrid average over ranks: x world
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.strategy == "hybrid":
@@ -409,13 +431,11 @@ class Trainer:
             self.scaler.update()
             self.step += 1
             self.step_in_epoch += 1
-            n = images.shape[0]
-            seen += n
-            self.epoch_seen += n
-            self.epoch_loss_sum += loss.item() * n
+            seen += int(total)
+            self.epoch_seen += kept
+            self.epoch_loss_sum += local_sum
             elapsed = time.perf_counter() - t0
-            bar.update(self.epoch, self.epochs, self.step, shown.item(), lr,
-                       seen * self.dist.world_size / max(elapsed, 1e-9))
+            bar.update(self.epoch, self.epochs, self.step, shown, lr, seen / max(elapsed, 1e-9))
             if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                 self._account(elapsed, seen)
                 t0, seen = time.perf_counter(), 0
@@ -425,9 +445,25 @@ class Trainer:
                 break
         self._account(time.perf_counter() - t0, seen)
 
+    def _pad_batch(self, images: torch.Tensor | None, labels: torch.Tensor | None, n: int):
+        """Pad a batch with unreadable images dropped back to n rows: zero images labelled -100
+        (cross_entropy's ignore_index), so every rank's batch has the same size."""
+        shape = tuple(images.shape[1:]) if images is not None else self._item_shape
+        if shape is None and self.arch["image_size"]:
+            shape = (3, *self.arch["image_size"])
+        if shape is None:
+            raise RuntimeError("the first training batch of this rank was all unreadable images and the model does "
+                               "not say its input size (image_size): cannot make a stand-in batch of equal size")
+        kept = 0 if images is None else images.shape[0]
+        pad_x = torch.zeros((n - kept, *shape), dtype=images.dtype if images is not None else torch.float32)
+        pad_y = torch.full((n - kept,), -100, dtype=labels.dtype if labels is not None else torch.int64)
+        if images is None:
+            return pad_x, pad_y
+        return torch.cat([images, pad_x]), torch.cat([labels, pad_y])
+
     def _account(self, seconds: float, images: int) -> None:
         self.train_seconds += seconds
-        self.train_images += images * self.dist.world_size  # every rank takes an equal share
+        self.train_images += images  # over all ranks
 
     def _end_epoch(self, val_data: Dataset | None, bar) -> None:
         t0 = time.perf_counter()

@@ -4,7 +4,8 @@
 
 KIND: "plain" (a tiny conv net, no dropout) or "alexnet" (the single net at 67x67, no dropout).
 Writes OUT/pid.<rank>.<restart> when training starts and OUT/final.pt (the model's parameters) at the end.
-$DRIVER_BACKEND picks fastalex's backend (default torch).
+$DRIVER_BACKEND picks fastalex's backend (default torch); $DRIVER_UNREADABLE lists training images
+(comma-separated indices) that read as None, as a dataset's unreadable files do.
 """
 
 import os
@@ -21,12 +22,12 @@ import fastalex
 class Blobs(torch.utils.data.Dataset):
     """Four classes of noisy images with random flips (augmentation from the global RNG)."""
 
-    def __init__(self, n: int, size: int, seed: int = 0, slow: float = 0.0):
+    def __init__(self, n: int, size: int, seed: int = 0, slow: float = 0.0, unreadable=()):
         centers = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
         g = torch.Generator().manual_seed(seed)
         self.y = torch.randint(0, 4, (n,), generator=g)
         self.x = centers[self.y] + 0.8 * torch.randn(n, 3, size, size, generator=g)
-        self.slow = slow
+        self.slow, self.unreadable = slow, set(unreadable)
 
     def __len__(self):
         return len(self.y)
@@ -34,6 +35,8 @@ class Blobs(torch.utils.data.Dataset):
     def __getitem__(self, i):
         if self.slow:
             time.sleep(self.slow)
+        if i in self.unreadable:
+            return None
         x = self.x[i] + 0.1 * torch.randn_like(self.x[i])
         return (x.flip(-1) if torch.rand(()) < 0.5 else x), self.y[i]
 
@@ -49,10 +52,12 @@ def lr(kind: str) -> float:
     return 0.05 if kind == "plain" else 0.01  # (0.05 makes the AlexNet diverge within 8 steps)
 
 
-def data(kind: str, slow: float = 0.0):
+def data(kind: str, slow: float = 0.0, unreadable=None):
     size = 8 if kind == "plain" else 67
     n = 96 if kind == "plain" else 48
-    return Blobs(n, size, slow=slow), Blobs(24, size, seed=1)
+    if unreadable is None:
+        unreadable = [int(i) for i in os.environ.get("DRIVER_UNREADABLE", "").split(",") if i]
+    return Blobs(n, size, slow=slow, unreadable=unreadable), Blobs(24, size, seed=1)
 
 
 def main() -> None:

@@ -51,14 +51,14 @@ def _run(cmd, timeout=240, **env):
     return p
 
 
-def _single(tmp_path, kind, batch, epochs=2) -> dict:
+def _single(tmp_path, kind, batch, epochs=2, unreadable=()) -> dict:
     """One process, the combined batch: the reference."""
-    train, val = dist_driver.data(kind)
+    train, val = dist_driver.data(kind, unreadable=unreadable)
     with fastalex.backend("torch"):
         t = fastalex.Trainer(dist_driver.build(kind), epochs=epochs, batch_size=batch, lr=dist_driver.lr(kind),
                              out_dir=tmp_path / "single", progress=False, seed=7)
         t.fit(train, val)
-    return {"model": t.module.state_dict(), "step": t.step, "history": t.history}
+    return {"model": t.module.state_dict(), "step": t.step, "history": t.history, "skipped": t.skipped_images}
 
 
 def _assert_same_params(a: dict, b: dict, rtol=1e-4):
@@ -116,6 +116,33 @@ def test_hybrid_equals_one_process(tmp_path):
     assert got["step"] == ref["step"] == 8
     _assert_same_params(got["model"], ref["model"])
     assert got["describe"]["strategy"] == "hybrid"
+
+
+def _epoch0_order(n: int) -> list[int]:
+    """The training images in the order epoch 0 takes them (seed 7, as the driver's Trainer)."""
+    from fastalex.trainer import _EpochBatches
+
+    return [i for batch in _EpochBatches(n, n, 7, 0) for _, i in batch]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "hybrid"])
+def test_unreadable_images_keep_ranks_in_step_and_equal_one_process(tmp_path, strategy):
+    # Per rank B images a step, global batch 2B. In epoch 0: rank 1 reads nothing at step 1, no rank
+    # reads anything at step 2, rank 0 misses one image at step 3 (other epochs: wherever they fall).
+    kind, b = ("plain", 4) if strategy == "ddp" else ("alexnet", 3)
+    epochs = 2 if strategy == "ddp" else 1
+    order = _epoch0_order(96 if kind == "plain" else 48)
+    bad = order[3 * b:4 * b] + order[4 * b:6 * b] + order[6 * b + 1:6 * b + 2]
+    _run(_torchrun(*_standalone(2), *_driver_args(tmp_path / strategy, strategy, kind, b, epochs=epochs)),
+         DRIVER_UNREADABLE=",".join(map(str, bad)))
+    got = torch.load(tmp_path / strategy / "final.pt", weights_only=True)
+    ref = _single(tmp_path, kind, 2 * b, epochs=epochs, unreadable=bad)
+    assert got["step"] == ref["step"]
+    assert got["describe"]["skipped_train_images"] == ref["skipped"] == len(bad) * epochs  # counted over ranks
+    _assert_same_params(got["model"], ref["model"])
+    for g, r in zip(got["history"], ref["history"]):
+        assert g["train_loss"] == pytest.approx(r["train_loss"], rel=1e-4)
 
 
 def test_towers_on_two_cpus_equal_the_grouped_model(tmp_path):

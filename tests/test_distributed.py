@@ -218,3 +218,16 @@ def test_strategy_argument_errors(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(DistributedError, match="run under torchrun"):
         fastalex.Trainer(model, epochs=1, out_dir=tmp_path, strategy="ddp")
+
+
+@pytest.mark.slow
+def test_perf_dist_check_runs_on_cpus(tmp_path):
+    """perf.dist_check (the GPU session's towers and DDP check) end to end with --device cpu."""
+    import json
+
+    p = _run([sys.executable, "-m", "perf.dist_check", "--device", "cpu", "--out", str(tmp_path)], timeout=300)
+    got = json.loads((tmp_path / "dist_check.json").read_text())
+    assert got["card"] == "cpu" and len(got["results"]) == 2, p.stdout
+    for r in got["results"]:
+        assert r["ok"] and r["rel_err"] < 1e-3, r
+    assert got["results"][1]["describe"]["strategy"] == "ddp"

@@ -28,6 +28,7 @@ from fastalex.kernels._common import (
     dot_upcast,
     empty,
     is_interpreting,
+    next_pow2,
 )
 
 # Hopper's shared memory per block; a config's pipelined tiles must fit in it.
@@ -46,7 +47,7 @@ def _conv2d_fwd_kernel(
     syn, syc, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH, KW,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, TAP_BLOCKS: tl.constexpr,  # TAP_BLOCKS: Cig % BLOCK_K == 0
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -71,18 +72,32 @@ def _conv2d_fwd_kernel(
     # run of channels at one tap (contiguous in NHWC).
     K_total = KH * KW * Cig
     for k0 in range(0, K_total, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K_total
-        c = offs_k % Cig
-        tap = offs_k // Cig
-        kh = tap // KW
-        kw = tap % KW
-        ih = ih0[:, None] + (kh * dil_h)[None, :]
-        iw = iw0[:, None] + (kw * dil_w)[None, :]
-        amask = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(x_rows[:, None] + (c * sxc)[None, :] + ih * sxh + iw * sxw, mask=amask, other=0.0)
-        b = tl.load(w_cols[None, :] + (c * swc + kh * swh + kw * sww)[:, None],
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if TAP_BLOCKS:
+            # Every K block lies within one tap: (kh, kw) are scalars, the input row and its
+            # padding test are per output position (1-D), not per (position, k) element.
+            tap = k0 // Cig
+            kh = tap // KW
+            kw = tap % KW
+            c = k0 - tap * Cig + tl.arange(0, BLOCK_K)
+            ih = ih0 + kh * dil_h
+            iw = iw0 + kw * dil_w
+            row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load((x_rows + ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :], mask=row_ok[:, None],
+                        other=0.0)
+            b = tl.load(w_cols[None, :] + (c * swc + kh * swh + kw * sww)[:, None], mask=mask_n[None, :], other=0.0)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K_total
+            c = offs_k % Cig
+            tap = offs_k // Cig
+            kh = tap // KW
+            kw = tap % KW
+            ih = ih0[:, None] + (kh * dil_h)[None, :]
+            iw = iw0[:, None] + (kw * dil_w)[None, :]
+            amask = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_rows[:, None] + (c * sxc)[None, :] + ih * sxh + iw * sxw, mask=amask, other=0.0)
+            b = tl.load(w_cols[None, :] + (c * swc + kh * swh + kw * sww)[:, None],
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -243,6 +258,80 @@ def _conv2d_wgrad_kernel(
 
 
 @triton.jit
+def _conv2d_wgrad_taps_kernel(
+    dy_ptr,  # (N, C_out, OH, OW)
+    y_ptr,  # (N, C_out, OH, OW) output of the forward, read only if RELU
+    x_ptr,  # (N, C_in, H, W), channels contiguous (NHWC) for coalesced reads
+    dw_ptr,  # (SPLIT, C_out, KH*KW, Cig) fp32/fp64 partials
+    db_ptr,  # (SPLIT, C_out) fp32/fp64 partials
+    H, W, OH, OW, Cig, Cog, K, K_PER_SPLIT,  # K = N*OH*OW; K_PER_SPLIT a multiple of BLOCK_K
+    sdn, sdc, sdh, sdw,
+    syn, syc, syh, syw,
+    sxn, sxc, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH, KW, C_out,
+    RELU: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # The weight gradient one tap at a time: dw[:, tap, :] = dy'^T (Cog x K) * x shifted by the tap
+    # (K x Cig). A program owns (co block, tap, ci block), so (kh, kw) are scalars and the input row
+    # and its padding test are per output position (1-D), where the flat kernel computes both per
+    # (position, column) element. The columns are channels of one tap: contiguous in NHWC.
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    split = tl.program_id(2)
+    num_c = tl.cdiv(Cig, BLOCK_N)
+    num_m = tl.cdiv(Cog, BLOCK_M)
+    pid_m = pid % num_m  # co blocks fastest: neighbouring programs share the x tile in L2
+    tap = (pid // num_m) % (KH * KW)
+    pid_c = pid // (num_m * KH * KW)
+    kh = tap // KW
+    kw = tap % KW
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output channels within group g
+    offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels within group g
+    mask_m = offs_m < Cog
+    mask_c = offs_c < Cig
+    co_off_dy = (g * Cog + offs_m) * sdc
+    co_off_y = (g * Cog + offs_m) * syc
+    ci_off_x = (g * Cig + offs_c) * sxc
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    dbias = tl.zeros((BLOCK_M,), dtype=ACC)
+    k_start = split * K_PER_SPLIT
+    for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # output positions (n, oh, ow)
+        mask_k = offs_k < K
+        n = offs_k // (OH * OW)
+        ohw = offs_k % (OH * OW)
+        oh = ohw // OW
+        ow = ohw % OW
+        amask = mask_m[:, None] & mask_k[None, :]
+        a = tl.load(dy_ptr + co_off_dy[:, None] + (n * sdn + oh * sdh + ow * sdw)[None, :], mask=amask, other=0.0)
+        if RELU:
+            y = tl.load(y_ptr + co_off_y[:, None] + (n * syn + oh * syh + ow * syw)[None, :], mask=amask, other=0.0)
+            a = tl.where(y <= 0, tl.zeros_like(a), a)
+        ih = oh * stride_h - pad_h + kh * dil_h
+        iw = ow * stride_w - pad_w + kw * dil_w
+        row_ok = mask_k & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        b = tl.load((x_ptr + n * sxn + ih * sxh + iw * sxw)[:, None] + ci_off_x[None, :],
+                    mask=row_ok[:, None] & mask_c[None, :], other=0.0)
+        dbias += tl.sum(a.to(ACC), axis=1)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+
+    T = KH * KW
+    dw_ptrs = (dw_ptr + split * C_out * T * Cig + ((g * Cog + offs_m) * T + tap) * Cig)[:, None] + offs_c[None, :]
+    tl.store(dw_ptrs, acc, mask=mask_m[:, None] & mask_c[None, :])
+    # Every (tap, ci block) computed the same bias sums; the first one writes them.
+    if pid // num_m == 0:
+        tl.store(db_ptr + split * C_out + g * Cog + offs_m, dbias, mask=mask_m)
+
+
+@triton.jit
 def _sum_splits_kernel(
     p_ptr,  # (SPLIT, L) partial sums
     out_ptr,  # (L,) contiguous
@@ -285,12 +374,25 @@ def _sum_splits_to_weight_kernel(
 # Launch configuration
 
 
+def _taps_block_n(cig: int) -> int:
+    """Column block of the per-tap weight gradient (columns: one tap's Cig channels): whole blocks
+    where Cig allows (256, 384: 128; 192: 64), else the power of two covering Cig (96: 128, 48: 64)."""
+    if cig % 128 == 0:
+        return 128
+    if cig % 64 == 0:
+        return 64
+    return max(16, min(128, next_pow2(cig)))
+
+
 def _config(kind: str, dtype: torch.dtype, m: int, n: int) -> dict:
-    """Block sizes for one GEMM of the convolution. `kind` is fwd, dgrad or wgrad."""
+    """Block sizes for one GEMM of the convolution. `kind` is fwd, dgrad, wgrad (columns: the flat
+    (ci, kh, kw)) or wgrad_taps (columns: one tap's n = Cig channels)."""
     if is_interpreting():
         # Few, large programs and K steps: interpreter time grows with both.
         if kind == "wgrad":
             return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=1)
+        if kind == "wgrad_taps":
+            return dict(BLOCK_M=64, BLOCK_N=max(16, min(128, next_pow2(n))), BLOCK_K=128, num_warps=4, num_stages=1)
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1)
     small = dtype in (torch.float16, torch.bfloat16)
     block_n = 128 if n > 64 else (64 if n > 32 else (32 if n > 16 else 16))
@@ -307,6 +409,9 @@ def _config(kind: str, dtype: torch.dtype, m: int, n: int) -> dict:
     if kind == "wgrad":
         block_m = 128 if m > 64 else 64
         block_n = 128 if n > 64 else 64
+    if kind == "wgrad_taps":
+        block_m = 128 if m > 64 else 64
+        block_n = _taps_block_n(n)
     if dtype == torch.float64:
         block_m, block_n, block_k = min(block_m, 64), min(block_n, 64), 16
     cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_m * block_n >= 128 * 128 else 4,
@@ -315,13 +420,15 @@ def _config(kind: str, dtype: torch.dtype, m: int, n: int) -> dict:
     return cfg
 
 
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+
+
 def _pick(config: dict | None, kind: str, dtype: torch.dtype, m: int, n: int) -> dict:
     """The caller's config (checked) if given, else the heuristic's."""
     if config is None:
         return _config(kind, dtype, m, n)
-    keys = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"}
-    if set(config) != keys:
-        raise ValueError(f"config must have exactly the keys {sorted(keys)}, got {sorted(config)}")
+    if set(config) != set(CONFIG_KEYS):
+        raise ValueError(f"config must have exactly the keys {sorted(CONFIG_KEYS)}, got {sorted(config)}")
     check_config(config, dtype)
     return dict(config)
 
@@ -393,6 +500,11 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
         return y
     Cog = C_out // groups
     cfg = _pick(config, "fwd", x.dtype, M, Cog)
+    if channels_last:
+        # The weight tile is read along K = (kh, kw, c): channels-contiguous weights make those reads
+        # contiguous too (in (C_out, C_in, KH, KW) order every element is a separate access). A small
+        # copy per call unless the weight is already channels_last.
+        weight = weight.contiguous(memory_format=torch.channels_last)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cog, cfg["BLOCK_N"]), groups)
     _conv2d_fwd_kernel[grid](
         x, weight, bias if bias is not None else x, y,
@@ -400,7 +512,7 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
         *x.stride(), *weight.stride(), *y.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH, KW,
-        HAS_BIAS=bias is not None, RELU=relu,
+        HAS_BIAS=bias is not None, RELU=relu, TAP_BLOCKS=Cig % cfg["BLOCK_K"] == 0,
         ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, allow_tf32), UPCAST=dot_upcast(x.dtype),
         **cfg,
     )
@@ -465,7 +577,7 @@ def _input_grad_as_forward(grad_output, weight, input_shape, padding, dilation, 
 
 
 def conv2d_weight_grad(grad_output, output, x, weight_shape, stride, padding, dilation, groups, relu,
-                       allow_tf32=True, split_k=None, config=None):
+                       allow_tf32=True, split_k=None, config=None, taps=None):
     """(dw (C_out, C_in/groups, KH, KW), db (C_out,)) from grad_output (N, C_out, OH, OW) and x.
 
     With relu, `output` masks grad_output as in conv2d_input_grad. The reduction over the N*OH*OW
@@ -473,6 +585,8 @@ def conv2d_weight_grad(grad_output, output, x, weight_shape, stride, padding, di
     that a second kernel sums in a fixed order: deterministic. dw is contiguous in the weight's
     layout whatever x's; for channels-contiguous x the partials are in (co, kh, kw, ci) order and
     the sum permutes them.
+    taps: run the per-tap kernel (columns: one tap's input channels; default for channels-contiguous
+    x with Cig >= 16) rather than the flat one (columns: all of (ci, kh, kw)).
     """
     check_tensor(grad_output, "grad_output", ndim=4)
     check_tensor(x, "input", ndim=4)
@@ -486,17 +600,26 @@ def conv2d_weight_grad(grad_output, output, x, weight_shape, stride, padding, di
     _, _, OH, OW = grad_output.shape
     Cog = C_out // groups
     CKK = Cig * KH * KW
+    T = KH * KW
     K = N * OH * OW
     dtype, device = grad_output.dtype, grad_output.device
     acc_t = torch.float64 if dtype == torch.float64 else torch.float32
-    cfg = _pick(config, "wgrad", dtype, Cog, CKK)
-    tiles = triton.cdiv(Cog, cfg["BLOCK_M"]) * triton.cdiv(CKK, cfg["BLOCK_N"])
+    channels_fast = x.stride(1) == 1 and Cig > 1
+    if taps is None:
+        taps = channels_fast and Cig >= 16 and T > 1
+    if taps:
+        cfg = _pick(config, "wgrad_taps", dtype, Cog, Cig)
+        tiles = triton.cdiv(Cog, cfg["BLOCK_M"]) * T * triton.cdiv(Cig, cfg["BLOCK_N"])
+    else:
+        cfg = _pick(config, "wgrad", dtype, Cog, CKK)
+        tiles = triton.cdiv(Cog, cfg["BLOCK_M"]) * triton.cdiv(CKK, cfg["BLOCK_N"])
     k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
     split = split_k if split_k is not None else _split_k(tiles * groups, k_blocks, device)
     split = max(1, min(int(split), max(k_blocks, 1)))
     k_per_split = triton.cdiv(k_blocks, split) * cfg["BLOCK_K"]
-    # ci fastest when x's channels are contiguous (NHWC); when Cig or KH*KW is 1 the orders coincide.
-    ci_fast = x.stride(1) == 1 and Cig > 1 and KH * KW > 1
+    # Partials in (co, kh, kw, ci) order: the per-tap kernel's, and the flat kernel's when x's channels
+    # are contiguous (NHWC); when Cig or KH*KW is 1 the orders coincide.
+    ci_fast = taps or (channels_fast and T > 1)
     dw_part = empty((split, C_out, CKK), dtype=acc_t, device=device)
     db_part = empty((split, C_out), dtype=acc_t, device=device)
     if K == 0:
@@ -504,21 +627,21 @@ def conv2d_weight_grad(grad_output, output, x, weight_shape, stride, padding, di
         db_part.zero_()
     else:
         y = output if relu else grad_output
-        _conv2d_wgrad_kernel[(tiles, groups, split)](
-            grad_output, y, x, dw_part, db_part,
-            H, W, OH, OW, Cig, Cog, K, k_per_split,
-            *grad_output.stride(), *y.stride(), *x.stride(),
-            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-            KH, KW, C_out,
-            RELU=relu, CI_FAST=ci_fast,
-            ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype, allow_tf32), UPCAST=dot_upcast(dtype),
-            **cfg,
-        )
+        args = (grad_output, y, x, dw_part, db_part,
+                H, W, OH, OW, Cig, Cog, K, k_per_split,
+                *grad_output.stride(), *y.stride(), *x.stride(),
+                stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+                KH, KW, C_out)
+        common = dict(RELU=relu, ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype, allow_tf32),
+                      UPCAST=dot_upcast(dtype), **cfg)
+        if taps:
+            _conv2d_wgrad_taps_kernel[(tiles, groups, split)](*args, **common)
+        else:
+            _conv2d_wgrad_kernel[(tiles, groups, split)](*args, CI_FAST=ci_fast, **common)
     dw = empty(tuple(weight_shape), dtype=dtype, device=device)
     db = empty((C_out,), dtype=dtype, device=device)
     parts = ((dw_part, dw), (db_part, db))
-    if ci_fast:
-        T = KH * KW
+    if ci_fast and Cig > 1 and T > 1:
         br, bc = 32, 32
         _sum_splits_to_weight_kernel[(triton.cdiv(C_out * T, br), triton.cdiv(Cig, bc))](
             dw_part, dw, C_out * T, T, Cig, split, BLOCK_R=br, BLOCK_C=bc)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one script to run on a CUDA machine (no network needed), from the repository root. Stages,
 # in the order given by $STAGES (default: all of them, about 8 minutes on an H100):
-#   tune   perf.tune: every conv launch config at AlexNet's real shapes vs cuDNN per GEMM
-#          (compiles in parallel processes first, which also warms Triton's cache for the rest)
+#   tune   perf.tune: the weight-gradient launch configs (flat and per-tap kernels, fp32, NHWC) at
+#          AlexNet's real shapes vs cuDNN per GEMM ($TUNE_ARGS overrides, e.g. --kinds fwd,dgrad); compiles
+#          in parallel processes first
 #   check  perf.gpu_check: every kernel at batch 128 against float64 torch, then timed against
 #          torch (cuDNN, cudnn.benchmark=True); whole-model checks
 #   step   perf.step: the whole training step, fastalex vs eager (NCHW, channels_last) vs
@@ -63,7 +64,8 @@ stage() {  # stage NAME DEFAULT_TIMEOUT COMMAND...: run with a time limit, log t
 
 for s in $STAGES; do
     case $s in
-        tune) stage tune 80 "$PY" -m perf.tune --kinds fwd,wgrad --layouts nhwc --out "$OUT" ${TUNE_ARGS:-} ;;
+        tune) stage tune 80 "$PY" -m perf.tune --kinds wgrad_taps,wgrad --dtypes float32 --layouts nhwc --out "$OUT" \
+                  ${TUNE_ARGS:-} ;;
         check) stage check 100 "$PY" -m perf.gpu_check --quick --out "$OUT" ;;
         step) stage step 140 "$PY" -m perf.step --steps 20 --out "$OUT" ${STEP_ARGS:-} ;;
         tests) stage tests 60 "$PY" -m pytest tests/test_conv2d.py tests/test_lrn.py tests/test_maxpool2d.py \

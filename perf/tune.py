@@ -1,11 +1,12 @@
 """Sweep the conv kernels' launch configs at AlexNet's real shapes on a GPU, against cuDNN per GEMM.
 
     python -m perf.tune [--batch 128] [--dtypes float32,bfloat16] [--layouts nhwc,nchw]
-                        [--kinds fwd,dgrad,wgrad] [--layers conv1,...] [--compile-workers 8] [--out DIR]
+                        [--kinds fwd,dgrad,wgrad,wgrad_taps] [--layers conv1,...] [--compile-workers 8]
+                        [--out DIR]
 
 For each layer, kind (fwd: conv + bias + ReLU; dgrad: input gradient; wgrad: weight and bias
-gradients), dtype and layout, every config in CONFIGS[kind] (and, for wgrad, three split-K
-factors) is timed with triton.testing.do_bench (median) next to the heuristic's choice and
+gradients with the flat kernel, wgrad_taps: with the per-tap kernel), dtype and layout, every
+config in CONFIGS[kind] (and, for the weight gradients, three split-K factors) is timed with triton.testing.do_bench (median) next to the heuristic's choice and
 cuDNN's own kernel for the same GEMM (aten.convolution_backward for the gradients). Compilation
 runs first in --compile-workers processes (Triton's on-disk cache is shared), so the timing pass,
 in one process, only times. Writes tune.json and prints the best config per case.
@@ -33,6 +34,9 @@ CONFIGS = {
             (64, 128, 32, 4, 4), (64, 64, 64, 4, 4), (256, 128, 32, 8, 3), (128, 256, 32, 8, 3)],
     "wgrad": [(64, 128, 32, 4, 4), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3),
               (64, 64, 64, 4, 4), (128, 256, 32, 8, 3)],
+    # per tap: BLOCK_N spans one tap's input channels (AlexNet: 48 to 384)
+    "wgrad_taps": [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (128, 64, 64, 4, 3),
+                   (64, 64, 64, 4, 4), (128, 32, 64, 4, 3)],
 }
 CONFIGS["dgrad"] = CONFIGS["fwd"]
 KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
@@ -44,11 +48,14 @@ def _cfg(t) -> dict:
 
 def _cases(args) -> list[tuple]:
     out = []
-    for s in ([tiny(c) for c in CONV] if args.smoke else CONV):
+    for real in CONV:
+        s = tiny(real) if args.smoke else real
         if args.layers and s.name not in args.layers:
             continue
         for kind in args.kinds:
             if kind == "dgrad" and not s.input_needs_grad:
+                continue
+            if kind == "wgrad_taps" and real.c_in // real.groups < 16:  # conv1's 3 channels: the flat kernel
                 continue
             for dtype in args.dtypes:
                 for layout in args.layouts:
@@ -91,7 +98,7 @@ def _calls(s, kind, x, w, b, y, dy, layout):
     else:
         def fast(cfg, split=None):
             return K.conv2d_weight_grad(dy, y, x, w.shape, st, pad, dil, s.groups, True, tf32, split_k=split,
-                                        config=cfg)
+                                        config=cfg, taps=kind == "wgrad_taps")
 
         def ref():
             return torch.ops.aten.convolution_backward(dy, x, w, [s.c_out], st, pad, dil, False, [0, 0], s.groups,
@@ -99,12 +106,15 @@ def _calls(s, kind, x, w, b, y, dy, layout):
     return fast, ref
 
 
-def _splits(s, cfg, batch) -> list[int | None]:
+def _splits(s, cfg, batch, kind="wgrad") -> list[int | None]:
     from fastalex.kernels import conv2d as K
     import triton
 
-    m, n = s.c_out // s.groups, s.c_in // s.groups * s.kernel**2
-    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]) * s.groups
+    m, cig = s.c_out // s.groups, s.c_in // s.groups
+    if kind == "wgrad_taps":
+        tiles = triton.cdiv(m, cfg["BLOCK_M"]) * s.kernel**2 * triton.cdiv(cig, cfg["BLOCK_N"]) * s.groups
+    else:
+        tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(cig * s.kernel**2, cfg["BLOCK_N"]) * s.groups
     k_blocks = triton.cdiv(batch * s.out_size**2, cfg["BLOCK_K"])
     auto = K._split_k(tiles, k_blocks, torch.device(DEVICE))
     return sorted({max(1, auto // 2), auto, min(2 * auto, k_blocks)})
@@ -131,7 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--dtypes", type=lambda t: t.split(","), default="float32,bfloat16")
     p.add_argument("--layouts", type=lambda t: t.split(","), default="nhwc,nchw")
-    p.add_argument("--kinds", type=lambda t: t.split(","), default="fwd,dgrad,wgrad")
+    p.add_argument("--kinds", type=lambda t: t.split(","), default="fwd,dgrad,wgrad,wgrad_taps")
     p.add_argument("--layers", type=lambda t: t.split(","), default=None)
     p.add_argument("--compile-workers", type=int, default=8)
     p.add_argument("--out", default=os.environ.get("OUT") or "perf/results/local")
@@ -174,7 +184,7 @@ def main(argv=None) -> int:
         results = []
         for t in configs[kind]:
             cfg = _cfg(t)
-            for split in (_splits(s, cfg, args.batch) if kind == "wgrad" else [None]):
+            for split in (_splits(s, cfg, args.batch, kind) if kind.startswith("wgrad") else [None]):
                 try:
                     ms = bench(lambda: fast(cfg, split))
                     err = None

@@ -241,6 +241,126 @@ def test_weight_grad_layout_flag(device, monkeypatch):
         assert_close(dw, wr.grad, torch.float32, device, "grad_weight")
 
 
+WGRAD_TAPS = [
+    # (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups, split, relu, dtype, layout, taps)
+    (2, 20, 9, 9, 12, 3, 1, 1, 1, 1, 1, True, torch.float32, "channels_last", None),  # 20 of 32 columns
+    (3, 32, 12, 11, 10, (3, 5), 2, (1, 2), 1, 2, 3, False, torch.float32, "channels_last", None),
+    (2, 48, 8, 8, 72, 3, 1, 1, 1, 3, 2, True, torch.bfloat16, "channels_last", None),
+    (2, 17, 7, 7, 9, 5, 1, 2, 1, 1, 1, False, torch.float64, "channels_last", None),
+    (2, 16, 11, 11, 8, 3, 1, 2, 2, 1, 2, True, torch.float32, "channels_last", None),  # dilation 2
+    (2, 24, 9, 8, 8, 3, 2, 1, 1, 1, 2, True, torch.float32, "contiguous", True),  # NCHW, forced
+    (2, 24, 6, 6, 8, 1, 1, 0, 1, 1, 1, False, torch.float32, "channels_last", True),  # 1x1: one tap
+]
+
+
+@pytest.mark.parametrize("case", WGRAD_TAPS, ids=[f"taps{i}" for i in range(len(WGRAD_TAPS))])
+def test_weight_grad_per_tap(device, case, monkeypatch):
+    """The per-tap weight-gradient kernel (channels-contiguous x with Cig >= 16, or asked for): any
+    column count, stride, padding, dilation, groups and split against float64 autograd."""
+    N, C, H, W, Co, k, s, p, d, g, split, relu, dtype, layout, taps = case
+    k = k if isinstance(k, tuple) else (k, k)
+    s, p, d = ((v, v) if isinstance(v, int) else v for v in (s, p, d))
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = make_input((N, C, H, W), dtype, device, layout=layout, requires_grad=False)
+    w = make_input((Co, C // g, *k), dtype, device, requires_grad=False, scale=0.3)
+    y = TF.conv2d(x.float(), w.float(), stride=s, padding=p, dilation=d, groups=g).relu().to(dtype)
+    y = y.contiguous(memory_format=fmt)
+    dy = torch.randn(y.shape, device=device).to(dtype).contiguous(memory_format=fmt)
+    spy = _LaunchSpy(K._conv2d_wgrad_taps_kernel)
+    monkeypatch.setattr(K, "_conv2d_wgrad_taps_kernel", spy)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16 if C // g == 16 else 32, BLOCK_K=16, num_warps=4, num_stages=1)
+    dw, db = K.conv2d_weight_grad(dy, y if relu else None, x, w.shape, s, p, d, g, relu=relu, split_k=split,
+                                  config=cfg, taps=taps)
+    assert len(spy.grids) == 1 and spy.grids[0][2] == split
+    assert dw.shape == w.shape and dw.is_contiguous() and dw.dtype == dtype and db.dtype == dtype
+    xr, wr = ref_inputs(x, w)
+    wr.requires_grad_()
+    br = torch.zeros(Co, dtype=torch.float64, requires_grad=True)
+    yr = TF.conv2d(xr, wr, br, stride=s, padding=p, dilation=d, groups=g)
+    if relu:
+        yr = yr * (y.double().cpu() > 0)
+    yr.backward(dy.double().cpu())
+    assert_close(dw, wr.grad, dtype, device, "grad_weight")
+    assert_close(db, br.grad, dtype, device, "grad_bias")
+
+
+def test_weight_grad_kernel_choice(device, monkeypatch):
+    """Per-tap for channels-contiguous x with Cig >= 16 and several taps; the flat kernel otherwise or
+    when asked (taps=False), with the same result."""
+    spies = {name: _LaunchSpy(getattr(K, name)) for name in ("_conv2d_wgrad_kernel", "_conv2d_wgrad_taps_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(K, name, spy)
+    cases = [((8, 16, 3, 3), "channels_last", None, "_conv2d_wgrad_taps_kernel"),
+             ((8, 16, 3, 3), "contiguous", None, "_conv2d_wgrad_kernel"),
+             ((8, 8, 3, 3), "channels_last", None, "_conv2d_wgrad_kernel"),
+             ((8, 16, 1, 1), "channels_last", None, "_conv2d_wgrad_kernel"),
+             ((8, 16, 3, 3), "channels_last", False, "_conv2d_wgrad_kernel")]
+    for ws, layout, taps, want in cases:
+        x = make_input((2, ws[1], 6, 6), torch.float32, device, layout=layout, requires_grad=False)
+        w = make_input(ws, torch.float32, device, requires_grad=False)
+        dy = TF.conv2d(x, w)
+        before = {n: len(sp.grids) for n, sp in spies.items()}
+        dw, _ = K.conv2d_weight_grad(dy, None, x, w.shape, (1, 1), (0, 0), (1, 1), 1, relu=False, taps=taps)
+        assert [n for n, sp in spies.items() if len(sp.grids) > before[n]] == [want], (ws, layout, taps)
+        xr, wr = ref_inputs(x, w)
+        wr.requires_grad_()
+        TF.conv2d(xr, wr).backward(dy.double().cpu())
+        assert_close(dw, wr.grad, torch.float32, device, "grad_weight")
+
+
+def test_per_tap_column_blocks():
+    """AlexNet's input-channel counts get whole column blocks where they allow, a covering one else."""
+    assert {c: K._taps_block_n(c) for c in (48, 96, 192, 256, 384, 20, 16)} == {
+        48: 64, 96: 128, 192: 64, 256: 128, 384: 128, 20: 32, 16: 16}
+
+
+TAP_BLOCKS = [
+    # (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups, dtype, layout, BLOCK_K)
+    (2, 32, 9, 8, 20, 3, 1, 1, 1, 1, torch.float32, "channels_last", 16),  # two K blocks per tap
+    (2, 32, 11, 11, 24, 5, 2, 2, 1, 2, torch.float32, "contiguous", 16),  # groups: one block per tap
+    (1, 16, 10, 9, 8, (3, 5), 1, (2, 1), (2, 1), 1, torch.bfloat16, "channels_last", 16),  # dilation
+    (2, 32, 7, 7, 12, 3, 1, 1, 1, 1, torch.float64, "noncontiguous", 16),
+    (2, 64, 6, 6, 16, 3, 1, 1, 1, 1, torch.float32, "channels_last", 32),
+]
+
+
+@pytest.mark.parametrize("case", TAP_BLOCKS, ids=[f"tapblocks{i}" for i in range(len(TAP_BLOCKS))])
+def test_forward_tap_blocks(device, case, monkeypatch):
+    """Forward GEMMs whose K blocks each lie within one tap (Cig a multiple of BLOCK_K) take the 1-D
+    index path; output (bias + ReLU) against float64."""
+    N, C, H, W, Co, k, s, p, d, g, dtype, layout, bk = case
+    k = k if isinstance(k, tuple) else (k, k)
+    s, p, d = ((v, v) if isinstance(v, int) else v for v in (s, p, d))
+    x = make_input((N, C, H, W), dtype, device, layout=layout, requires_grad=False)
+    w = make_input((Co, C // g, *k), dtype, device, layout=layout, requires_grad=False, scale=0.3)
+    b = make_input((Co,), dtype, device, requires_grad=False)
+    out = tuple((n + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for n, pp, dd, kk, ss in zip((H, W), p, d, k, s))
+    spy = _LaunchSpy(K._conv2d_fwd_kernel)
+    monkeypatch.setattr(K, "_conv2d_fwd_kernel", spy)
+    cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=bk, num_warps=4, num_stages=1)
+    y = K.conv2d_forward(x, w, b, s, p, d, g, out, True, channels_last=layout == "channels_last", config=cfg)
+    assert spy.kwargs[0]["TAP_BLOCKS"] is True
+    xr, wr, br = ref_inputs(x, w, b)
+    assert_close(y, TF.conv2d(xr, wr, br, stride=s, padding=p, dilation=d, groups=g).relu(), dtype, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_layer_channels_last(device, dtype, monkeypatch):
+    """A layer as wide as AlexNet's (C_in 128) in channels_last through the op: the forward takes the
+    per-tap K blocks with the default config and a channels_last copy of the weight, the weight
+    gradient the per-tap kernel; output and every gradient against float64."""
+    fwd = _LaunchSpy(K._conv2d_fwd_kernel)
+    taps = _LaunchSpy(K._conv2d_wgrad_taps_kernel)
+    monkeypatch.setattr(K, "_conv2d_fwd_kernel", fwd)
+    monkeypatch.setattr(K, "_conv2d_wgrad_taps_kernel", taps)
+    x = make_input((1, 128, 6, 6), dtype, device, layout="channels_last")
+    w = make_input((16, 128, 3, 3), dtype, device, scale=0.1)
+    b = make_input((16,), dtype, device)
+    _check(device, dtype, x, w, b, stride=1, padding=1)
+    assert fwd.kwargs[0]["TAP_BLOCKS"] is True and len(taps.grids) == 1
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("stride,padding", [((1, 1), (1, 1)), ((2, 2), (1, 1)), ((1, 1), (3, 3))],
                          ids=["as-forward", "dgrad-kernel-strided", "dgrad-kernel-wide-padding"])
 @pytest.mark.parametrize("relu", [False, True])
@@ -264,7 +384,7 @@ def test_input_grad_paths(device, stride, padding, relu):
 def test_gpu_configs_are_valid(monkeypatch):
     """Configs the launcher picks on a GPU obey the compiler's rules (the interpreter checks none)."""
     monkeypatch.setattr(K, "is_interpreting", lambda: False)
-    for kind in ("fwd", "dgrad", "wgrad"):
+    for kind in ("fwd", "dgrad", "wgrad", "wgrad_taps"):
         for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             for m, n in ((128 * 55 * 55, 48), (128 * 13 * 13, 192), (384, 2304), (16, 3), (1, 1)):
                 K.check_config(K._config(kind, dtype, m, n), dtype)

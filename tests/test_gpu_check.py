@@ -34,3 +34,20 @@ def test_gpu_check_refuses_cpu_without_smoke(capsys):
 
     assert gpu_check.main(["--out", "unused"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the smoke run is for machines without a GPU")
+def test_tune_smoke_run_sweeps_both_weight_gradient_kernels(tmp_path):
+    """perf.tune (the GPU session's config sweep) on tiny shapes: each kind, configs and splits timed."""
+    from perf import tune
+
+    assert tune.main(["--smoke", "--batch", "1", "--layers", "conv1,conv3", "--dtypes", "float32", "--layouts", "nhwc",
+                      "--kinds", "wgrad,wgrad_taps", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
+    # conv1 (3 input channels) has no per-tap sweep; conv3 has both
+    assert sorted((r["layer"], r["kind"]) for r in rows) == [("conv1", "wgrad"), ("conv3", "wgrad"),
+                                                           ("conv3", "wgrad_taps")]
+    for r in rows:
+        assert r["heuristic_ms"] > 0 and r["best"] is not None
+        assert all(x["error"] is None and x["ms"] > 0 for x in r["results"]), r["results"]

@@ -182,6 +182,35 @@ def _conv2d_dgrad_kernel(
 
 
 @triton.jit
+def _wgrad_dy_tile(dy_ptr, y_ptr, co_off_dy, co_off_y, mask_m, k0, K, OH, OW, sdn, sdh, sdw, syn, syh, syw,
+                   RELU: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The weight gradient's A tile: dy' (BLOCK_M channels, BLOCK_K output positions from k0), masked
+    by the ReLU if RELU; with the positions' (n, oh, ow) and mask for the x tile."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)  # output positions (n, oh, ow)
+    mask_k = offs_k < K
+    n = offs_k // (OH * OW)
+    ohw = offs_k % (OH * OW)
+    oh = ohw // OW
+    ow = ohw % OW
+    amask = mask_m[:, None] & mask_k[None, :]
+    a = tl.load(dy_ptr + co_off_dy[:, None] + (n * sdn + oh * sdh + ow * sdw)[None, :], mask=amask, other=0.0)
+    if RELU:
+        y = tl.load(y_ptr + co_off_y[:, None] + (n * syn + oh * syh + ow * syw)[None, :], mask=amask, other=0.0)
+        a = tl.where(y <= 0, tl.zeros_like(a), a)
+    return a, n, oh, ow, mask_k
+
+
+@triton.jit
+def _wgrad_accumulate(acc, dbias, a, b, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += a @ b and dbias += the rows of a, in the accumulator dtype."""
+    dbias += tl.sum(a.to(ACC), axis=1)
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC), dbias
+
+
+@triton.jit
 def _conv2d_wgrad_kernel(
     dy_ptr,  # (N, C_out, OH, OW)
     y_ptr,  # (N, C_out, OH, OW) output of the forward, read only if RELU
@@ -229,26 +258,13 @@ def _conv2d_wgrad_kernel(
     dbias = tl.zeros((BLOCK_M,), dtype=ACC)
     k_start = split * K_PER_SPLIT
     for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)  # output positions (n, oh, ow)
-        mask_k = offs_k < K
-        n = offs_k // (OH * OW)
-        ohw = offs_k % (OH * OW)
-        oh = ohw // OW
-        ow = ohw % OW
-        amask = mask_m[:, None] & mask_k[None, :]
-        a = tl.load(dy_ptr + co_off_dy[:, None] + (n * sdn + oh * sdh + ow * sdw)[None, :], mask=amask, other=0.0)
-        if RELU:
-            y = tl.load(y_ptr + co_off_y[:, None] + (n * syn + oh * syh + ow * syw)[None, :], mask=amask, other=0.0)
-            a = tl.where(y <= 0, tl.zeros_like(a), a)
+        a, n, oh, ow, mask_k = _wgrad_dy_tile(dy_ptr, y_ptr, co_off_dy, co_off_y, mask_m, k0, K, OH, OW,
+                                              sdn, sdh, sdw, syn, syh, syw, RELU, BLOCK_K)
         ih = (oh * stride_h - pad_h)[:, None] + (kh * dil_h)[None, :]
         iw = (ow * stride_w - pad_w)[:, None] + (kw * dil_w)[None, :]
         bmask = mask_k[:, None] & mask_n[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         b = tl.load(x_ptr + (n * sxn)[:, None] + ci_off_x[None, :] + ih * sxh + iw * sxw, mask=bmask, other=0.0)
-        dbias += tl.sum(a.to(ACC), axis=1)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+        acc, dbias = _wgrad_accumulate(acc, dbias, a, b, ACC, PRECISION, UPCAST)
 
     dw_ptrs = dw_ptr + split * C_out * CKK + ((g * Cog + offs_m) * CKK)[:, None] + offs_n[None, :]
     tl.store(dw_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
@@ -301,27 +317,14 @@ def _conv2d_wgrad_taps_kernel(
     dbias = tl.zeros((BLOCK_M,), dtype=ACC)
     k_start = split * K_PER_SPLIT
     for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)  # output positions (n, oh, ow)
-        mask_k = offs_k < K
-        n = offs_k // (OH * OW)
-        ohw = offs_k % (OH * OW)
-        oh = ohw // OW
-        ow = ohw % OW
-        amask = mask_m[:, None] & mask_k[None, :]
-        a = tl.load(dy_ptr + co_off_dy[:, None] + (n * sdn + oh * sdh + ow * sdw)[None, :], mask=amask, other=0.0)
-        if RELU:
-            y = tl.load(y_ptr + co_off_y[:, None] + (n * syn + oh * syh + ow * syw)[None, :], mask=amask, other=0.0)
-            a = tl.where(y <= 0, tl.zeros_like(a), a)
+        a, n, oh, ow, mask_k = _wgrad_dy_tile(dy_ptr, y_ptr, co_off_dy, co_off_y, mask_m, k0, K, OH, OW,
+                                              sdn, sdh, sdw, syn, syh, syw, RELU, BLOCK_K)
         ih = oh * stride_h - pad_h + kh * dil_h
         iw = ow * stride_w - pad_w + kw * dil_w
         row_ok = mask_k & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         b = tl.load((x_ptr + n * sxn + ih * sxh + iw * sxw)[:, None] + ci_off_x[None, :],
                     mask=row_ok[:, None] & mask_c[None, :], other=0.0)
-        dbias += tl.sum(a.to(ACC), axis=1)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+        acc, dbias = _wgrad_accumulate(acc, dbias, a, b, ACC, PRECISION, UPCAST)
 
     T = KH * KW
     dw_ptrs = (dw_ptr + split * C_out * T * Cig + ((g * Cog + offs_m) * T + tap) * Cig)[:, None] + offs_c[None, :]

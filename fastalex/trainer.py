@@ -401,7 +401,8 @@ class Trainer:
                 # images in the global batch: every rank's gradient is then that of the global mean.
                 loss_sum = TF.cross_entropy(self.model(images), labels, reduction="sum")
             local = loss_sum.detach().float().reshape(())
-            stats = torch.stack([local, *(local.new_tensor(float(v)) for v in (kept, self._stop, skipped))])
+            counts = torch.tensor([float(kept), float(self._stop), float(skipped)], device=local.device)  # one copy
+            stats = torch.cat([local.reshape(1), counts])
             if world > 1:
                 # One small all-reduce: the loss and image count (so every rank sees, and stops at, the same
                 # mean loss), whether any rank was asked to stop (so all stop after the same step) and the

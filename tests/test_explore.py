@@ -77,10 +77,12 @@ def test_nearest_neighbors_match_brute_force(run, tiny_fashion, k, batch_size, w
     with fastalex.backend("torch"):
         dist, idx = explore.nearest_neighbors(model, data, q, k=k, batch_size=batch_size)
         everything = explore.hidden_features(model, train.batch(range(len(train)))[0])
-        want_d, want_i = torch.cdist(explore.hidden_features(model, q), everything).topk(k, largest=False)
+        # In float64: torch.cdist's default (matrix-product) mode loses digits to cancellation in float32.
+        want_d, want_i = torch.cdist(explore.hidden_features(model, q).double(), everything.double()).topk(
+            k, largest=False)
     assert everything.shape == (64, 4096) and dist.shape == idx.shape == (3, k)
     assert torch.equal(idx, want_i)
-    assert torch.allclose(dist, want_d, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(dist.double(), want_d, rtol=1e-5, atol=1e-5)
 
 
 def test_nearest_neighbors_run_in_eval_mode():

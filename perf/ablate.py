@@ -64,6 +64,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as TF
 
+from perf._args import fraction, int_at_least, positive_float
+
 RUNS = {  # name -> the AlexNet arguments it changes from the baseline's
     "relu": {},
     "tanh": {"activation": "tanh"},
@@ -188,38 +190,6 @@ def compare(runs: dict) -> list[dict]:
 # -- command line ----------------------------------------------------------------------------
 
 
-def _int_at_least(lo: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
-        return v
-    return parse
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not v > 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
-    return v
-
-
 def _run_names(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
@@ -241,16 +211,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", type=Path, default=None, help="write the Markdown here instead (default OUT/ablate.md)")
     p.add_argument("--runs", type=_run_names, default=list(RUNS),
                    help=f"comma-separated subset of {','.join(RUNS)} ({BASELINE} is always run: the baseline)")
-    p.add_argument("--steps", type=_int_at_least(1), help="training steps per run")
-    p.add_argument("--subset", type=_int_at_least(1), help="train on the first N training images")
-    p.add_argument("-b", "--batch-size", type=_int_at_least(1))
-    p.add_argument("--image-size", type=_int_at_least(1))
-    p.add_argument("--lr", type=_positive_float)
+    p.add_argument("--steps", type=int_at_least(1), help="training steps per run")
+    p.add_argument("--subset", type=int_at_least(1), help="train on the first N training images")
+    p.add_argument("-b", "--batch-size", type=int_at_least(1))
+    p.add_argument("--image-size", type=int_at_least(1))
+    p.add_argument("--lr", type=positive_float)
     p.add_argument("--lr-schedule", choices=SCHEDULES)
-    p.add_argument("--warmup-steps", type=_int_at_least(0), help="linear lr warm-up steps")
-    p.add_argument("--window", type=_int_at_least(1), help="steps in the running training error")
-    p.add_argument("--converge-error", type=_fraction, help="the training error that counts as converged")
-    p.add_argument("--test-images", type=_int_at_least(1), help="evaluate on the first N test images")
+    p.add_argument("--warmup-steps", type=int_at_least(0), help="linear lr warm-up steps")
+    p.add_argument("--window", type=int_at_least(1), help="steps in the running training error")
+    p.add_argument("--converge-error", type=fraction, help="the training error that counts as converged")
+    p.add_argument("--test-images", type=int_at_least(1), help="evaluate on the first N test images")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default=None,
                    help="fastalex ops (default: torch on the CPU, auto elsewhere)")

@@ -32,29 +32,12 @@ import fastalex
 from fastalex import flops
 from fastalex._backend import interpreter_enabled
 from fastalex.model import VARIANTS, AlexNet, smallest_image_size
+from perf._args import non_negative_int, positive_int
 
 DTYPES = ("float32", "bfloat16", "float16")
 GROUPS = ("conv", "fc", "other")  # the summary's rows; "other": every layer without MACs (LRN, pools, ...)
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _non_negative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
-    return v
 
 
 def triton_can_run(device: torch.device) -> bool:
@@ -68,14 +51,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The command line, checked; defaults that depend on the device filled in."""
     p = argparse.ArgumentParser(prog="python -m perf.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", choices=VARIANTS, default="single")
-    p.add_argument("--image-size", type=_positive, help="input height = width (default 227; 224 for torchvision)")
-    p.add_argument("--batch-size", type=_positive, help="images per forward pass (default 128 on cuda, 8 on cpu)")
+    p.add_argument("--image-size", type=positive_int, help="input height = width (default 227; 224 for torchvision)")
+    p.add_argument("--batch-size", type=positive_int, help="images per forward pass (default 128 on cuda, 8 on cpu)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default cuda if available, else cpu)")
     p.add_argument("--backend", choices=("torch", "triton", "both"),
                    help="whose ops run (default both where Triton can run, else torch)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="half types on cuda only")
-    p.add_argument("--warmup", type=_non_negative, help="untimed calls first (default 5 on cuda, 1 on cpu)")
-    p.add_argument("--repeats", type=_positive, help="timed calls; the median counts (default 20 on cuda, 3 on cpu)")
+    p.add_argument("--warmup", type=non_negative_int, help="untimed calls first (default 5 on cuda, 1 on cpu)")
+    p.add_argument("--repeats", type=positive_int, help="timed calls; the median counts (default 20 on cuda, 3 on cpu)")
     p.add_argument("--json", type=Path, help="write the result as JSON here")
     p.add_argument("--markdown", type=Path, help="write the tables as Markdown here")
     p.add_argument("--plot", type=Path, help="write a PNG bar chart of FLOP share vs time share per layer here")

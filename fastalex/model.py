@@ -10,6 +10,7 @@ Layer order in the first two stages is conv -> ReLU -> LRN -> max-pool (ReLU fus
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from typing import Sequence
 
@@ -113,12 +114,15 @@ class AlexNet(nn.Module):
     in conv2/4/5, fc6, fc7, else 0), "torch" (torch's default) or "kaiming"; default "paper" except for
     "torchvision". devices: two devices for the paper net's towers (each tower's layers on its own
     device; activations cross at conv3 and the FC layers); the state_dict keeps the single-device
-    layout's names and shapes, so checkpoints move between the two.
+    layout's names and shapes, so checkpoints move between the two. seed: the initial weights are a
+    function of the seed alone (drawn on the CPU from their own generator, whatever the device, the
+    global RNG untouched; the towers get the grouped net's weights for the same seed); None draws
+    from torch's global RNG, as torch's layers do.
     """
 
     def __init__(self, num_classes: int = 1000, variant: str = "paper", dropout: float = 0.5, *,
                  image_size=None, activation: str = "relu", lrn: bool | None = None, pool=(3, 2),
-                 init: str | None = None, devices: Sequence | None = None):
+                 init: str | None = None, devices: Sequence | None = None, seed: int | None = None):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -137,6 +141,7 @@ class AlexNet(nn.Module):
         init = init or ("torch" if variant == "torchvision" else "paper")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        _check_seed(seed)
         image_size = pair(image_size if image_size is not None else (224 if variant == "torchvision" else 227),
                           "image_size", minimum=1)
         smallest = smallest_image_size(variant, pool)
@@ -193,14 +198,34 @@ class AlexNet(nn.Module):
                 ("drop6", nn.Dropout(dropout)), ("fc6", nn.Linear(fc_in, 4096)), ("act6", _act(activation)),
                 ("drop7", nn.Dropout(dropout)), ("fc7", nn.Linear(4096, 4096)), ("act7", _act(activation)),
                 ("fc8", nn.Linear(4096, num_classes))]))
-        self.reset_parameters(init)
+        self.reset_parameters(init, seed=seed)
 
     @torch.no_grad()
-    def reset_parameters(self, init: str = "paper") -> None:
+    def reset_parameters(self, init: str = "paper", *, seed: int | None = None) -> None:
         """Re-initialise every layer: "paper" (section 5 of the paper), "torch" (torch's defaults) or
         "kaiming" (He et al. 2015: N(0, 2/fan_in) weights, zero biases; keeps the activations' scale
-        through the ReLUs, so short runs start learning at once)."""
-        for name, m in self.named_modules():
+        through the ReLUs, so short runs start learning at once). seed: as in the constructor."""
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        _check_seed(seed)
+        if seed is None:
+            self._init(self, init)
+        elif self.devices is not None:  # the towers: the grouped net's weights for this seed
+            self.load_state_dict(AlexNet(**self.config, init=init, seed=seed).state_dict())
+        else:
+            # Drawn on the CPU (the same numbers on every device) from the seed alone; the caller's RNG is kept.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                device = next(self.parameters()).device
+                cpu = self if device.type == "cpu" else copy.deepcopy(self).cpu()
+                self._init(cpu, init)
+                if cpu is not self:
+                    for mine, drawn in zip(self.parameters(), cpu.parameters()):
+                        mine.copy_(drawn)
+
+    @staticmethod
+    def _init(net: nn.Module, init: str) -> None:
+        for name, m in net.named_modules():
             if not isinstance(m, (nn.Conv2d, nn.Linear)):
                 continue
             if init == "torch":
@@ -260,6 +285,11 @@ class AlexNet(nn.Module):
         h = [t.act(t.fc7(t.drop7(a))) for t, a in zip(towers, both(h))]
         h = [t.fc8(a) for t, a in zip(towers, both(h))]
         return torch.cat([h[0], h[1].to(devs[0])], dim=1)
+
+
+def _check_seed(seed) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
 
 
 def _kernel_layout(x: torch.Tensor) -> torch.Tensor:

@@ -6,13 +6,16 @@ Launch with torchrun, which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and M
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m fastalex train ...
 
 A rank that cannot reach the others, or a collective that waits on a dead rank, fails after
-`$FASTALEX_DIST_TIMEOUT` seconds (default 300) with a message saying so: never a silent hang.
+`$FASTALEX_DIST_TIMEOUT` seconds (default 300) with a message saying what failed, where and after
+how long: never a silent hang. torchrun --max-restarts works as it is (see init).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import time
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -61,29 +64,104 @@ def timeout() -> dt.timedelta:
 
 
 def init(device: torch.device) -> Env:
-    """Join the process group torchrun describes (NCCL for CUDA devices, gloo for CPUs), once."""
+    """Join the process group torchrun describes (NCCL for CUDA devices, gloo for CPUs), once.
+
+    Under torchrun the workers share the launcher's store, which outlives a worker group: after a
+    restart (--max-restarts) it still holds the dead group's keys (its ranks' addresses), and a new
+    group reading them fails with "Connection refused" (pytorch/pytorch#135712). So each new group
+    first agrees on a generation number no earlier group used (_generation) and keeps its keys
+    under fastalex/gen<N>/: nothing for the user to export.
+    """
     if not dist.is_available():
         raise RuntimeError("this torch build has no torch.distributed")
     if dist.is_initialized():
         return env()
     if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
         raise DistributedError("strategy 'ddp' and 'hybrid' run under torchrun, e.g. "
-                           "`torchrun --nproc-per-node 2 -m fastalex train --strategy ddp`: RANK, WORLD_SIZE, "
-                           "MASTER_ADDR and MASTER_PORT are not set")
+                               "`torchrun --nproc-per-node 2 -m fastalex train --strategy ddp`: RANK, WORLD_SIZE, "
+                               "MASTER_ADDR and MASTER_PORT are not set")
     e, limit = env(), timeout()
     where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
     backend = "nccl" if device.type == "cuda" else "gloo"
+    started, stage = time.monotonic(), f"connecting to the store at {where}"
     try:
-        dist.init_process_group(backend, timeout=limit)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's shared store
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), e.world_size,
+                                  is_master=False, timeout=limit)
+            stage = f"agreeing on a fresh key prefix through the store at {where}"
+            gen = _generation(store, e, limit)
+            stage = f"forming the {backend} process group (generation {gen}) through the store at {where}"
+            dist.init_process_group(backend, store=dist.PrefixStore(f"fastalex/gen{gen}", store), rank=e.rank,
+                                    world_size=e.world_size, timeout=limit)
+        else:
+            stage = f"forming the {backend} process group through the store at {where}"
+            dist.init_process_group(backend, timeout=limit)
         # The first collective is what proves every rank is there; it too is bounded by the timeout.
+        stage = f"waiting for all {e.world_size} ranks in the first {backend} barrier"
         barrier()
     except Exception as err:  # noqa: BLE001 (re-raised with what happened and what to check)
+        shutdown()
+        first = str(err).splitlines()[0] if str(err) else ""
         raise DistributedError(
-            f"rank {e.rank} of {e.world_size} could not reach the other ranks at {where} within "
-            f"{limit.total_seconds():g}s ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-            f"Check that every node runs torchrun with the same --rdzv-endpoint / MASTER_ADDR:MASTER_PORT, that "
-            f"the port is open between machines, and ${TIMEOUT_VAR} for slow starts") from None
+            f"rank {e.rank} of {e.world_size} could not reach the other ranks: {stage} failed after "
+            f"{time.monotonic() - started:.1f}s (limit {limit.total_seconds():g}s) with {type(err).__name__}: "
+            f"{first}. Check that every node runs torchrun with the same --rdzv-endpoint / MASTER_ADDR:MASTER_PORT, "
+            f"that the port is open between machines, and ${TIMEOUT_VAR} for slow starts") from None
     return env()
+
+
+def _generation(store, e: Env, limit: dt.timedelta) -> int:
+    """A number every rank of this group agrees on and no earlier group of the run used.
+
+    torchrun's TORCHELASTIC_RESTART_COUNT is not it: a node restarted for a membership change does
+    not count a restart, so nodes can disagree. Instead rank 0 takes the next value of a counter in
+    the store, and each other rank learns it by a request under a key only it knows (a random
+    token, queued through a second counter), so no rank can read an answer left by a dead group.
+    """
+    if e.world_size == 1:
+        return store.add("fastalex/generation", 1)
+    deadline = time.monotonic() + limit.total_seconds()
+    if e.rank != 0:
+        token = uuid.uuid4().hex
+        store.set(f"fastalex/hello/{store.add('fastalex/hellos', 1)}", token)
+        gen = int(store.get(f"fastalex/answer/{token}"))  # waits (up to the store's timeout) for rank 0
+        store.set(f"fastalex/gen{gen}/joined/{e.rank}", "1")
+        return gen
+    gen = store.add("fastalex/generation", 1)
+    joined = [f"fastalex/gen{gen}/joined/{r}" for r in range(1, e.world_size)]
+    pending: set[int] = set()
+    scanned = 0
+    while not store.check(joined):
+        # Answer every request queued so far, old ones too (nobody waits on those: harmless). A request
+        # whose writer died between taking its number and writing its token stays pending, unanswered.
+        n = store.add("fastalex/hellos", 0)
+        pending.update(range(scanned + 1, n + 1))
+        scanned = n
+        for i in sorted(pending):
+            if store.check([f"fastalex/hello/{i}"]):
+                store.set(f"fastalex/answer/{store.get(f'fastalex/hello/{i}').decode()}", str(gen))
+                pending.discard(i)
+        if time.monotonic() > deadline:
+            missing = [r for r, key in enumerate(joined, 1) if not store.check([key])]
+            raise TimeoutError(f"rank 0 did not hear from ranks {missing}")
+        time.sleep(0.01)
+    return gen
+
+
+def lost_peers(err: BaseException) -> bool:
+    """Whether err is a collective that failed because another rank went away (died, or timed out)."""
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Connection refused",
+                            "Timed out waiting", "timed out", "ProcessGroupNCCL", "gloo/transport"))
+
+
+def shutdown() -> None:
+    """Leave (destroy) the process group, if this process is in one; safe to call on any exit path."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

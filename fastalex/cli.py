@@ -68,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--devices", default=None, help="two devices for --strategy towers, e.g. cuda:0,cuda:1")
     t.add_argument("--backend", choices=("auto", "triton", "torch"), default=None)
     t.add_argument("-j", "--workers", type=int, default=0)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="decides everything random in the run: initial weights, "
+                                                        "dropout, data order, augmentation (default 0)")
+    t.add_argument("--deterministic", action="store_true",
+                   help="torch's deterministic algorithms and cuDNN's deterministic mode (for bit-exact GPU runs)")
     t.add_argument("--subset", type=int, default=None, help="train on the first N images")
     t.add_argument("--out", default=None, help="output folder (default: runs/<dataset>-<variant>)")
     t.add_argument("--resume", nargs="?", const="", default=None,
@@ -132,6 +135,8 @@ def _settings(args) -> dict:
     for key in ("epochs", "batch_size", "image_size"):
         if s[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {s[key]}")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.subset is not None and args.subset < 1:
         raise UsageError(f"--subset must be at least 1, got {args.subset}")
     return s
@@ -148,12 +153,12 @@ def _datasets(dataset: str, data_dir, image_size: int, subset, ten_crop: bool, a
         raise UsageError(str(e)) from None
 
 
-def _model_from(settings: dict, num_classes: int):
+def _model_from(settings: dict, num_classes: int, seed: int | None = None):
     from fastalex import AlexNet
 
     kw = {k: settings[k] for k in MODEL_KEYS if k in settings}
     try:
-        return AlexNet(num_classes=num_classes, **kw)
+        return AlexNet(num_classes=num_classes, seed=seed, **kw)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -166,13 +171,11 @@ def _trainer(args, s, model, out, classes, run_args, devices):
                    precision=args.precision, device=args.device, out_dir=out, seed=args.seed, workers=args.workers,
                    checkpoint_every=args.checkpoint_every, progress=not args.no_progress, class_names=classes,
                    args={k: v for k, v in run_args.items() if isinstance(v, (str, int, float, bool, type(None)))},
-                   strategy=args.strategy, devices=devices)
+                   strategy=args.strategy, devices=devices, deterministic=args.deterministic)
 
 
 def train(args) -> int:
-    import fastalex
-    from fastalex import TrainingDiverged
-    from fastalex.distributed import DistributedError
+    from fastalex.distributed import DistributedError, shutdown
 
     s = _settings(args)
     out = Path(args.out or f"runs/{args.dataset}-{s['variant']}")
@@ -189,7 +192,7 @@ def train(args) -> int:
                          f"new folder, or --overwrite to start afresh there")
     train_set, val_set, test_set, classes = _datasets(args.dataset, args.data, s["image_size"], args.subset,
                                                       s["ten_crop"], s["augment"])
-    model = _model_from(s, len(classes))
+    model = _model_from(s, len(classes), seed=args.seed)  # the seed decides the initial weights too
     run_args = dict(vars(args), **s, num_classes=len(classes), dataset=args.dataset)
     try:
         trainer = _trainer(args, s, model, out, classes, run_args, devices)
@@ -197,32 +200,65 @@ def train(args) -> int:
         print(f"fastalex: {e}", file=sys.stderr)
         return 1
     except ValueError as e:
+        shutdown()  # (if the group was formed before the error)
         raise UsageError(str(e)) from None
-    if args.resume is not None:
-        trainer.resume(args.resume or None)
-    elif restarted and trainer.resume(missing_ok=True) and trainer.dist.is_main:
-        print(f"fastalex: restarted by torchrun; continuing from step {trainer.step}", file=sys.stderr)
+    try:
+        return _run_training(args, s, trainer, out, train_set, val_set, test_set, restarted)
+    finally:
+        trainer.close()  # every way out leaves the process group in order (ddp, hybrid)
+
+
+def _run_training(args, s, trainer, out, train_set, val_set, test_set, restarted: bool) -> int:
+    """train's part after the Trainer exists: resume, then _fit_and_test; a lost rank said in one line."""
+    import fastalex
+
+    try:
+        if args.resume is not None:
+            trainer.resume(args.resume or None)
+        elif restarted and trainer.resume(missing_ok=True) and trainer.dist.is_main:
+            print(f"fastalex: restarted by torchrun; continuing from step {trainer.step}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as e:  # (checkpoint.CheckpointError is a ValueError: one line)
+        raise UsageError(f"cannot resume: {e}") from None
     backend = fastalex.backend(args.backend) if args.backend else contextlib.nullcontext()
-    with backend:
-        if not args.test_only:
-            started = time.perf_counter()
-            try:
-                trainer.fit(train_set, val_set)
-            except TrainingDiverged as e:
-                print(f"fastalex: training stopped: {e}", file=sys.stderr)
-                return 1
-            if trainer.epoch < trainer.epochs:  # stopped by Ctrl-C
-                if trainer.dist.is_main:
-                    print(f"fastalex: stopped at epoch {trainer.epoch + 1}, step {trainer.step}; checkpoint saved in "
-                          f"{out}. Continue with: fastalex train --resume --out {out}", file=sys.stderr)
-                return 130
-            wall = time.perf_counter() - started
-        else:
-            wall = 0.0
-        if test_set is val_set and trainer.last_val is not None:
-            test = trainer.last_val  # the last epoch's validation already ran on these images and weights
-        else:
-            test = trainer.evaluate(test_set, ten_crop=s["ten_crop"])
+    try:
+        with backend:
+            return _fit_and_test(args, s, trainer, out, train_set, val_set, test_set)
+    except Exception as e:
+        from fastalex import distributed as fdist
+
+        if trainer.dist.world_size == 1 or not fdist.lost_peers(e):
+            raise
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"fastalex: rank {trainer.dist.rank} of {trainer.dist.world_size} lost the other ranks at epoch "
+              f"{trainer.epoch + 1}, step {trainer.step} ({time.monotonic() - trainer.last_progress:.1f}s after its "
+              f"last completed step; collectives wait at most ${fdist.TIMEOUT_VAR} = {fdist.timeout().total_seconds():g}s)"
+              f": {type(e).__name__}: {first}", file=sys.stderr)
+        return 1
+
+
+def _fit_and_test(args, s, trainer, out, train_set, val_set, test_set) -> int:
+    """fit (unless --test-only), the final test, final.json; the exit status."""
+    from fastalex import TrainingDiverged
+
+    if not args.test_only:
+        started = time.perf_counter()
+        try:
+            trainer.fit(train_set, val_set)
+        except TrainingDiverged as e:
+            print(f"fastalex: training stopped: {e}", file=sys.stderr)
+            return 1
+        if trainer.epoch < trainer.epochs:  # stopped by Ctrl-C
+            if trainer.dist.is_main:
+                print(f"fastalex: stopped at epoch {trainer.epoch + 1}, step {trainer.step}; checkpoint saved in "
+                      f"{out}. Continue with: fastalex train --resume --out {out}", file=sys.stderr)
+            return 130
+        wall = time.perf_counter() - started
+    else:
+        wall = 0.0
+    if test_set is val_set and trainer.last_val is not None:
+        test = trainer.last_val  # the last epoch's validation already ran on these images and weights
+    else:
+        test = trainer.evaluate(test_set, ten_crop=s["ten_crop"])
     if not trainer.dist.is_main:
         return 0
     final = dict(trainer.describe(), test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"],

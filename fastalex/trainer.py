@@ -7,15 +7,19 @@ validation error stops improving, at most 3 times, batch 128), with exact resume
 
 Everything a run depends on is in its checkpoint (model, optimizer, schedule, epoch and step, RNG
 state), the data order is a function of (seed, epoch) and each image's augmentation of
-(seed, epoch, index): a run stopped at any moment and resumed ends with the same weights as one
-that never stopped (on the CPU, where the arithmetic is deterministic).
+(seed, epoch, index), dropout's stream of (seed, rank): a run stopped at any moment and resumed
+ends with the same weights as one that never stopped, bit for bit on the CPU, where the arithmetic
+is deterministic (and on a GPU with deterministic=True, where torch's ops allow it).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,15 +29,29 @@ import torch
 import torch.nn.functional as TF
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from fastalex import _faults
 from fastalex import checkpoint as ckpt
 from fastalex import distributed as fdist
 from fastalex._backend import backend_info
 
-__all__ = ["Trainer", "TrainingDiverged"]
+__all__ = ["Trainer", "TrainingDiverged", "use_deterministic_algorithms"]
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 SCHEDULES = ("plateau", "cosine", "constant")
 STRATEGIES = ("single", "towers", "ddp", "hybrid")
+
+
+def use_deterministic_algorithms() -> None:
+    """Make torch's own ops deterministic, as torchvision's --use-deterministic-algorithms does:
+    torch.use_deterministic_algorithms(True) (an op without a deterministic implementation raises,
+    naming itself), cuDNN's deterministic mode without benchmarking, and the cuBLAS workspace
+    setting that deterministic GEMMs need (if not set already; it must precede CUDA's first use).
+    fastalex's Triton kernels need none of it: they use no atomics, and split-K sums its partials in
+    a fixed order."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,6 +113,16 @@ class _EpochBatches(Sampler):
             yield [(self.epoch, i) for i in mine]
 
 
+_STATE_KEYS = ("model", "optimizer", "lr_scheduler", "epoch", "step", "step_in_epoch", "history", "rng")
+
+
+def _check_training_state(state: dict, path: Path) -> None:
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise ckpt.CheckpointError(f"{path} is not a training checkpoint of fastalex.Trainer (it has no "
+                                   f"{', '.join(missing)})")
+
+
 def _collate(batch):
     """default_collate, dropping items a dataset returned as None (an unreadable image it skipped,
     with a warning naming the file): (images, labels, skipped), images None if none was readable."""
@@ -127,6 +155,10 @@ class Trainer:
     `batch_size` is per process (the global batch is batch_size x world size), the lr is taken as
     given, and only rank 0 logs, shows progress and writes files; every rank must call fit,
     evaluate and save together.
+    seed: decides the data order, each image's augmentation and (seeded at the start of a fresh fit,
+    per rank) dropout; the model's initial weights are the model's own (AlexNet(seed=...)).
+    deterministic: torch's deterministic algorithms and cuDNN's deterministic mode (see
+    use_deterministic_algorithms); fastalex's Triton kernels are deterministic either way.
     """
 
     def __init__(self, model: torch.nn.Module, *, epochs: int, batch_size: int = 128, lr: float = 0.01,
@@ -134,7 +166,8 @@ class Trainer:
                  precision: str = "32", device: str = "auto", out_dir: str | Path = "runs/fastalex", seed: int = 0,
                  workers: int = 0, checkpoint_every: int = 0, patience: int = 1, max_lr_drops: int = 3,
                  warmup_steps: int = 0, progress: bool = True, class_names: Sequence[str] | None = None,
-                 args: dict | None = None, strategy: str = "single", devices: Sequence | None = None):
+                 args: dict | None = None, strategy: str = "single", devices: Sequence | None = None,
+                 deterministic: bool = False):
         for name, v, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("workers", workers, 0),
                             ("checkpoint_every", checkpoint_every, 0), ("patience", patience, 1),
                             ("max_lr_drops", max_lr_drops, 0), ("warmup_steps", warmup_steps, 0)):
@@ -204,13 +237,26 @@ class Trainer:
         self.epoch_loss_sum, self.epoch_seen = 0.0, 0  # the current epoch's running training loss
         self.skipped_images = 0  # unreadable training images skipped so far (by all ranks)
         self._stop = False
+        self.last_progress = time.monotonic()  # when the last step (or the start) finished: for error messages
         self._item_shape: tuple | None = None  # one training image's shape, for stand-ins of unreadable ones
-        self._fresh = True  # no checkpoint loaded: ranks seed their own dropout streams at fit
+        self._fresh = True  # no checkpoint loaded: fit seeds dropout's stream from (seed, rank)
+        if deterministic:
+            use_deterministic_algorithms()
 
     @property
     def module(self) -> torch.nn.Module:
         """The model itself (unwrapped from DistributedDataParallel)."""
         return getattr(self.model, "module", self.model) if self.strategy == "ddp" else self.model
+
+    def close(self) -> None:
+        """Leave the process group (ddp, hybrid), the DDP wrapper released first; nothing for one process.
+        Call it on every way out (the fastalex command does, in a finally): a process that exits with
+        the group alive can abort at exit while its communication threads still run."""
+        if self.strategy == "ddp" and self.model is not self.module:
+            self.model = self.module
+        if self.strategy in ("ddp", "hybrid"):
+            gc.collect()  # the DDP reducer and autograd's hooks hold the group: free them before it goes
+            fdist.shutdown()
 
     # -- schedule ------------------------------------------------------------------------------
 
@@ -291,26 +337,35 @@ class Trainer:
             self.class_names = list(state["class_names"])
 
     def save(self, name: str = "checkpoint.pt") -> Path:
-        """Write out_dir/name atomically (rank 0 writes; every rank must call it under ddp and hybrid)."""
+        """Write out_dir/name atomically; for checkpoint.pt the file it replaces is kept as
+        checkpoint.prev.pt (rank 0 writes; every rank must call it under ddp and hybrid)."""
         state, path = self.state_dict(), self.out_dir / name
         if self.dist.is_main:
-            ckpt.save_atomic(state, path)
+            ckpt.save_atomic(state, path, keep_previous=name == "checkpoint.pt")
         fdist.barrier()
         return path
 
     def resume(self, path: str | Path | None = None, missing_ok: bool = False) -> bool:
-        """Continue from a checkpoint (default: out_dir/checkpoint.pt). With missing_ok, a missing
-        file means a fresh start (what a worker restarted by torchrun wants); returns whether it resumed."""
+        """Continue from a checkpoint (default: out_dir/checkpoint.pt), or from the one before it
+        (NAME.prev.pt) if it cannot be read, saying so on stderr in one line. With missing_ok, no
+        checkpoint at all means a fresh start (what a worker restarted by torchrun wants); returns
+        whether it resumed. FileNotFoundError / checkpoint.CheckpointError (one line) otherwise."""
         path = Path(path or self.out_dir / "checkpoint.pt")
-        if missing_ok and not path.exists():
-            return False
-        self.load_state_dict(ckpt.load(path))
+        try:
+            state, used, problems = ckpt.load_newest(path, check=_check_training_state)
+        except FileNotFoundError:
+            if missing_ok:
+                return False
+            raise
+        if problems and self.dist.is_main:
+            print(f"fastalex: {problems[0]}; continuing from {used} (step {state['step']})", file=sys.stderr)
+        self.load_state_dict(state)
         return True
 
     def _seed_rank(self) -> None:
-        # Each rank its own dropout stream (same for the same seed and rank); one process keeps the caller's.
-        if self.dist.world_size > 1:
-            torch.manual_seed((self.seed * 1_000_003 + self.dist.rank) * 7919 + 17)
+        # Dropout's stream (torch's global RNG, every device) from (seed, rank): each rank its own, the same
+        # for the same seed; then saved in every checkpoint and restored on resume.
+        torch.manual_seed((self.seed * 1_000_003 + self.dist.rank) * 7919 + 17)
 
     # -- training ------------------------------------------------------------------------------
 
@@ -408,7 +463,7 @@ class Trainer:
                 # mean loss), whether any rank was asked to stop (so all stop after the same step) and the
                 # unreadable images skipped (counted over all ranks).
                 torch.distributed.all_reduce(stats)
-            local_sum, global_sum, total, stop, skipped = torch.cat([local.reshape(1), stats]).tolist()
+            global_sum, total, stop, skipped = stats.tolist()
             stop = stop > 0
             self.skipped_images += int(skipped)
             if total == 0:  # no rank read any image of this global batch: all skip the step alike
@@ -433,14 +488,16 @@ class Trainer:
             self.step += 1
             self.step_in_epoch += 1
             seen += int(total)
-            self.epoch_seen += kept
-            self.epoch_loss_sum += local_sum
+            self.epoch_seen += int(total)  # over all ranks (the same on each: a mid-epoch checkpoint holds them)
+            self.epoch_loss_sum += global_sum
             elapsed = time.perf_counter() - t0
             bar.update(self.epoch, self.epochs, self.step, shown, lr, seen / max(elapsed, 1e-9))
             if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                 self._account(elapsed, seen)
                 t0, seen = time.perf_counter(), 0
                 self.save()
+            self.last_progress = time.monotonic()
+            _faults.point("step")
             if stop:
                 self._stop = True
                 break
@@ -468,11 +525,10 @@ class Trainer:
 
     def _end_epoch(self, val_data: Dataset | None, bar) -> None:
         t0 = time.perf_counter()
-        loss_sum, seen = fdist.all_reduce_sum([self.epoch_loss_sum, self.epoch_seen], self.device)
         metrics = {"epoch": self.epoch + 1, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
-                   "train_loss": loss_sum / max(1, seen)}
+                   "train_loss": self.epoch_loss_sum / max(1, self.epoch_seen)}
         if val_data is not None:
-            v = self.last_val = self.evaluate(val_data)
+            v = self.last_val = self.evaluate(val_data, _fault="validation")
             metrics.update(val_top1_error=v["top1_error"], val_top5_error=v["top5_error"], val_loss=v["loss"])
         metrics["seconds_train_total"] = round(self.train_seconds, 3)
         metrics["seconds_eval"] = round(time.perf_counter() - t0, 3)
@@ -486,6 +542,7 @@ class Trainer:
         self.save()
         if improved:
             self.save("best.pt")
+        _faults.point("epoch-saved")
         bar.epoch_done(metrics)
 
     def _write_metrics(self) -> None:
@@ -497,7 +554,8 @@ class Trainer:
     # -- evaluation ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, data: Dataset, ten_crop: bool = False, batch_size: int | None = None) -> dict:
+    def evaluate(self, data: Dataset, ten_crop: bool = False, batch_size: int | None = None,
+                 _fault: str = "test") -> dict:
         """Top-1 / top-5 error (fractions) and mean loss on `data`.
 
         ten_crop: items are (10, 3, S, S) crops of one image (see fastalex.data); the softmax is
@@ -525,6 +583,8 @@ class Trainer:
                 loss_sum += float(TF.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum"))
                 m1, m5 = _topk_errors(probs, labels)
                 miss1, miss5, n = miss1 + m1, miss5 + m5, n + labels.shape[0]
+                if n == labels.shape[0]:
+                    _faults.point(_fault)
         finally:
             model.train(was_training)
         n, miss1, miss5, loss_sum, skipped_total = (

@@ -12,6 +12,11 @@ dy' = dy masked by the ReLU (zero where y <= 0, as torch's threshold_backward), 
 tiles load: no separate ReLU pass. Groups are a grid axis. Padding is implicit (masked loads), so
 any top/left padding plus an explicit output size covers torch's asymmetric 'same' padding.
 Accumulation is fp32 (fp64 for fp64 inputs; tl.dot gets out_dtype=ACC, as Triton 3.6 rejects an fp64 acc otherwise).
+
+Deterministic, forward and backward: no atomics; each shape's tiles and split are fixed (chosen from
+the shape and the GPU's SM count, never by timing), and the split-K partials of the weight and bias
+gradients are summed in a fixed order (_sum_splits_kernel): the same inputs on the same GPU give
+bit-identical results, with or without torch.use_deterministic_algorithms.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ it does in torch's own fp32 computation).
 Every tensor is handled as a 3-D view (N, C, S), S = product of the trailing dims, with explicit
 strides: contiguous, channels_last(_3d) and most strided tensors need no copy (layouts whose
 trailing dims cannot merge, e.g. H and W swapped in memory, go through a contiguous copy).
+
+Deterministic: every output element is computed by one program, its window summed in a fixed order;
+no atomics, so the same inputs give bit-identical results forward and backward.
 """
 
 from __future__ import annotations

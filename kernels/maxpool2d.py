@@ -9,7 +9,7 @@ and, on request, torch's int64 index ih * W + iw into each (H, W) plane.
 Backward: one tile of INPUT positions per program. For each (kh, kw) the only output whose
 window holds this input at that offset is oh = (ih + pad - kh * dil) / stride (when divisible and
 in range); its gradient is added when its argmax is that offset. No atomics, fixed order: the
-result is bitwise deterministic.
+result is bitwise deterministic (the forward too: one program per output, a fixed window order).
 
 Tensors are (N, C, H, W) or unbatched (C, H, W); any strides. Outputs follow the input's memory
 format like torch (channels_last in, channels_last out).

@@ -72,11 +72,14 @@ def main() -> None:
             t.resume(missing_ok=True)
         Path(out).mkdir(parents=True, exist_ok=True)
         Path(out, f"pid.{t.dist.rank}.{restart}").write_text(str(os.getpid()))
-        t.fit(train, val)
-        state = t.state_dict()  # collective under ddp and hybrid
-        if t.dist.is_main:
-            torch.save({"model": state["model"], "step": t.step, "history": t.history,
-                        "describe": t.describe()}, Path(out, "final.pt"))
+        try:
+            t.fit(train, val)
+            state = t.state_dict()  # collective under ddp and hybrid
+            if t.dist.is_main:
+                torch.save({"model": state["model"], "step": t.step, "history": t.history,
+                            "describe": t.describe()}, Path(out, "final.pt"))
+        finally:
+            t.close()  # leave the process group in order
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Each run is compared with one process training on the combined batch: same data 
 """
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,11 +23,11 @@ ROOT = DRIVER.parent.parent
 
 
 def _env(**extra) -> dict:
-    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: with torchrun's rendezvous store shared with the process
-    # group, a restarted group can read the dead workers' addresses (pytorch/pytorch#135712).
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), FASTALEX_DIST_TIMEOUT="60",
-               TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-    env.pop("TRITON_INTERPRET", None)  # the driver runs torch's ops
+    # Nothing exported for torchrun's restarts: fastalex keeps each worker group's keys in the launcher's
+    # store apart (fastalex.distributed.init), so a restarted group never reads a dead one's addresses.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), FASTALEX_DIST_TIMEOUT="60")
+    for var in ("TRITON_INTERPRET", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "FASTALEX_FAULT"):
+        env.pop(var, None)  # the driver runs torch's ops
     env.update(extra)
     return env
 
@@ -198,7 +199,11 @@ def test_unreachable_rank_fails_with_a_clear_message_in_bounded_time(tmp_path):
     p = subprocess.run([sys.executable, *_driver_args(tmp_path, "ddp", "plain", 4)], env=_env(**env),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
-    assert "could not reach the other ranks at 127.0.0.1" in p.stderr, p.stderr[-3000:]
+    # what failed, where, after how long (the limit it had)
+    m = re.search(r"rank 1 of 2 could not reach the other ranks: forming the gloo process group through the "
+                  r"store at 127\.0\.0\.1:(\d+) failed after (\d+\.\d)s \(limit 3s\)", p.stderr)
+    assert m and int(m.group(1)) == int(env["MASTER_PORT"]), p.stderr[-3000:]
+    assert 2.5 <= float(m.group(2)) < 60
     assert time.monotonic() - t0 < 90
 
 
@@ -231,3 +236,43 @@ def test_perf_dist_check_runs_on_cpus(tmp_path):
     for r in got["results"]:
         assert r["ok"] and r["rel_err"] < 1e-3, r
     assert got["results"][1]["describe"]["strategy"] == "ddp"
+
+
+def test_each_worker_group_agrees_on_a_generation_no_earlier_group_used():
+    """fastalex.distributed._generation over a real TCPStore: the ranks of a group agree, a later group
+    gets a new number, and what dead groups left (requests answered or not, a request number taken with
+    no token written) changes nothing."""
+    import datetime as dt
+    import threading
+
+    from torch.distributed import TCPStore
+
+    from fastalex.distributed import Env, _generation
+
+    limit = dt.timedelta(seconds=20)
+    server = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=limit)
+    port = server.port
+
+    def group(world: int) -> list[int]:
+        got = [None] * world
+
+        def rank(r):
+            store = TCPStore("127.0.0.1", port, is_master=False, timeout=limit)
+            got[r] = _generation(store, Env(r, world, r), limit)
+
+        threads = [threading.Thread(target=rank, args=(r,)) for r in reversed(range(world))]  # rank 0 last
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        return got
+
+    first = group(3)
+    assert first[0] is not None and len(set(first)) == 1
+    # a dead group: rank 1 queued a request nobody answered; rank 2 took a number and died before its token
+    server.set(f"fastalex/hello/{server.add('fastalex/hellos', 1)}", "stale-token")
+    server.add("fastalex/hellos", 1)
+    second = group(3)
+    assert len(set(second)) == 1 and second[0] > first[0]
+    third = group(2)
+    assert len(set(third)) == 1 and third[0] > second[0]

@@ -61,7 +61,7 @@ def ddp(out: Path, device: str) -> dict:
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
            str(ROOT / "tests" / "dist_driver.py"), str(out / "ddp"), "ddp", "alexnet", "8", "1", "0", "0"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), DRIVER_BACKEND="auto", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DRIVER_BACKEND="auto")  # nothing needed for restarts
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the Trainer picks gloo on the CPU
     name = f"ddp {'nccl' if device != 'cpu' else 'gloo'} 1 process"

@@ -3,7 +3,8 @@
 The interpreter accepts what the GPU compiler rejects (tl.dot blocks under 16, non-power-of-two
 blocks, shared memory over 227 KB, type errors in code the interpreter never lowers). This script
 runs the launchers on meta tensors with kernel launches intercepted, then compiles each distinct
-launch with Triton's real compiler for a Hopper target. Run without TRITON_INTERPRET:
+launch with Triton's real compiler for a Hopper target, specialized as the JIT specializes it at
+that launch (perf.static.specialize). Run without TRITON_INTERPRET:
 
     python tests/hopper_compile.py        # prints one JSON line per compiled kernel; exit 1 on failure
 """
@@ -18,61 +19,16 @@ import time
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET: it compiles for a GPU"
 
 import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import KernelInterface  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from fastalex.kernels import conv2d as conv  # noqa: E402
 from fastalex.kernels import lrn, maxpool2d  # noqa: E402
 from perf.shapes import CONV, LRN, LRN_ARGS, POOL  # noqa: E402
-
-TARGET = GPUTarget("cuda", 90, 32)
-SMEM_LIMIT = 227 * 1024
-PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
-       torch.int8: "*i8", torch.int16: "*i16", torch.int32: "*i32", torch.int64: "*i64"}
-
-launches = []
-
-
-def _record(self, grid):
-    def launch(*args, **kwargs):
-        launches.append((self, args, kwargs))
-
-    return launch
-
-
-KernelInterface.__getitem__ = _record
-
-
-def _source(kernel, args, kwargs):
-    """Triton's ASTSource and compile options for one intercepted launch."""
-    names = kernel.arg_names
-    bound = dict(zip(names, args))
-    bound.update({k: v for k, v in kwargs.items() if k in names})
-    signature, constexprs = {}, {}
-    for i, (name, param) in enumerate(zip(names, kernel.params)):
-        v = bound[name]
-        if param.is_constexpr:
-            signature[name] = "constexpr"
-            constexprs[(i,)] = v
-        elif isinstance(v, torch.Tensor):
-            signature[name] = PTR[v.dtype]
-        elif isinstance(v, bool):
-            signature[name] = "i1"
-        elif isinstance(v, int):
-            signature[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
-        elif isinstance(v, float):
-            signature[name] = "fp64" if "float64" in str(param.annotation) else "fp32"
-        else:
-            raise TypeError(f"{kernel.__name__}: cannot type argument {name}={v!r}")
-    options = {k: v for k, v in kwargs.items() if k not in names}
-    key = (kernel.__name__, tuple(sorted(signature.items())), tuple(sorted((k[0], repr(v)) for k, v in constexprs.items())),
-           tuple(sorted(options.items())))
-    named = {names[k[0]]: repr(v) for k, v in constexprs.items()}
-    return key, ASTSource(fn=kernel, signature=signature, constexprs=constexprs), options, named
+# The interception and the JIT's specialization (ints equal to 1 as constants, 16-divisible ints and
+# aligned pointers as tt.divisibility=16) are perf.static's: the kernels compiled here are the ones a
+# real launch compiles, and the ones perf.static studies.
+from perf.static import SMEM_PER_CTA, compile_spec, intercept, specialize  # noqa: E402
 
 
 def _collect(batch: int) -> None:
@@ -106,18 +62,23 @@ def _collect(batch: int) -> None:
 
 
 def main() -> int:
-    _collect(batch=int(os.environ.get("BATCH", "128")))
+    with intercept() as launches:
+        _collect(batch=int(os.environ.get("BATCH", "128")))
     seen, failures = set(), 0
-    for kernel, args, kwargs in launches:
-        key, src, options, named = _source(kernel, args, kwargs)
+    for launch in launches:
+        kernel = launch.kernel
+        spec = specialize(kernel, launch.args, launch.kwargs)
+        key = spec.key(kernel)
         if key in seen:
             continue
         seen.add(key)
         t0 = time.time()
-        row = dict(kernel=kernel.__name__, options=options, constexprs=named)
+        options = {k: v for k, v in launch.kwargs.items() if k not in kernel.arg_names}
+        row = dict(kernel=kernel.__name__, options=options,
+                   constexprs=spec.named_constexprs(kernel), ones=spec.ones(kernel))
         try:
-            compiled = triton.compile(src, target=TARGET, options=options)
-            row.update(ok=compiled.metadata.shared <= SMEM_LIMIT, shared=compiled.metadata.shared)
+            compiled = compile_spec(kernel, spec)
+            row.update(ok=compiled.metadata.shared <= SMEM_PER_CTA, shared=compiled.metadata.shared)
         except Exception as e:  # report every failing config, not just the first
             row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:500]}")
         row["seconds"] = round(time.time() - t0, 2)

@@ -1,0 +1,144 @@
+"""perf.static, the static model of the kernels on Hopper: its SASS reading, its arithmetic, and
+end to end on known kernels (a plain GEMM, a kernel that spills) and on a slice of AlexNet's launches.
+
+The end-to-end tests compile for sm_90 with Triton's GPU compiler, so they run in a subprocess
+without TRITON_INTERPRET (which conftest.py sets for the interpreter tests); no GPU is needed.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from perf import static
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# A cuobjdump -sass excerpt: an outer loop (0x0040..0x00d0) around an inner MMA loop (0x0060..0x00a0),
+# then the end-of-kernel self-branch, which is no loop.
+SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                       /* 0x00000a00ff017b82 */
+        /*0010*/                   S2R R0, SR_TID.X ;                           /* 0x0000000000007919 */
+        /*0040*/                   IADD3 R2, R2, 0x1, RZ ;                      /* 0x0000000102027810 */
+        /*0050*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64] ; /* 0x0000000004037fae */
+        /*0060*/                   WARPGROUP.ARRIVE ;                           /* 0x00000000000079c5 */
+        /*0070*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ; /* 0x07e00000081879f0 */
+        /*0080*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR12], R24, gsb0 ; /* 0x07e0 */
+        /*0090*/                   ISETP.GE.AND P0, PT, R2, R5, PT ;            /* 0x000000050200720c */
+        /*00a0*/               @!P0 BRA 0x60 ;                                  /* 0xfffffff000008947 */
+        /*00b0*/                   UTMALDG.2D [UR8], [UR4] ;                    /* 0x00000000040875b4 */
+        /*00c0*/                   ISETP.GE.AND P1, PT, R2, R6, PT ;            /* 0x000000060200720c */
+        /*00d0*/               @P1 BRA 0x40 ;                                   /* 0xfffffff000001947 */
+        /*00e0*/                   EXIT ;                                       /* 0x000000000000794d */
+        /*00f0*/                   BRA 0xf0;                                    /* 0xfffffffc00fc7947 */
+"""
+
+
+def test_sass_loops_and_counts():
+    sass = static.parse_sass(SASS)
+    assert len(sass) == 14 and sass[8] == (0xA0, "BRA", "0x60")  # the predicate is dropped
+    assert static.loops(sass) == [(0x60, 0xA0), (0x40, 0xD0)]  # the self-branch at 0xf0 is not a loop
+    info = static.sass_info(SASS)
+    assert (info["hgmma"], info["hmma"], info["ldgsts"], info["tma"]) == (2, 0, 1, 1)
+    # The innermost loop holding an MMA: 0x60..0xa0, 5 instructions, two 64x128x16 wgmmas a warpgroup.
+    assert (info["loop_instrs"], info["loop_mma"], info["loop_mma_type"], info["loop_local"]) == (5, 2, "BF16", 0)
+    assert info["loop_warp_fmas"] == 2 * 64 * 128 * 16 / 4
+    assert static._mma_shape("HMMA.16816.F32.BF16") == ("BF16", 16, 8, 16)
+    assert static._mma_shape("HMMA.1688.F32.TF32") == ("TF32", 16, 8, 8)
+    # No MMA: the innermost loop of the kernel.
+    plain = "\n".join(line for line in SASS.splitlines() if "HGMMA" not in line)
+    assert static.sass_info(plain)["loop_instrs"] == 3 and static.sass_info(plain)["loop_mma"] == 0
+
+
+def test_ptxas_log_parsing():
+    log = ("ptxas info    : Function properties for k\n"
+           "    16 bytes stack frame, 24 bytes spill stores, 8 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 1024 bytes smem\n")
+    assert static._parse_ptxas(log) == dict(regs=255, spill_stores=24, spill_loads=8, stack=16, static_smem=1024)
+
+
+def test_occupancy_and_ceiling_arithmetic():
+    # 255 registers x 256 threads fill the register file: one CTA an SM.
+    assert static.occupancy(255, 8, 144 * 1024) == (1, "regs")
+    # 120 registers (rounded to 120) x 256 threads = 30720: two CTAs by registers, two by 96+1 KB smem.
+    assert static.occupancy(120, 8, 96 * 1024)[0] == 2
+    assert static.occupancy(32, 4, 0)[0] == 16  # 4096 registers a CTA, and 16 x 4 = 64 warps
+    assert static.occupancy(32, 4, 228 * 1024)[0] == 0  # over 227 KB: cannot launch
+    # bf16 128x128x64 per trip: 1M FMAs / 2048 a clock = 512 tensor clocks; 95 instructions x 8 warps / 4
+    # = 190 issue clocks: tensor-bound, ceiling 1.
+    c = static.ceiling(128 * 128 * 64, "BF16", 95, 8)
+    assert (c["tensor_clocks"], c["issue_clocks"], c["ceiling"]) == (512, 190, 1.0)
+    # tf32 128x128x32: 512 tensor clocks against 494 x 8 / 4 = 988 issue clocks.
+    assert static.ceiling(128 * 128 * 32, "TF32", 494, 8)["ceiling"] == pytest.approx(512 / 988)
+
+
+@pytest.mark.slow
+def test_known_kernels():
+    out = _run(["-m", "perf._static_examples"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.splitlines()[-1])
+    gemm = res["gemm"]
+    assert "error" not in gemm, gemm
+    assert gemm["hgmma"] > 0 and gemm["hmma"] == 0 and gemm["ldgsts"] > 0
+    assert gemm["spill_bytes"] == 0 and not gemm["spills"]
+    assert gemm["fma_per_trip"] == gemm["fma_per_trip_sass"] == 128 * 128 * 64
+    # Measured with Triton 3.9: ~95 instructions a trip, 190 issue clocks against 512 tensor clocks, so
+    # the ceiling is exactly 1; the bound leaves room for another compiler adding instructions (the
+    # ceiling drops below 1 only past ~256 instructions a trip).
+    assert gemm["issue_clocks"] < gemm["tensor_clocks"] and gemm["ceiling"] >= 0.95
+    assert gemm["predicted_us"] > 0 and gemm["bound"] == "compute"
+    assert res["spill"]["spills"] and res["spill"]["spill_bytes"] > 0
+    # The JIT's specialization: `one` (= 1) is a constant, `n` (= 64) and the pointer are 16-divisible,
+    # `odd` (= 7) is neither; the IR has the attribute on exactly those and no `one` argument at all.
+    probe = res["probe"]
+    assert probe["ones"] == ["one"] and probe["divisible_16"] == ["x_ptr", "n"]
+    assert probe["signature"]["one"] == "constexpr"
+    ttir = probe["ttir"]
+    assert "%n: i32 {tt.divisibility = 16 : i32}" in ttir
+    assert "!tt.ptr<f32> {tt.divisibility = 16 : i32}" in ttir
+    assert "%odd: i32 loc" in ttir and "%one" not in ttir
+
+
+@pytest.mark.slow
+def test_cli_on_one_layer(tmp_path):
+    path = tmp_path / "static.json"
+    md = tmp_path / "static.md"
+    out = _run(["-m", "perf.static", "--dtype", "fp32", "--nets", "single", "--layouts", "nhwc", "--layers", "conv3",
+                "--json", str(path), "--markdown", str(md)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ceiling" in out.stdout  # the rich table
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    # conv3 in the single net, channels_last: forward, input gradient (the forward kernel on the flipped
+    # weight), per-tap weight gradient and its two split-K sums.
+    assert [(r["kernel"], r["op"]) for r in rows] == [
+        ("_conv2d_fwd_kernel", "fwd"), ("_conv2d_fwd_kernel", "dgrad"), ("_conv2d_wgrad_taps_kernel", "wgrad"),
+        ("_sum_splits_to_weight_kernel", "wgrad"), ("_sum_splits_kernel", "wgrad")]
+    fields = {"kernel", "layer", "op", "kind", "dtype", "layout", "counts", "regs", "spill_bytes", "spills", "smem",
+              "hgmma", "hmma", "ldgsts", "tma", "loop_instrs", "grid", "ctas", "ctas_per_sm", "waves", "wave_eff",
+              "bytes", "predicted_us", "constexprs", "ones", "divisible_16"}
+    for r in rows:
+        assert fields <= set(r), fields - set(r)
+        assert r["dtype"] == "fp32" and r["layout"] == "nhwc" and r["predicted_us"] > 0
+    for r in rows[:3]:  # the GEMMs: tensor cores, a ceiling, a compute time
+        assert r["hgmma"] > 0 and 0 < r["ceiling"] <= 1 and r["fma_per_trip"] == r["fma_per_trip_sass"]
+        assert r["constexprs"]["PRECISION"] == "tf32" and "sxc" in r["ones"]  # channels_last: unit channel stride
+    assert data["summary"]["launches"] == 5 and data["summary"]["errors"] == 0
+    assert data["meta"]["triton"] and "not measurements" in data["meta"]["note"]
+    assert md.read_text().startswith("| kernel |")
+
+
+def test_refuses_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-m", "perf.static", "--limit", "1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "TRITON_INTERPRET" in out.stderr

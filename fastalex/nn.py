@@ -51,17 +51,11 @@ class LocalResponseNorm(torch.nn.LocalResponseNorm):
         return super().extra_repr() + (f", groups={self.groups}" if self.groups > 1 else "")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        g = self.groups
-        if g == 1:
-            return F.local_response_norm(input, self.size, self.alpha, self.beta, self.k)
-        if input.dim() < 3 or input.shape[1] % g:
-            raise ValueError(f"input must be (N, C, *) with C divisible by groups={g}, got shape {tuple(input.shape)}")
-        n, c = input.shape[:2]
-        # (N, C, *) -> (N*g, C/g, *): each tower's channels become a sample of their own
-        # (a view for contiguous input).
-        y = F.local_response_norm(input.reshape(n * g, c // g, *input.shape[2:]), self.size, self.alpha, self.beta,
-                                  self.k)
-        return y.reshape(input.shape)
+        if self.groups > 1 and (input.dim() < 3 or input.shape[1] % self.groups):
+            raise ValueError(f"input must be (N, C, *) with C divisible by groups={self.groups}, got shape "
+                             f"{tuple(input.shape)}")
+        # One pass over all groups on the Triton path: no reshape, so channels_last input stays channels_last.
+        return F.local_response_norm(input, self.size, self.alpha, self.beta, self.k, groups=self.groups)
 
 
 class MaxPool2d(torch.nn.MaxPool2d):

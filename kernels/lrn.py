@@ -1,7 +1,8 @@
 """Local response normalization across channels: one Triton pass forward, one backward.
 
 Semantics are torch.nn.functional.local_response_norm(x, size, alpha, beta, k) for x of shape
-(N, C, *): with the window W(c) = [c - size//2, c + (size-1)//2] (channels outside [0, C) count 0),
+(N, C, *): with the window W(c) = [c - size//2, c + (size-1)//2] (channels outside [0, C) count 0;
+with `groups`, channels outside c's group of C/groups channels count 0, as in the paper's towers),
 
     s_c = k + alpha/size * sum_{j in W(c)} x_j^2,        y_c = x_c * s_c^(-beta).
 
@@ -38,16 +39,16 @@ MAX_UNROLL = 9
 
 
 @triton.jit
-def _sq(base, j, s_off, s_mask, C, stride_c, ACC: tl.constexpr):
-    """x[j]^2 in the accumulator dtype, 0 for channels j outside [0, C)."""
-    v = tl.load(base + j * stride_c + s_off, mask=(j >= 0) & (j < C) & s_mask, other=0.0).to(ACC)
+def _sq(base, j, s_off, s_mask, lo, hi, stride_c, ACC: tl.constexpr):
+    """x[j]^2 in the accumulator dtype, 0 for channels j outside the group [lo, hi)."""
+    v = tl.load(base + j * stride_c + s_off, mask=(j >= lo) & (j < hi) & s_mask, other=0.0).to(ACC)
     return v * v
 
 
 @triton.jit
-def _window_sumsq(base, c, s_off, s_mask, C, stride_c, first, SIZE: tl.constexpr,
+def _window_sumsq(base, c, s_off, s_mask, lo, hi, stride_c, first, SIZE: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, UNROLL: tl.constexpr):
-    """sum_{d < SIZE} x[c + first + d]^2, zero outside [0, C), for a [BLOCK_C, BLOCK_S] tile.
+    """sum_{d < SIZE} x[c + first + d]^2, zero outside the group [lo, hi), for a [BLOCK_C, BLOCK_S] tile.
 
     base: pointer to sample n; c: [BLOCK_C, 1] channel ids; s_off: [1, BLOCK_S] position offsets.
     The shifted loads overlap from one d to the next, so all but one row of them hit cache.
@@ -55,10 +56,10 @@ def _window_sumsq(base, c, s_off, s_mask, C, stride_c, first, SIZE: tl.constexpr
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
     if UNROLL:
         for d in tl.static_range(SIZE):
-            acc += _sq(base, c + (first + d), s_off, s_mask, C, stride_c, ACC)
+            acc += _sq(base, c + (first + d), s_off, s_mask, lo, hi, stride_c, ACC)
     else:  # a loop, not SIZE copies: compile time stays flat for large windows
         for d in range(SIZE):
-            acc += _sq(base, c + (first + d), s_off, s_mask, C, stride_c, ACC)
+            acc += _sq(base, c + (first + d), s_off, s_mask, lo, hi, stride_c, ACC)
     return acc
 
 
@@ -83,8 +84,9 @@ def _scalar(v, ACC: tl.constexpr):
 
 
 @triton.jit
-def _tile(N, C, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """This program's sample n, channel ids [BLOCK_C, 1], positions [1, BLOCK_S] and their masks.
+def _tile(N, C, S, CG, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """This program's sample n, channel ids [BLOCK_C, 1], positions [1, BLOCK_S], their masks, and
+    each channel's group [lo, hi) of CG channels (CG = C without groups).
 
     One flat grid axis (axis 1 and 2 are limited to 65535 programs): positions fastest, then
     channel blocks, then samples.
@@ -97,14 +99,15 @@ def _tile(N, C, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     n = pid // (num_s * num_c)
     c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C))[:, None]
     s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S))[None, :]
-    return n, c, s, c < C, s < S
+    lo = (c // CG) * CG
+    return n, c, s, c < C, s < S, lo, lo + CG
 
 
 @triton.jit
 def _lrn_fwd_kernel(
     x_ptr,  # (N, C, S) input, strides sx_*
     y_ptr,  # (N, C, S) output, strides sy_*
-    N, C, S,
+    N, C, S, CG,  # CG: channels per group (no window leaves its group); C without groups
     sx_n, sx_c, sx_s,
     sy_n, sy_c, sy_s,
     alpha_over_size: tl.float64, beta: tl.float64, k: tl.float64,
@@ -114,14 +117,14 @@ def _lrn_fwd_kernel(
     ACC: tl.constexpr,  # accumulator dtype: fp32, or fp64 for fp64 inputs
     UNROLL: tl.constexpr,  # unroll the window loops (small SIZE) or keep them loops
 ):
-    n, c, s, c_mask, s_mask = _tile(N, C, S, BLOCK_C, BLOCK_S)
+    n, c, s, c_mask, s_mask, lo, hi = _tile(N, C, S, CG, BLOCK_C, BLOCK_S)
     mask = c_mask & s_mask
     a = _scalar(alpha_over_size, ACC)
     neg_beta = -_scalar(beta, ACC)
     k_ = _scalar(k, ACC)
     sign = _scalar(neg_sign, ACC)
     x_base = x_ptr + n * sx_n
-    sumsq = _window_sumsq(x_base, c, s * sx_s, s_mask, C, sx_c, -(SIZE // 2), SIZE, BLOCK_C, BLOCK_S, ACC, UNROLL)
+    sumsq = _window_sumsq(x_base, c, s * sx_s, s_mask, lo, hi, sx_c, -(SIZE // 2), SIZE, BLOCK_C, BLOCK_S, ACC, UNROLL)
     scale = k_ + a * sumsq
     x = tl.load(x_base + c * sx_c + s * sx_s, mask=mask, other=0.0).to(ACC)
     y = x * _pow(scale, neg_beta, sign)
@@ -129,18 +132,19 @@ def _lrn_fwd_kernel(
 
 
 @triton.jit
-def _mirror_term(x_base, dy_base, c, x_i, x_soff, dy_soff, s_mask, C, sx_c, sd_c, off, a, k_, neg_beta, sign,
+def _mirror_term(x_base, dy_base, c, x_i, x_soff, dy_soff, s_mask, lo, hi, sx_c, sd_c, off, a, k_, neg_beta, sign,
                  SIZE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
                  UNROLL: tl.constexpr):
-    """(x_i / s_cc) * dy_cc * y_cc for the output channels cc = c + off, 0 where cc is outside [0, C)."""
+    """(x_i / s_cc) * dy_cc * y_cc for the output channels cc = c + off, 0 where cc is outside c's group
+    [lo, hi) (an output of another group never sees x_i; one in the group has its window there too)."""
     cc = c + off
-    valid = (cc >= 0) & (cc < C) & s_mask
+    valid = (cc >= lo) & (cc < hi) & s_mask
     x_c = tl.load(x_base + cc * sx_c + x_soff, mask=valid, other=0.0).to(ACC)
     dy_c = tl.load(dy_base + cc * sd_c + dy_soff, mask=valid, other=0.0).to(ACC)
-    s_c = k_ + a * _window_sumsq(x_base, c, x_soff, s_mask, C, sx_c, off - SIZE // 2, SIZE,
+    s_c = k_ + a * _window_sumsq(x_base, c, x_soff, s_mask, lo, hi, sx_c, off - SIZE // 2, SIZE,
                                  BLOCK_C, BLOCK_S, ACC, UNROLL)
     term = (x_i / s_c) * (dy_c * (x_c * _pow(s_c, neg_beta, sign)))
-    # Channels outside [0, C) are not outputs: drop them (their s_c may be 0 when k = 0).
+    # Channels outside the group are not outputs here: drop them (their s_c may be 0 when k = 0).
     return tl.where(valid, term, 0.0)
 
 
@@ -149,7 +153,7 @@ def _lrn_bwd_kernel(
     dy_ptr,  # (N, C, S) output gradient, strides sd_*
     x_ptr,  # (N, C, S) forward input, strides sx_*
     dx_ptr,  # (N, C, S) input gradient (written), strides sg_*
-    N, C, S,
+    N, C, S, CG,
     sd_n, sd_c, sd_s,
     sx_n, sx_c, sx_s,
     sg_n, sg_c, sg_s,
@@ -159,7 +163,7 @@ def _lrn_bwd_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ACC: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    n, c, s, c_mask, s_mask = _tile(N, C, S, BLOCK_C, BLOCK_S)
+    n, c, s, c_mask, s_mask, lo, hi = _tile(N, C, S, CG, BLOCK_C, BLOCK_S)
     mask = c_mask & s_mask
     a = _scalar(alpha_over_size, ACC)
     neg_beta = -_scalar(beta, ACC)
@@ -172,7 +176,7 @@ def _lrn_bwd_kernel(
     dy_i = tl.load(dy_base + c * sd_c + s * sd_s, mask=mask, other=0.0).to(ACC)
 
     # Channel i's own scale, for the direct term dy_i * s_i^(-beta).
-    s_i = k_ + a * _window_sumsq(x_base, c, x_soff, s_mask, C, sx_c, -(SIZE // 2), SIZE,
+    s_i = k_ + a * _window_sumsq(x_base, c, x_soff, s_mask, lo, hi, sx_c, -(SIZE // 2), SIZE,
                                  BLOCK_C, BLOCK_S, ACC, UNROLL)
     r_i = _pow(s_i, neg_beta, sign)
     # The outputs c = i + off in M(i), whose window contains i; each needs its own window sum
@@ -180,11 +184,11 @@ def _lrn_bwd_kernel(
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
     if UNROLL:
         for m in tl.static_range(SIZE):
-            acc += _mirror_term(x_base, dy_base, c, x_i, x_soff, s * sd_s, s_mask, C, sx_c, sd_c,
+            acc += _mirror_term(x_base, dy_base, c, x_i, x_soff, s * sd_s, s_mask, lo, hi, sx_c, sd_c,
                                 m - (SIZE - 1) // 2, a, k_, neg_beta, sign, SIZE, BLOCK_C, BLOCK_S, ACC, UNROLL)
     else:
         for m in range(SIZE):
-            acc += _mirror_term(x_base, dy_base, c, x_i, x_soff, s * sd_s, s_mask, C, sx_c, sd_c,
+            acc += _mirror_term(x_base, dy_base, c, x_i, x_soff, s * sd_s, s_mask, lo, hi, sx_c, sd_c,
                                 m - (SIZE - 1) // 2, a, k_, neg_beta, sign, SIZE, BLOCK_C, BLOCK_S, ACC, UNROLL)
     # With beta = 0 the window term has no gradient (torch's pow backward gives exactly 0, then
     # 0 * x_i, so only a non-finite x_i itself gets NaN); don't let acc's NaN (inf/inf) leak in.
@@ -244,15 +248,17 @@ def _neg_sign(e: float) -> float:
     return -1.0 if e % 2 == 1 else 1.0
 
 
-def _check_args(x: torch.Tensor, size: int, name: str = "x") -> None:
+def _check_args(x: torch.Tensor, size: int, name: str = "x", groups: int = 1) -> None:
     _common.check_tensor(x, name)
     if x.dim() < 3:
         raise ValueError(f"{name} must be (N, C, *) with at least 3 dims, got shape {tuple(x.shape)}")
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or x.shape[1] % groups:
+        raise ValueError(f"groups must be a positive int dividing {name}'s {x.shape[1]} channels, got {groups!r}")
 
 
-def _launch(kernel, out: torch.Tensor, tensors, size, alpha, beta, k, backward: bool) -> torch.Tensor:
+def _launch(kernel, out: torch.Tensor, tensors, size, alpha, beta, k, groups: int, backward: bool) -> torch.Tensor:
     """Run `kernel` over (N, C, S) views of `tensors`, writing `out` (allocated like the input)."""
     N, C = out.shape[0], out.shape[1]
     if out.numel() == 0:
@@ -267,7 +273,7 @@ def _launch(kernel, out: torch.Tensor, tensors, size, alpha, beta, k, backward: 
     grid = (N * triton.cdiv(C, block_c) * triton.cdiv(S, block_s),)
     strides = [st for v in (*views, target) for st in v.stride()]
     kernel[grid](
-        *views, target, N, C, S, *strides,
+        *views, target, N, C, S, C // groups, *strides,
         float(alpha) / size, float(beta), float(k), _neg_sign(-float(beta)),
         SIZE=size, BLOCK_C=block_c, BLOCK_S=block_s, ACC=_common.acc_dtype(out.dtype),
         UNROLL=size <= MAX_UNROLL, num_warps=num_warps,
@@ -277,20 +283,22 @@ def _launch(kernel, out: torch.Tensor, tensors, size, alpha, beta, k, backward: 
     return out
 
 
-def lrn_forward(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
-    """y = local_response_norm(x, size, alpha, beta, k). x: (N, C, *) float; y: like x (same strides
-    as torch.empty_like(x))."""
-    _check_args(x, size)
+def lrn_forward(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, groups: int = 1) -> torch.Tensor:
+    """y = local_response_norm(x, size, alpha, beta, k), each of `groups` equal channel blocks on its
+    own (the paper's towers). x: (N, C, *) float, C divisible by groups; y: like x (same strides as
+    torch.empty_like(x): channels_last stays channels_last, no copy for the groups)."""
+    _check_args(x, size, groups=groups)
     y = _common.empty_like(x)
-    return _launch(_lrn_fwd_kernel, y, (x,), size, alpha, beta, k, backward=False)
+    return _launch(_lrn_fwd_kernel, y, (x,), size, alpha, beta, k, groups, backward=False)
 
 
-def lrn_backward(dy: torch.Tensor, x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
-    """dx of local_response_norm. dy, x: (N, C, *) of one shape, dtype and device; dx: like x."""
-    _check_args(x, size)
+def lrn_backward(dy: torch.Tensor, x: torch.Tensor, size: int, alpha: float, beta: float, k: float,
+                 groups: int = 1) -> torch.Tensor:
+    """dx of lrn_forward. dy, x: (N, C, *) of one shape, dtype and device; dx: like x."""
+    _check_args(x, size, groups=groups)
     _common.check_tensor(dy, "dy")
     _common.check_same("x", x, "dy", dy)
     if dy.shape != x.shape:
         raise ValueError(f"dy must have the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
     dx = _common.empty_like(x)
-    return _launch(_lrn_bwd_kernel, dx, (dy, x), size, alpha, beta, k, backward=True)
+    return _launch(_lrn_bwd_kernel, dx, (dy, x), size, alpha, beta, k, groups, backward=True)

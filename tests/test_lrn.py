@@ -362,3 +362,70 @@ def test_neg_sign():
     assert math.isnan(K._neg_sign(-0.75)) and math.isnan(K._neg_sign(float("nan")))
     assert K._neg_sign(-1.0) == -1.0 and K._neg_sign(-2.0) == 1.0 and K._neg_sign(3.0) == -1.0
     assert K._neg_sign(0.0) == 1.0 and K._neg_sign(float("-inf")) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# groups: the paper's per-tower LRN in one pass (the window never crosses into another tower)
+
+
+def _grouped_ref(xr, groups, **cfg):
+    """torch's LRN on each group of channels alone: (N, C, *) -> (N*g, C/g, *) and back, in float64."""
+    n, c = xr.shape[:2]
+    return TF.local_response_norm(xr.reshape(n * groups, c // groups, *xr.shape[2:]), **cfg).reshape(xr.shape)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape, groups, layout, cfg", [
+    ((2, 96, 9, 7), 2, "channels_last", PAPER),     # lrn1 of the two-tower net, scaled down
+    ((3, 256, 5, 5), 2, "channels_last", STRONG),   # lrn2
+    ((2, 15, 4, 3), 3, "contiguous", dict(size=4, alpha=1.5, beta=0.6, k=0.5)),  # odd groups, even window
+    ((1, 10, 3, 5), 5, "noncontiguous", dict(size=7, alpha=1.0, beta=0.75, k=1.0)),  # window > group
+    ((2, 8, 13), 2, "contiguous", STRONG),         # 3-D (N, C, L)
+])
+def test_groups_match_torch_per_group(shape, groups, layout, cfg, dtype, device):
+    x = make_input(shape, dtype, device, layout)
+    (xr,) = ref_inputs(x)
+    ref = _grouped_ref(xr, groups, **cfg)
+    with fastalex.backend("triton"):
+        out = F.local_response_norm(x, **cfg, groups=groups)
+    if layout == "channels_last":  # kept: the model's later layers run their channels_last kernels
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, ref, dtype, device)
+    dy = torch.randn(ref.shape, dtype=torch.float64)
+    ref.backward(dy)
+    out.backward(dy.to(device, dtype))
+    assert_close(x.grad, xr.grad, dtype, device, "grad_input")
+
+
+def test_groups_poisoned_outputs_fully_written(device):
+    x = make_input((2, 12, 5, 7), torch.float32, device, "channels_last", requires_grad=False)
+    assert _common.POISON  # outputs start as NaN: any element a kernel skips fails the comparison
+    y = K.lrn_forward(x, groups=3, **STRONG)
+    dx = K.lrn_backward(torch.ones_like(x), x, groups=3, **STRONG)
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+
+
+def test_groups_module_and_errors(device):
+    m = fnn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0, groups=2)
+    x = make_input((2, 96, 4, 4), torch.float32, device, "channels_last")
+    (xr,) = ref_inputs(x)
+    with fastalex.backend("triton"):
+        out = m(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, _grouped_ref(xr, 2, **PAPER), torch.float32, device)
+    with fastalex.backend("torch"):  # torch's ops: the reshape
+        assert_close(m(x), _grouped_ref(xr, 2, **PAPER), torch.float32, device)
+    with pytest.raises(ValueError, match="not divisible by groups=5"):
+        F.local_response_norm(x, 5, groups=5)
+    with pytest.raises(ValueError, match="groups must be a positive int"):
+        F.local_response_norm(x, 5, groups=0)
+    with pytest.raises(ValueError, match="groups must be a positive int dividing"):
+        K.lrn_forward(x.detach(), 5, 1e-4, 0.75, 1.0, groups=7)
+
+
+def test_groups_opcheck(device):
+    x = make_input((2, 6, 3, 4), torch.float32, device, "channels_last")
+    a = (3, 2.0, 0.75, 1.0, 2)
+    torch.library.opcheck(torch.ops.fastalex.local_response_norm.default, (x, *a))
+    dy = make_input((2, 6, 3, 4), torch.float32, device, requires_grad=False)
+    torch.library.opcheck(torch.ops.fastalex.local_response_norm_backward.default, (dy, x.detach(), *a))

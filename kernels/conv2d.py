@@ -8,8 +8,9 @@ Shapes (g = groups, Cig = C_in / g, Cog = C_out / g):
   wgrad    dw = dy'^T * x,  db = sum dy'   GEMM  M = Cog       N = Cig*KH*KW K = N*OH*OW (split-K)
                                                      N as (ci, kh, kw), or (kh, kw, ci) for NHWC x
 
-dy' = dy masked by the ReLU (zero where y <= 0, as torch's threshold_backward), applied as the
-tiles load: no separate ReLU pass. Groups are a grid axis. Padding is implicit (masked loads), so
+dy' = dy masked by the ReLU (zero where y <= 0): the ops apply it once with torch's
+threshold_backward before both gradient GEMMs (one pass over dy, where masking inside dgrad would
+re-read y once per kernel tap), so the gradient kernels take dy' as it is. Groups are a grid axis. Padding is implicit (masked loads), so
 any top/left padding plus an explicit output size covers torch's asymmetric 'same' padding.
 Accumulation is fp32 (fp64 for fp64 inputs; tl.dot gets out_dtype=ACC, as Triton 3.6 rejects an fp64 acc otherwise).
 
@@ -120,18 +121,15 @@ def _conv2d_fwd_kernel(
 
 @triton.jit
 def _conv2d_dgrad_kernel(
-    dy_ptr,  # (N, C_out, OH, OW)
-    y_ptr,  # (N, C_out, OH, OW) output of the forward, read only if RELU
+    dy_ptr,  # (N, C_out, OH, OW), the ReLU mask already applied
     w_ptr,  # (C_out, Cig, KH, KW)
     dx_ptr,  # (N, C_in, H, W)
     H, W, OH, OW, Cig, Cog, M,  # M = N*H*W
     sdn, sdc, sdh, sdw,
-    syn, syc, syh, syw,
     swo, swc, swh, sww,
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH, KW,
-    RELU: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -148,7 +146,6 @@ def _conv2d_dgrad_kernel(
     ih = ihw // W
     iw = ihw % W
     dy_rows = dy_ptr + n * sdn + g * Cog * sdc
-    y_rows = y_ptr + n * syn + g * Cog * syc
     w_cols = w_ptr + offs_n * swc  # weight channels are per group
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
@@ -172,9 +169,6 @@ def _conv2d_dgrad_kernel(
                & mask_m[:, None] & mask_k[None, :])
         co_dy = (co * sdc)[None, :]
         a = tl.load(dy_rows[:, None] + co_dy + oh * sdh + ow * sdw, mask=hit, other=0.0)
-        if RELU:
-            y = tl.load(y_rows[:, None] + (co * syc)[None, :] + oh * syh + ow * syw, mask=hit, other=0.0)
-            a = tl.where(y <= 0, tl.zeros_like(a), a)
         b = tl.load(w_cols[None, :] + ((g * Cog + co) * swo + kh * swh + kw * sww)[:, None],
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:
@@ -187,10 +181,9 @@ def _conv2d_dgrad_kernel(
 
 
 @triton.jit
-def _wgrad_dy_tile(dy_ptr, y_ptr, co_off_dy, co_off_y, mask_m, k0, K, OH, OW, sdn, sdh, sdw, syn, syh, syw,
-                   RELU: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The weight gradient's A tile: dy' (BLOCK_M channels, BLOCK_K output positions from k0), masked
-    by the ReLU if RELU; with the positions' (n, oh, ow) and mask for the x tile."""
+def _wgrad_dy_tile(dy_ptr, co_off_dy, mask_m, k0, K, OH, OW, sdn, sdh, sdw, BLOCK_K: tl.constexpr):
+    """The weight gradient's A tile: dy' (BLOCK_M channels, BLOCK_K output positions from k0), with
+    the positions' (n, oh, ow) and mask for the x tile."""
     offs_k = k0 + tl.arange(0, BLOCK_K)  # output positions (n, oh, ow)
     mask_k = offs_k < K
     n = offs_k // (OH * OW)
@@ -199,9 +192,6 @@ def _wgrad_dy_tile(dy_ptr, y_ptr, co_off_dy, co_off_y, mask_m, k0, K, OH, OW, sd
     ow = ohw % OW
     amask = mask_m[:, None] & mask_k[None, :]
     a = tl.load(dy_ptr + co_off_dy[:, None] + (n * sdn + oh * sdh + ow * sdw)[None, :], mask=amask, other=0.0)
-    if RELU:
-        y = tl.load(y_ptr + co_off_y[:, None] + (n * syn + oh * syh + ow * syw)[None, :], mask=amask, other=0.0)
-        a = tl.where(y <= 0, tl.zeros_like(a), a)
     return a, n, oh, ow, mask_k
 
 
@@ -217,18 +207,16 @@ def _wgrad_accumulate(acc, dbias, a, b, ACC: tl.constexpr, PRECISION: tl.constex
 
 @triton.jit
 def _conv2d_wgrad_kernel(
-    dy_ptr,  # (N, C_out, OH, OW)
-    y_ptr,  # (N, C_out, OH, OW) output of the forward, read only if RELU
+    dy_ptr,  # (N, C_out, OH, OW), the ReLU mask already applied
     x_ptr,  # (N, C_in, H, W)
     dw_ptr,  # (SPLIT, C_out, Cig*KH*KW) fp32/fp64 partials, N in (ci, kh, kw) or, if CI_FAST, (kh, kw, ci) order
     db_ptr,  # (SPLIT, C_out) fp32/fp64 partials
     H, W, OH, OW, Cig, Cog, K, K_PER_SPLIT,  # K = N*OH*OW; K_PER_SPLIT a multiple of BLOCK_K
     sdn, sdc, sdh, sdw,
-    syn, syc, syh, syw,
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH, KW, C_out,
-    RELU: tl.constexpr, CI_FAST: tl.constexpr,
+    CI_FAST: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -256,15 +244,13 @@ def _conv2d_wgrad_kernel(
         kh = (offs_n % (KH * KW)) // KW
         kw = offs_n % KW
     co_off_dy = (g * Cog + offs_m) * sdc
-    co_off_y = (g * Cog + offs_m) * syc
     ci_off_x = (g * Cig + ci) * sxc
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     dbias = tl.zeros((BLOCK_M,), dtype=ACC)
     k_start = split * K_PER_SPLIT
     for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
-        a, n, oh, ow, mask_k = _wgrad_dy_tile(dy_ptr, y_ptr, co_off_dy, co_off_y, mask_m, k0, K, OH, OW,
-                                              sdn, sdh, sdw, syn, syh, syw, RELU, BLOCK_K)
+        a, n, oh, ow, mask_k = _wgrad_dy_tile(dy_ptr, co_off_dy, mask_m, k0, K, OH, OW, sdn, sdh, sdw, BLOCK_K)
         ih = (oh * stride_h - pad_h)[:, None] + (kh * dil_h)[None, :]
         iw = (ow * stride_w - pad_w)[:, None] + (kw * dil_w)[None, :]
         bmask = mask_k[:, None] & mask_n[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -280,18 +266,15 @@ def _conv2d_wgrad_kernel(
 
 @triton.jit
 def _conv2d_wgrad_taps_kernel(
-    dy_ptr,  # (N, C_out, OH, OW)
-    y_ptr,  # (N, C_out, OH, OW) output of the forward, read only if RELU
+    dy_ptr,  # (N, C_out, OH, OW), the ReLU mask already applied
     x_ptr,  # (N, C_in, H, W), channels contiguous (NHWC) for coalesced reads
     dw_ptr,  # (SPLIT, C_out, KH*KW, Cig) fp32/fp64 partials
     db_ptr,  # (SPLIT, C_out) fp32/fp64 partials
     H, W, OH, OW, Cig, Cog, K, K_PER_SPLIT,  # K = N*OH*OW; K_PER_SPLIT a multiple of BLOCK_K
     sdn, sdc, sdh, sdw,
-    syn, syc, syh, syw,
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH, KW, C_out,
-    RELU: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -315,15 +298,13 @@ def _conv2d_wgrad_taps_kernel(
     mask_m = offs_m < Cog
     mask_c = offs_c < Cig
     co_off_dy = (g * Cog + offs_m) * sdc
-    co_off_y = (g * Cog + offs_m) * syc
     ci_off_x = (g * Cig + offs_c) * sxc
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     dbias = tl.zeros((BLOCK_M,), dtype=ACC)
     k_start = split * K_PER_SPLIT
     for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
-        a, n, oh, ow, mask_k = _wgrad_dy_tile(dy_ptr, y_ptr, co_off_dy, co_off_y, mask_m, k0, K, OH, OW,
-                                              sdn, sdh, sdw, syn, syh, syw, RELU, BLOCK_K)
+        a, n, oh, ow, mask_k = _wgrad_dy_tile(dy_ptr, co_off_dy, mask_m, k0, K, OH, OW, sdn, sdh, sdw, BLOCK_K)
         ih = oh * stride_h - pad_h + kh * dil_h
         iw = ow * stride_w - pad_w + kw * dil_w
         row_ok = mask_k & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -527,26 +508,22 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
     return y
 
 
-def conv2d_input_grad(grad_output, output, weight, input_shape, stride, padding, dilation, groups, relu,
-                      channels_last=False, allow_tf32=True, config=None):
+def conv2d_input_grad(grad_output, weight, input_shape, stride, padding, dilation, groups, channels_last=False,
+                      allow_tf32=True, config=None):
     """dx (N, C_in, H, W) from grad_output (N, C_out, OH, OW) and weight (C_out, C_in/groups, KH, KW).
 
-    With relu, `output` is the forward's (post-ReLU) output and masks grad_output where it is <= 0.
+    A fused ReLU's mask is the caller's to apply first (the ops do, once, with threshold_backward).
     """
     check_tensor(grad_output, "grad_output", ndim=4)
     check_tensor(weight, "weight", ndim=4)
     check_same("grad_output", grad_output, "weight", weight)
-    if relu:
-        check_tensor(output, "output", ndim=4)
-        if output.shape != grad_output.shape:
-            raise ValueError(f"output shape {tuple(output.shape)} != grad_output shape {tuple(grad_output.shape)}")
     N, C_in, H, W = input_shape
     C_out, Cig, KH, KW = weight.shape
     _, _, OH, OW = grad_output.shape
-    if (tuple(stride) == (1, 1) and not relu and config is None
-            and padding[0] <= dilation[0] * (KH - 1) and padding[1] <= dilation[1] * (KW - 1)):
+    if tuple(stride) == (1, 1) and padding[0] <= dilation[0] * (KH - 1) and padding[1] <= dilation[1] * (KW - 1):
+        # (config, if given, is then a forward config: the tile tables of both kinds are alike)
         return _input_grad_as_forward(grad_output, weight, input_shape, padding, dilation, groups, channels_last,
-                                      allow_tf32)
+                                      allow_tf32, config)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     dx = empty((N, C_in, H, W), dtype=grad_output.dtype, device=grad_output.device, memory_format=fmt)
     M = N * H * W
@@ -555,21 +532,20 @@ def conv2d_input_grad(grad_output, output, weight, input_shape, stride, padding,
     Cog = C_out // groups
     cfg = _pick(config, "dgrad", dx.dtype, M, Cig)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cig, cfg["BLOCK_N"]), groups)
-    y = output if relu else grad_output
     _conv2d_dgrad_kernel[grid](
-        grad_output, y, weight, dx,
+        grad_output, weight, dx,
         H, W, OH, OW, Cig, Cog, M,
-        *grad_output.stride(), *y.stride(), *weight.stride(), *dx.stride(),
+        *grad_output.stride(), *weight.stride(), *dx.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH, KW,
-        RELU=relu,
         ACC=acc_dtype(dx.dtype), PRECISION=dot_precision(dx.dtype, allow_tf32), UPCAST=dot_upcast(dx.dtype),
         **cfg,
     )
     return dx
 
 
-def _input_grad_as_forward(grad_output, weight, input_shape, padding, dilation, groups, channels_last, allow_tf32):
+def _input_grad_as_forward(grad_output, weight, input_shape, padding, dilation, groups, channels_last, allow_tf32,
+                           config=None):
     """dx of a stride-1 convolution is itself a stride-1 convolution: dy with the kernel flipped in
     space and input/output channels swapped within each group, padded by dilation*(K-1) - padding.
     The forward kernel runs it with dy's positions as the GEMM's M and no per-tap hit test."""
@@ -581,14 +557,14 @@ def _input_grad_as_forward(grad_output, weight, input_shape, padding, dilation, 
            .reshape(groups * Cig, Cog, KH, KW))
     pad = [dilation[0] * (KH - 1) - padding[0], dilation[1] * (KW - 1) - padding[1]]
     return conv2d_forward(grad_output, w_t, None, (1, 1), pad, dilation, groups, (H, W), False,
-                          channels_last=channels_last, allow_tf32=allow_tf32)
+                          channels_last=channels_last, allow_tf32=allow_tf32, config=config)
 
 
-def conv2d_weight_grad(grad_output, output, x, weight_shape, stride, padding, dilation, groups, relu,
-                       allow_tf32=True, split_k=None, config=None, taps=None):
+def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, groups, allow_tf32=True,
+                       split_k=None, config=None, taps=None):
     """(dw (C_out, C_in/groups, KH, KW), db (C_out,)) from grad_output (N, C_out, OH, OW) and x.
 
-    With relu, `output` masks grad_output as in conv2d_input_grad. The reduction over the N*OH*OW
+    A fused ReLU's mask is the caller's to apply first, as for conv2d_input_grad. The reduction over the N*OH*OW
     output positions is split `split_k` ways (default: enough to fill the GPU) into fp32 partials
     that a second kernel sums in a fixed order: deterministic. dw is contiguous in the weight's
     layout whatever x's; for channels-contiguous x the partials are in (co, kh, kw, ci) order and
@@ -599,10 +575,6 @@ def conv2d_weight_grad(grad_output, output, x, weight_shape, stride, padding, di
     check_tensor(grad_output, "grad_output", ndim=4)
     check_tensor(x, "input", ndim=4)
     check_same("grad_output", grad_output, "input", x)
-    if relu:
-        check_tensor(output, "output", ndim=4)
-        if output.shape != grad_output.shape:
-            raise ValueError(f"output shape {tuple(output.shape)} != grad_output shape {tuple(grad_output.shape)}")
     N, C_in, H, W = x.shape
     C_out, Cig, KH, KW = weight_shape
     _, _, OH, OW = grad_output.shape
@@ -634,13 +606,12 @@ def conv2d_weight_grad(grad_output, output, x, weight_shape, stride, padding, di
         dw_part.zero_()
         db_part.zero_()
     else:
-        y = output if relu else grad_output
-        args = (grad_output, y, x, dw_part, db_part,
+        args = (grad_output, x, dw_part, db_part,
                 H, W, OH, OW, Cig, Cog, K, k_per_split,
-                *grad_output.stride(), *y.stride(), *x.stride(),
+                *grad_output.stride(), *x.stride(),
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
                 KH, KW, C_out)
-        common = dict(RELU=relu, ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype, allow_tf32),
+        common = dict(ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype, allow_tf32),
                       UPCAST=dot_upcast(dtype), **cfg)
         if taps:
             _conv2d_wgrad_taps_kernel[(tiles, groups, split)](*args, **common)

@@ -255,7 +255,7 @@ def _train_step(net: str, batch: int, dtype: torch.dtype, start: str) -> None:
 
     Mirrors the ops' autograd (fastalex/ops/*.py) and the modules (fastalex/nn.py, fastalex/model.py):
     the fused conv+ReLU forward; its backward applies the ReLU mask with threshold_backward first, so
-    both gradient launches get relu=False (no input gradient for conv1, whose input is the image);
+    the gradient kernels take the masked dy (no input gradient for conv1, whose input is the image);
     LRN with groups=2 runs in one pass over (N, C, H, W), keeping the layout; max-pool without
     indices. The image starts in `start` layout (nhwc: what AlexNet feeds the kernels on a
     GPU); every later layout is whatever the launchers and torch's reshapes return. The classifier is
@@ -310,10 +310,10 @@ def _train_step(net: str, batch: int, dtype: torch.dtype, start: str) -> None:
                 with _at(layout=_layout(x)):
                     if name != "conv1":
                         with _at(op="dgrad"):
-                            dx = conv.conv2d_input_grad(dy, None, w, x.shape, *geometry, relu=False,
+                            dx = conv.conv2d_input_grad(dy, w, x.shape, *geometry,
                                                         channels_last=_is_channels_last(x), allow_tf32=True)
                     with _at(op="wgrad"):
-                        conv.conv2d_weight_grad(dy, None, x, w.shape, *geometry, relu=False, allow_tf32=True)
+                        conv.conv2d_weight_grad(dy, x, w.shape, *geometry, allow_tf32=True)
                 dy = dx if name != "conv1" else None
 
 

@@ -4,7 +4,8 @@
                         [--kinds fwd,dgrad,wgrad,wgrad_taps] [--layers conv1,...] [--compile-workers 8]
                         [--out DIR]
 
-For each layer, kind (fwd: conv + bias + ReLU; dgrad: input gradient; wgrad: weight and bias
+For each layer, kind (fwd: conv + bias + ReLU; dgrad: input gradient, at stride 1 the forward kernel on
+the flipped weight as autograd runs it; all with dy already under the ReLU mask; wgrad: weight and bias
 gradients with the flat kernel, wgrad_taps: with the per-tap kernel), dtype and layout, every
 config in CONFIGS[kind] (and, for the weight gradients, three split-K factors) is timed with triton.testing.do_bench (median) next to the heuristic's choice and
 cuDNN's own kernel for the same GEMM (aten.convolution_backward for the gradients). Compilation
@@ -71,7 +72,8 @@ def _tensors(s, dtype: str, layout: str, batch: int):
     w = w.contiguous(memory_format=fmt)
     b = torch.randn(s.c_out, device=DEVICE, dtype=dt)
     y = torch.relu(torch.nn.functional.conv2d(x, w, b, s.stride, s.padding, 1, s.groups))
-    dy = torch.randn_like(y)
+    # The output gradient as autograd hands it to both gradient kernels: already under the ReLU's mask.
+    dy = torch.ops.aten.threshold_backward(torch.randn_like(y), y, 0)
     return x, w, b, y, dy
 
 
@@ -90,15 +92,15 @@ def _calls(s, kind, x, w, b, y, dy, layout):
             return torch.relu(torch.nn.functional.conv2d(x, w, b, s.stride, s.padding, 1, s.groups))
     elif kind == "dgrad":
         def fast(cfg, split=None):
-            return K.conv2d_input_grad(dy, y, w, x.shape, st, pad, dil, s.groups, True, cl, tf32, config=cfg)
+            return K.conv2d_input_grad(dy, w, x.shape, st, pad, dil, s.groups, cl, tf32, config=cfg)
 
         def ref():
             return torch.ops.aten.convolution_backward(dy, x, w, None, st, pad, dil, False, [0, 0], s.groups,
                                                        [True, False, False])
     else:
         def fast(cfg, split=None):
-            return K.conv2d_weight_grad(dy, y, x, w.shape, st, pad, dil, s.groups, True, tf32, split_k=split,
-                                        config=cfg, taps=kind == "wgrad_taps")
+            return K.conv2d_weight_grad(dy, x, w.shape, st, pad, dil, s.groups, tf32, split_k=split, config=cfg,
+                                        taps=kind == "wgrad_taps")
 
         def ref():
             return torch.ops.aten.convolution_backward(dy, x, w, [s.c_out], st, pad, dil, False, [0, 0], s.groups,

@@ -3,13 +3,21 @@
 TRITON_INTERPRET must be set before triton is first imported, hence here, at the top.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 import zlib
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A fresh torch.compile cache per test run: torch's on-disk caches (/tmp/torchinductor_<user>) were
+# seen to replay a graph that called a custom op with its previous schema after the schema changed.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastalex-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 

@@ -41,16 +41,16 @@ def _collect(batch: int) -> None:
             b = torch.empty(s.c_out, dtype=dtype, **meta)
             st, pd = (s.stride, s.stride), (s.padding, s.padding)
             y = conv.conv2d_forward(x, w, b, st, pd, (1, 1), s.groups, (s.out_size, s.out_size), relu=True)
-            conv.conv2d_input_grad(y, y, w, x.shape, st, pd, (1, 1), s.groups, relu=True)
-            conv.conv2d_weight_grad(y, y, x, w.shape, st, pd, (1, 1), s.groups, relu=True, split_k=4)
+            conv.conv2d_input_grad(y, w, x.shape, st, pd, (1, 1), s.groups)
+            conv.conv2d_weight_grad(y, x, w.shape, st, pd, (1, 1), s.groups, split_k=4)
             # channels_last (NHWC), as the model runs on GPUs: the forward's per-tap K blocks, the input
             # gradient (ReLU applied before; stride 1 runs the forward kernel), both wgrad kernels
             xl, yl = (t.contiguous(memory_format=torch.channels_last) for t in (x, y))
             conv.conv2d_forward(xl, w, b, st, pd, (1, 1), s.groups, (s.out_size, s.out_size), relu=True,
                                 channels_last=True)
-            conv.conv2d_input_grad(yl, None, w, x.shape, st, pd, (1, 1), s.groups, relu=False, channels_last=True)
-            conv.conv2d_weight_grad(yl, yl, xl, w.shape, st, pd, (1, 1), s.groups, relu=True, split_k=4)
-            conv.conv2d_weight_grad(yl, None, xl, w.shape, st, pd, (1, 1), s.groups, relu=False, taps=False)
+            conv.conv2d_input_grad(yl, w, x.shape, st, pd, (1, 1), s.groups, channels_last=True)
+            conv.conv2d_weight_grad(yl, xl, w.shape, st, pd, (1, 1), s.groups, split_k=4)
+            conv.conv2d_weight_grad(yl, xl, w.shape, st, pd, (1, 1), s.groups, taps=False)
         for _, c, size in LRN:
             x = torch.empty(batch, c, size, size, dtype=dtype, **meta)
             lrn.lrn_forward(x, **LRN_ARGS)

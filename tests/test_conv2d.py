@@ -22,6 +22,11 @@ ALEXNET = [
 ]
 
 
+def _masked(dy, y, relu: bool):
+    """dy under y's ReLU mask, as the op applies it before both gradient kernels (threshold_backward)."""
+    return torch.ops.aten.threshold_backward(dy, y, 0) if relu else dy
+
+
 def _check(device, dtype, x, w, b, relu=True, **conv):
     """Run fastalex (Triton backend) and the float64 torch reference; compare output and grads."""
     xr, wr, br = ref_inputs(x, w, b)
@@ -157,7 +162,7 @@ def test_weight_grad_split_k(device, split):
     w = make_input((8, 3, 3, 3), torch.float32, device, requires_grad=False)
     y = TF.conv2d(x, w, padding=1, groups=2).relu()
     dy = torch.randn_like(y)
-    dw, db = K.conv2d_weight_grad(dy, y, x, w.shape, (1, 1), (1, 1), (1, 1), 2, relu=True, split_k=split)
+    dw, db = K.conv2d_weight_grad(_masked(dy, y, True), x, w.shape, (1, 1), (1, 1), (1, 1), 2, split_k=split)
     xr, wr = ref_inputs(x, w)
     wr.requires_grad_()
     br = torch.zeros(8, dtype=torch.float64, requires_grad=True)
@@ -208,7 +213,7 @@ def test_weight_grad_channels_last(device, case, monkeypatch):
     dy = torch.randn(y.shape, device=device).to(dtype).contiguous(memory_format=cl)
     spy = _LaunchSpy(K._conv2d_wgrad_kernel)
     monkeypatch.setattr(K, "_conv2d_wgrad_kernel", spy)
-    dw, db = K.conv2d_weight_grad(dy, y if relu else None, x, w.shape, s, p, (1, 1), g, relu=relu, split_k=split)
+    dw, db = K.conv2d_weight_grad(_masked(dy, y, relu), x, w.shape, s, p, (1, 1), g, split_k=split)
     assert [kw["CI_FAST"] for kw in spy.kwargs] == [True]
     assert spy.grids[0][2] == split  # K spans enough blocks for every split to get some
     assert dw.shape == (Co, C // g, *k) and dw.is_contiguous() and dw.dtype == dtype and db.dtype == dtype
@@ -233,7 +238,7 @@ def test_weight_grad_layout_flag(device, monkeypatch):
         x = make_input((2, 4, 5, 5), torch.float32, device, layout=layout, requires_grad=False)
         w = make_input(ws, torch.float32, device, requires_grad=False)
         dy = TF.conv2d(x, w, groups=g)
-        dw, _ = K.conv2d_weight_grad(dy, None, x, w.shape, (1, 1), (0, 0), (1, 1), g, relu=False)
+        dw, _ = K.conv2d_weight_grad(dy, x, w.shape, (1, 1), (0, 0), (1, 1), g)
         assert spy.kwargs[-1]["CI_FAST"] is want and dw.is_contiguous()
         xr, wr = ref_inputs(x, w)
         wr.requires_grad_()
@@ -269,8 +274,8 @@ def test_weight_grad_per_tap(device, case, monkeypatch):
     spy = _LaunchSpy(K._conv2d_wgrad_taps_kernel)
     monkeypatch.setattr(K, "_conv2d_wgrad_taps_kernel", spy)
     cfg = dict(BLOCK_M=16, BLOCK_N=16 if C // g == 16 else 32, BLOCK_K=16, num_warps=4, num_stages=1)
-    dw, db = K.conv2d_weight_grad(dy, y if relu else None, x, w.shape, s, p, d, g, relu=relu, split_k=split,
-                                  config=cfg, taps=taps)
+    dw, db = K.conv2d_weight_grad(_masked(dy, y, relu), x, w.shape, s, p, d, g, split_k=split, config=cfg,
+                                  taps=taps)
     assert len(spy.grids) == 1 and spy.grids[0][2] == split
     assert dw.shape == w.shape and dw.is_contiguous() and dw.dtype == dtype and db.dtype == dtype
     xr, wr = ref_inputs(x, w)
@@ -300,7 +305,7 @@ def test_weight_grad_kernel_choice(device, monkeypatch):
         w = make_input(ws, torch.float32, device, requires_grad=False)
         dy = TF.conv2d(x, w)
         before = {n: len(sp.grids) for n, sp in spies.items()}
-        dw, _ = K.conv2d_weight_grad(dy, None, x, w.shape, (1, 1), (0, 0), (1, 1), 1, relu=False, taps=taps)
+        dw, _ = K.conv2d_weight_grad(dy, x, w.shape, (1, 1), (0, 0), (1, 1), 1, taps=taps)
         assert [n for n, sp in spies.items() if len(sp.grids) > before[n]] == [want], (ws, layout, taps)
         xr, wr = ref_inputs(x, w)
         wr.requires_grad_()
@@ -366,12 +371,12 @@ def test_wide_layer_channels_last(device, dtype, monkeypatch):
 @pytest.mark.parametrize("relu", [False, True])
 def test_input_grad_paths(device, stride, padding, relu):
     """Both input-gradient paths (stride 1: the forward kernel on the flipped weight; otherwise the
-    dgrad kernel, which can also apply the ReLU mask itself) against float64 autograd."""
+    dgrad kernel), with dy masked by a ReLU as the op masks it, against float64 autograd."""
     x = make_input((2, 6, 9, 8), torch.float32, device, requires_grad=False)
     w = make_input((8, 3, 3, 3), torch.float32, device, requires_grad=False)
     y = TF.conv2d(x, w, stride=stride, padding=padding, groups=2).relu()
     dy = torch.randn_like(y)
-    dx = K.conv2d_input_grad(dy, y if relu else None, w, x.shape, stride, padding, (1, 1), 2, relu=relu)
+    dx = K.conv2d_input_grad(_masked(dy, y, relu), w, x.shape, stride, padding, (1, 1), 2)
     xr, wr = ref_inputs(x, w)
     xr.requires_grad_()
     yr = TF.conv2d(xr, wr, stride=stride, padding=padding, groups=2)

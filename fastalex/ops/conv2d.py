@@ -50,34 +50,31 @@ def _(input, weight, bias, stride, padding, dilation, groups, output_size, relu)
 
 
 @torch.library.custom_op("fastalex::conv2d_input_grad", mutates_args=())
-def _conv2d_input_grad_op(grad_output: Tensor, output: Optional[Tensor], weight: Tensor, input_shape: Sequence[int],
-                          stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
-                          channels_last: bool) -> Tensor:
+def _conv2d_input_grad_op(grad_output: Tensor, weight: Tensor, input_shape: Sequence[int], stride: Sequence[int],
+                          padding: Sequence[int], dilation: Sequence[int], groups: int, channels_last: bool) -> Tensor:
     from fastalex.kernels import conv2d as K
 
-    return K.conv2d_input_grad(grad_output, output, weight, input_shape, stride, padding, dilation, groups,
-                               relu=output is not None, channels_last=channels_last,
-                               allow_tf32=torch.backends.cudnn.allow_tf32)
+    return K.conv2d_input_grad(grad_output, weight, input_shape, stride, padding, dilation, groups,
+                               channels_last=channels_last, allow_tf32=torch.backends.cudnn.allow_tf32)
 
 
 @_conv2d_input_grad_op.register_fake
-def _(grad_output, output, weight, input_shape, stride, padding, dilation, groups, channels_last):
+def _(grad_output, weight, input_shape, stride, padding, dilation, groups, channels_last):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty(tuple(input_shape), dtype=grad_output.dtype, device=grad_output.device, memory_format=fmt)
 
 
 @torch.library.custom_op("fastalex::conv2d_weight_grad", mutates_args=())
-def _conv2d_weight_grad_op(grad_output: Tensor, output: Optional[Tensor], input: Tensor, weight_shape: Sequence[int],
-                           stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                           groups: int) -> tuple[Tensor, Tensor]:
+def _conv2d_weight_grad_op(grad_output: Tensor, input: Tensor, weight_shape: Sequence[int], stride: Sequence[int],
+                           padding: Sequence[int], dilation: Sequence[int], groups: int) -> tuple[Tensor, Tensor]:
     from fastalex.kernels import conv2d as K
 
-    return K.conv2d_weight_grad(grad_output, output, input, weight_shape, stride, padding, dilation, groups,
-                                relu=output is not None, allow_tf32=torch.backends.cudnn.allow_tf32)
+    return K.conv2d_weight_grad(grad_output, input, weight_shape, stride, padding, dilation, groups,
+                                allow_tf32=torch.backends.cudnn.allow_tf32)
 
 
 @_conv2d_weight_grad_op.register_fake
-def _(grad_output, output, input, weight_shape, stride, padding, dilation, groups):
+def _(grad_output, input, weight_shape, stride, padding, dilation, groups):
     dw = grad_output.new_empty(tuple(weight_shape))
     return dw, grad_output.new_empty((weight_shape[0],))
 
@@ -101,13 +98,12 @@ def _backward(ctx, grad_output):
         # The ReLU mask, applied once (torch's own relu backward: zero where output <= 0), rather than
         # inside both GEMMs, where dgrad would re-read the output once per kernel tap.
         grad_output = torch.ops.aten.threshold_backward(grad_output, output, 0)
-        output = None
     if ctx.needs_input_grad[0]:  # skipped for conv1, whose input is the image
-        grad_input = _conv2d_input_grad_op(grad_output, output, weight, ctx.input_shape, stride, padding, dilation,
-                                           groups, ctx.channels_last)
+        grad_input = _conv2d_input_grad_op(grad_output, weight, ctx.input_shape, stride, padding, dilation, groups,
+                                           ctx.channels_last)
     if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-        grad_weight, grad_bias = _conv2d_weight_grad_op(grad_output, output, input, ctx.weight_shape, stride,
-                                                        padding, dilation, groups)
+        grad_weight, grad_bias = _conv2d_weight_grad_op(grad_output, input, ctx.weight_shape, stride, padding,
+                                                        dilation, groups)
         if not ctx.has_bias:
             grad_bias = None
     return grad_input, grad_weight, grad_bias, None, None, None, None, None, None

@@ -19,7 +19,7 @@ from torch import nn
 
 from fastalex import nn as fnn
 from fastalex._backend import use_triton
-from fastalex.ops._checks import pair
+from fastalex.ops._checks import output_length, pair
 
 __all__ = ["AlexNet", "VARIANTS"]
 
@@ -47,9 +47,9 @@ def feature_size(variant: str, size: int, pool: tuple[int, int] = (3, 2)) -> int
     """Spatial size after pool5 for a square input of `size` (0 if some layer gets nothing to work on)."""
     k, s = pool
     for name, _, _, kernel, stride, pad, _ in _conv_plan(variant):
-        size = (size + 2 * pad - kernel) // stride + 1 if size + 2 * pad >= kernel else 0
+        size = max(output_length(size, kernel, stride, pad), 0)
         if name in ("conv1", "conv2", "conv5"):
-            size = (size - k) // s + 1 if size >= k else 0
+            size = max(output_length(size, k, s), 0)
         if size < 1:
             return 0
     return size

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from fastalex.ops._checks import FLOAT_DTYPES, check_same  # noqa: F401 (the one definition, re-exported)
 
 # Offsets inside the kernels are int32: every tensor must have fewer elements than this.
 MAX_NUMEL = 2**31 - 1
@@ -53,14 +53,6 @@ def check_tensor(t, name: str, *, ndim: int | None = None, dtypes=FLOAT_DTYPES) 
         raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
     if t.numel() > MAX_NUMEL:
         raise NotImplementedError(f"{name} has {t.numel()} elements; the kernels support at most 2**31 - 1")
-
-
-def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
-    """Raise if two tensors differ in dtype or device."""
-    if a.dtype != b.dtype:
-        raise TypeError(f"{name_b} must have the dtype of {name_a} ({a.dtype}), got {b.dtype}")
-    if a.device != b.device:
-        raise ValueError(f"{name_b} must be on the device of {name_a} ({a.device}), got {b.device}")
 
 
 def acc_dtype(dtype: torch.dtype) -> tl.dtype:

@@ -23,6 +23,7 @@ import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
 from fastalex.kernels._common import MAX_NUMEL, acc_dtype, check_tensor, empty, is_interpreting, next_pow2
+from fastalex.ops._checks import argmax_dtype, output_length
 
 __all__ = ["argmax_dtype", "output_size", "maxpool2d_forward", "maxpool2d_backward"]
 
@@ -138,25 +139,10 @@ def _maxpool2d_bwd_kernel(
     tl.store(dx_ptr + n * sxn + c * sxc + ih * sxh + iw * sxw, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def argmax_dtype(kernel_size) -> torch.dtype:
-    """Smallest integer dtype holding every window offset 0 .. KH * KW - 1."""
-    k = kernel_size[0] * kernel_size[1]
-    return torch.int8 if k <= 127 else torch.int16 if k <= 32767 else torch.int32
-
-
-def _out_len(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
-    # torch's pooling_output_shape: in ceil mode the last window must start inside the input or
-    # its left padding, else it is dropped.
-    n = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
-    if ceil_mode and (n - 1) * s >= size + p:
-        n -= 1
-    return n
-
-
 def output_size(H: int, W: int, kernel_size, stride, padding, dilation, ceil_mode: bool) -> tuple[int, int]:
     """(OH, OW) exactly as torch computes them (arguments are (h, w) pairs)."""
-    return (_out_len(H, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode),
-            _out_len(W, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode))
+    return (output_length(H, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode),
+            output_length(W, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode))
 
 
 def _check_pairs(kernel_size, stride, padding, dilation) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fastalex.ops._checks import output_length
+
 
 @dataclass(frozen=True)
 class ConvShape:
@@ -18,7 +20,7 @@ class ConvShape:
 
     @property
     def out_size(self) -> int:
-        return (self.size + 2 * self.padding - self.kernel) // self.stride + 1
+        return output_length(self.size, self.kernel, self.stride, self.padding)
 
     def macs(self, batch: int) -> int:
         return batch * self.c_out * self.out_size**2 * (self.c_in // self.groups) * self.kernel**2

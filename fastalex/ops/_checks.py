@@ -1,4 +1,7 @@
-"""Argument checks shared by the ops: clear TypeError/ValueError naming the argument, before any launch."""
+"""The helpers every layer shares (torch only, no triton): the float dtypes, argument checks with
+clear TypeError/ValueError naming the argument (the ops raise them before any launch), pairs, and
+output sizes. Imported by the ops and their fake implementations, the kernels' launchers
+(fastalex.kernels._common), the model and perf/shapes.py, so each rule is written once."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ def check_float_tensor(t, name: str, dims: tuple[int, ...] | None = None) -> Non
         raise ValueError(f"{name} must be {want}, got {t.dim()}-D with shape {tuple(t.shape)}")
 
 
-def check_same_kind(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
     """`b` must share `a`'s dtype and device."""
     if a.dtype != b.dtype:
         raise TypeError(f"{name_b} must have the dtype of {name_a} ({a.dtype}), got {b.dtype}")
@@ -41,3 +44,21 @@ def pair(value, name: str, minimum: int) -> tuple[int, int]:
     if min(values) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return values
+
+
+def argmax_dtype(kernel_size) -> torch.dtype:
+    """max_pool2d's compact argmax: the smallest integer dtype holding every window offset 0 .. KH * KW - 1."""
+    k = kernel_size[0] * kernel_size[1]
+    return torch.int8 if k <= 127 else torch.int16 if k <= 32767 else torch.int32
+
+
+def output_length(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1,
+                  ceil_mode: bool = False) -> int:
+    """Output length along one dimension of a convolution or pooling, exactly as torch computes it
+    (pooling_output_shape): floor((size + 2p - d(k-1) - 1) / s) + 1, or ceil in ceil_mode, where the
+    last window must then start inside the input or its left padding, else it is dropped. May be
+    <= 0 when the (padded) input is smaller than the dilated kernel: the callers say so."""
+    n = (size + 2 * padding - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (n - 1) * stride >= size + padding:
+        n -= 1
+    return n

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastalex._backend import use_triton
-from fastalex.ops._checks import check_float_tensor, check_same_kind, pair
+from fastalex.ops._checks import check_float_tensor, check_same, output_length, pair
 
 __all__ = ["conv2d", "conv2d_relu"]
 
@@ -150,9 +150,9 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
         # so do both backends. float64 stays float64, as autocast leaves it.
         dt = torch.get_autocast_dtype(kind)
         input, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(dt) for t in (input, weight, bias))
-    check_same_kind("input", input, "weight", weight)
+    check_same("input", input, "weight", weight)
     if bias is not None:
-        check_same_kind("input", input, "bias", bias)
+        check_same("input", input, "bias", bias)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
@@ -180,7 +180,8 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     if padded[0] < span[0] or padded[1] < span[1]:
         raise ValueError(f"input {H}x{W} padded to {padded[0]}x{padded[1]} is smaller than the dilated kernel "
                          f"{span[0]}x{span[1]}")
-    output_size = [(p - s) // st + 1 for p, s, st in zip(padded, span, stride_)]
+    # (the padding may be asymmetric ('same'): the padded length with no further padding)
+    output_size = [output_length(p, k, st, 0, d) for p, k, st, d in zip(padded, (KH, KW), stride_, dilation_)]
 
     if not use_triton(x.device):
         y = torch.nn.functional.conv2d(input, weight, bias, stride_, padding if isinstance(padding, str) else front,

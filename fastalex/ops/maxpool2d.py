@@ -18,24 +18,9 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from fastalex._backend import use_triton
-from fastalex.ops._checks import FLOAT_DTYPES
+from fastalex.ops._checks import FLOAT_DTYPES, argmax_dtype, output_length
 
 __all__ = ["max_pool2d"]
-
-def _argmax_dtype(kernel_size: Sequence[int]) -> torch.dtype:
-    # Mirrors kernels.maxpool2d.argmax_dtype (kept here so fakes never import triton).
-    k = kernel_size[0] * kernel_size[1]
-    return torch.int8 if k <= 127 else torch.int16 if k <= 32767 else torch.int32
-
-
-def _out_len(size, k: int, s: int, p: int, d: int, ceil_mode: bool):
-    # torch's pooling_output_shape (mirrored in kernels.maxpool2d._out_len): in ceil mode the last
-    # window must start inside the input or its left padding, else it is dropped.
-    n = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
-    if ceil_mode and (n - 1) * s >= size + p:
-        n = n - 1
-    return n
-
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     """The format torch gives max_pool2d's outputs: channels_last for channels_last-like 4-D input."""
@@ -57,12 +42,12 @@ def _max_pool2d_op(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence
 
 @_max_pool2d_op.register_fake
 def _(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
-    OH = _out_len(x.shape[-2], kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
-    OW = _out_len(x.shape[-1], kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
+    OH = output_length(x.shape[-2], kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
+    OW = output_length(x.shape[-1], kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
     shape = (*x.shape[:-2], OH, OW)
     fmt = _memory_format(x)
     y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-    arg = torch.empty(shape, dtype=_argmax_dtype(kernel_size), device=x.device, memory_format=fmt)
+    arg = torch.empty(shape, dtype=argmax_dtype(kernel_size), device=x.device, memory_format=fmt)
     if return_indices:
         idx = torch.empty(shape, dtype=torch.int64, device=x.device, memory_format=fmt)
     else:
@@ -186,7 +171,7 @@ def _check_args(input, kernel_size, stride, padding, dilation, ceil_mode, return
         raise ValueError(f"max_pool2d: padding should be at most half of kernel_size (padding <= kernel_size // 2 "
                          f"in each dimension), got padding={p}, kernel_size={k}")
     H, W = input.shape[-2:]
-    out = (_out_len(H, k[0], s[0], p[0], d[0], ceil_mode), _out_len(W, k[1], s[1], p[1], d[1], ceil_mode))
+    out = (output_length(H, k[0], s[0], p[0], d[0], ceil_mode), output_length(W, k[1], s[1], p[1], d[1], ceil_mode))
     if out[0] < 1 or out[1] < 1:
         raise ValueError(f"max_pool2d: output size {out} is too small: input of size ({H}, {W}) with kernel_size={k}, "
                          f"stride={s}, padding={p}, dilation={d}, ceil_mode={ceil_mode}")

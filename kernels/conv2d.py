@@ -42,6 +42,15 @@ SMEM_LIMIT = 227 * 1024
 
 
 @triton.jit
+def _dot(acc, a, b, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += a @ b (a, b upcast to fp32 where the interpreter's bf16 dot is wrong)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+
+
+@triton.jit
 def _conv2d_fwd_kernel(
     x_ptr,  # (N, C_in, H, W)
     w_ptr,  # (C_out, Cig, KH, KW)
@@ -54,6 +63,7 @@ def _conv2d_fwd_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH, KW,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, TAP_BLOCKS: tl.constexpr,  # TAP_BLOCKS: Cig % BLOCK_K == 0
+    ROW_BLOCKS: tl.constexpr,  # a K block is one kernel row: (kw, c) contiguous in x and w, KW*Cig <= BLOCK_K
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -77,37 +87,57 @@ def _conv2d_fwd_kernel(
     # layers (conv1: 3 channels, 11x11 taps) waste no K steps, while for wide layers a block is a
     # run of channels at one tap (contiguous in NHWC).
     K_total = KH * KW * Cig
-    for k0 in range(0, K_total, BLOCK_K):
-        if TAP_BLOCKS:
-            # Every K block lies within one tap: (kh, kw) are scalars, the input row and its
-            # padding test are per output position (1-D), not per (position, k) element.
-            tap = k0 // Cig
-            kh = tap // KW
-            kw = tap % KW
-            c = k0 - tap * Cig + tl.arange(0, BLOCK_K)
+    if ROW_BLOCKS:
+        # Few channels, channels contiguous (conv1: 3 channels, 11x11 taps, NHWC): one K block is one
+        # kernel row kh, and along it (kw, c) is a contiguous run of KW*Cig elements in x (at the
+        # window's left edge) and in the channels_last weight. So the block's addresses are a 1-D row
+        # start plus j, and the padding test along the row, 0 <= iw0*Cig + j < W*Cig (c < Cig keeps
+        # kw = j // Cig in step), is the same for every kh: computed once, no division in the loop.
+        # The block is padded to a power of two (33 -> 64 for conv1): the MMA does more, the
+        # instruction stream (what bounds this layer) far less.
+        j = tl.arange(0, BLOCK_K)
+        j_ok = j < KW * Cig
+        col0 = iw0 * Cig
+        a_rows = x_rows + iw0 * sxw  # sxw == Cig, sxc == 1
+        for kh in range(0, KH):
             ih = ih0 + kh * dil_h
-            iw = iw0 + kw * dil_w
-            row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load((x_rows + ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :], mask=row_ok[:, None],
-                        other=0.0)
-            b = tl.load(w_cols[None, :] + (c * swc + kh * swh + kw * sww)[:, None], mask=mask_n[None, :], other=0.0)
-        else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K_total
-            c = offs_k % Cig
-            tap = offs_k // Cig
-            kh = tap // KW
-            kw = tap % KW
-            ih = ih0[:, None] + (kh * dil_h)[None, :]
-            iw = iw0[:, None] + (kw * dil_w)[None, :]
-            amask = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(x_rows[:, None] + (c * sxc)[None, :] + ih * sxh + iw * sxw, mask=amask, other=0.0)
-            b = tl.load(w_cols[None, :] + (c * swc + kh * swh + kw * sww)[:, None],
-                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+            row_ok = mask_m & (ih >= 0) & (ih < H)
+            # (recomputed each row: cheaper than holding a BLOCK_M x BLOCK_K mask in registers)
+            col = col0[:, None] + j[None, :]
+            col_ok = (col >= 0) & (col < W * Cig) & j_ok[None, :]
+            a = tl.load((a_rows + ih * sxh)[:, None] + j[None, :], mask=row_ok[:, None] & col_ok, other=0.0)
+            b = tl.load(w_cols[None, :] + (kh * swh + j)[:, None], mask=j_ok[:, None] & mask_n[None, :], other=0.0)
+            acc = _dot(acc, a, b, ACC, PRECISION, UPCAST)
+    else:
+        for k0 in range(0, K_total, BLOCK_K):
+            if TAP_BLOCKS:
+                # Every K block lies within one tap: (kh, kw) are scalars, the input row and its
+                # padding test are per output position (1-D), not per (position, k) element.
+                tap = k0 // Cig
+                kh = tap // KW
+                kw = tap % KW
+                c = k0 - tap * Cig + tl.arange(0, BLOCK_K)
+                ih = ih0 + kh * dil_h
+                iw = iw0 + kw * dil_w
+                row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a = tl.load((x_rows + ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :], mask=row_ok[:, None],
+                            other=0.0)
+                b = tl.load(w_cols[None, :] + (c * swc + kh * swh + kw * sww)[:, None], mask=mask_n[None, :],
+                            other=0.0)
+            else:
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K_total
+                c = offs_k % Cig
+                tap = offs_k // Cig
+                kh = tap // KW
+                kw = tap % KW
+                ih = ih0[:, None] + (kh * dil_h)[None, :]
+                iw = iw0[:, None] + (kw * dil_w)[None, :]
+                amask = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a = tl.load(x_rows[:, None] + (c * sxc)[None, :] + ih * sxh + iw * sxw, mask=amask, other=0.0)
+                b = tl.load(w_cols[None, :] + (c * swc + kh * swh + kw * sww)[:, None],
+                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = _dot(acc, a, b, ACC, PRECISION, UPCAST)
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + g * Cog + offs_n, mask=mask_n, other=0.0)
@@ -465,6 +495,34 @@ def _check_conv_args(x, weight, stride, padding, dilation, groups):
         raise ValueError(f"padding must be two non-negative ints, got {padding}")
 
 
+def _row_blocks(x, weight, dilation, tap_blocks: bool, cfg: dict, widen: bool) -> tuple[bool, dict]:
+    """Whether the forward takes one kernel row per K block (ROW_BLOCKS), and the config for it.
+
+    It needs (kw, c) contiguous in x and in the weight (channels contiguous, one group's channels a
+    whole pixel, no dilation along W) and a row of KW*Cig <= 128 elements. A heuristic config (widen)
+    gets BLOCK_K raised to the row's power of two, with pipeline stages dropped to fit shared memory;
+    a caller's config is taken as it is (row blocks only if its BLOCK_K holds a row).
+    """
+    C_out, Cig, KH, KW = weight.shape
+    row = KW * Cig
+    if (tap_blocks or Cig == 1 or KH == 1 or row > 128 or dilation[1] != 1 or x.stride(1) != 1
+            or x.stride(3) != Cig or weight.stride(1) != 1 or weight.stride(3) != Cig):
+        return False, cfg
+    if cfg["BLOCK_K"] < row:
+        if not widen:
+            return False, cfg
+        # perf.static on sm_90 (conv1, 128 images): 128x64 with 4 warps keeps spills out of the loop
+        # (128x128 x 8 warps: 10-30 local accesses a trip); issue-bound ceiling 0.73 fp32 / 0.43 bf16,
+        # against 0.18 / 0.13 on the flat path (predicted 417 -> 106 us fp32, 307 -> 90 us bf16).
+        cfg = dict(BLOCK_M=min(cfg["BLOCK_M"], 128), BLOCK_N=min(cfg["BLOCK_N"], 64), BLOCK_K=max(16, next_pow2(row)),
+                   num_warps=4, num_stages=3)
+        elem = torch.empty((), dtype=x.dtype).element_size()
+        while cfg["num_stages"] > 1 and cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem > SMEM_LIMIT:
+            cfg["num_stages"] -= 1
+        check_config(cfg, x.dtype)
+    return True, cfg
+
+
 def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_size, relu,
                    channels_last=False, allow_tf32=True, config=None):
     """y (N, C_out, OH, OW) = relu?(conv2d(x, weight) + bias).
@@ -494,6 +552,8 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
         # contiguous too (in (C_out, C_in, KH, KW) order every element is a separate access). A small
         # copy per call unless the weight is already channels_last.
         weight = weight.contiguous(memory_format=torch.channels_last)
+    tap_blocks = Cig % cfg["BLOCK_K"] == 0
+    row_blocks, cfg = _row_blocks(x, weight, dilation, tap_blocks, cfg, config is None)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cog, cfg["BLOCK_N"]), groups)
     _conv2d_fwd_kernel[grid](
         x, weight, bias if bias is not None else x, y,
@@ -501,7 +561,7 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
         *x.stride(), *weight.stride(), *y.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH, KW,
-        HAS_BIAS=bias is not None, RELU=relu, TAP_BLOCKS=Cig % cfg["BLOCK_K"] == 0,
+        HAS_BIAS=bias is not None, RELU=relu, TAP_BLOCKS=tap_blocks, ROW_BLOCKS=row_blocks,
         ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, allow_tf32), UPCAST=dot_upcast(x.dtype),
         **cfg,
     )

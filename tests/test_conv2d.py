@@ -491,3 +491,65 @@ def test_device_mismatch_message():
     meta_w = torch.randn(6, 4, 3, 3, device="meta")
     with pytest.raises(ValueError, match=re.escape("weight must be on the device of input (cpu)")):
         F.conv2d(torch.randn(2, 4, 8, 8), meta_w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row blocks: few-channel, channels_last forwards (conv1) take one kernel row per K block
+
+ROW_CASES = [
+    # (N, C_in, H, W, C_out, kernel, stride, padding, dtype): conv1 scaled down, odd sizes, padding on
+    # both sides (negative window starts), a non-square kernel, every dtype
+    (2, 3, 31, 29, 8, 11, 4, 2, torch.float32),
+    (1, 3, 23, 19, 5, (5, 3), (2, 3), (2, 1), torch.float64),
+    (2, 5, 9, 8, 6, 3, 1, 1, torch.bfloat16),
+    (3, 2, 7, 11, 4, (3, 5), 1, (0, 2), torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", ROW_CASES, ids=[f"row{i}" for i in range(len(ROW_CASES))])
+def test_forward_row_blocks(device, case, monkeypatch):
+    N, C, H, W, Co, k, s, p, dtype = case
+    x = make_input((N, C, H, W), dtype, device, layout="channels_last")
+    kk = k if isinstance(k, tuple) else (k, k)
+    w = make_input((Co, C, *kk), dtype, device, scale=0.3)
+    b = make_input((Co,), dtype, device)
+    spy = _LaunchSpy(K._conv2d_fwd_kernel)
+    monkeypatch.setattr(K, "_conv2d_fwd_kernel", spy)
+    _check(device, dtype, x, w, b, stride=s, padding=p)
+    assert spy.kwargs[0]["ROW_BLOCKS"] is True and spy.kwargs[0]["TAP_BLOCKS"] is False
+    assert spy.kwargs[0]["BLOCK_K"] >= kk[1] * C
+
+
+def test_row_blocks_only_where_rows_are_contiguous(device, monkeypatch):
+    spy = _LaunchSpy(K._conv2d_fwd_kernel)
+    monkeypatch.setattr(K, "_conv2d_fwd_kernel", spy)
+    w = make_input((4, 3, 3, 3), torch.float32, device, requires_grad=False)
+    for layout in ("contiguous", "noncontiguous"):  # (kw, c) not a contiguous run of x
+        x = make_input((1, 3, 8, 8), torch.float32, device, layout=layout, requires_grad=False)
+        with fastalex.backend("triton"):
+            F.conv2d(x, w)
+    x = make_input((1, 3, 9, 9), torch.float32, device, layout="channels_last", requires_grad=False)
+    with fastalex.backend("triton"):
+        F.conv2d(x, w, dilation=(1, 2))  # dilated along W: the row has gaps
+        x2 = make_input((1, 6, 8, 8), torch.float32, device, layout="channels_last", requires_grad=False)
+        F.conv2d(x2, w, groups=2)  # a group's channels are part of a pixel
+    assert [kw["ROW_BLOCKS"] for kw in spy.kwargs] == [False, False, False, False]
+
+
+def test_row_blocks_gpu_config_widens_block_k_within_shared_memory():
+    """On a GPU the heuristic's BLOCK_K (32) is raised to hold a row (conv1: 11 taps x 3 channels = 33
+    -> 64), with a config the GPU compiler accepts (checked by check_config: powers of two >= 16, shared
+    memory within 227 KB); a caller's config with a shorter BLOCK_K is left alone (no row blocks)."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x = torch.empty(128, 3, 227, 227, dtype=dtype, device="meta").contiguous(memory_format=torch.channels_last)
+        w = torch.empty(96, 3, 11, 11, dtype=dtype, device="meta").contiguous(memory_format=torch.channels_last)
+        given = dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
+        rows, cfg = K._row_blocks(x, w, (1, 1), False, given, widen=True)
+        assert rows and cfg["BLOCK_K"] == 64 and cfg["BLOCK_M"] == 128 and cfg["BLOCK_N"] == 64
+        K.check_config(cfg, dtype)
+        assert K._row_blocks(x, w, (1, 1), False, given, widen=False) == (False, given)
+    # a row longer than 128 elements (11 taps x 16 channels) stays on the flat path
+    x = torch.empty(1, 16, 32, 32, device="meta").contiguous(memory_format=torch.channels_last)
+    w = torch.empty(8, 16, 11, 11, device="meta").contiguous(memory_format=torch.channels_last)
+    assert K._row_blocks(x, w, (1, 1), False, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+                         widen=True)[0] is False

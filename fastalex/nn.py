@@ -51,10 +51,7 @@ class LocalResponseNorm(torch.nn.LocalResponseNorm):
         return super().extra_repr() + (f", groups={self.groups}" if self.groups > 1 else "")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.groups > 1 and (input.dim() < 3 or input.shape[1] % self.groups):
-            raise ValueError(f"input must be (N, C, *) with C divisible by groups={self.groups}, got shape "
-                             f"{tuple(input.shape)}")
-        # One pass over all groups on the Triton path: no reshape, so channels_last input stays channels_last.
+        # (local_response_norm checks the shape and groups.) One pass over all groups on the Triton path: no reshape, so channels_last input stays channels_last.
         return F.local_response_norm(input, self.size, self.alpha, self.beta, self.k, groups=self.groups)
 
 

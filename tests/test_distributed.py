@@ -6,7 +6,6 @@ Each run is compared with one process training on the combined batch: same data 
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -17,25 +16,10 @@ import torch
 
 import fastalex
 import dist_driver
+from launch import child_env as _env, free_port as _free_port
 
 DRIVER = Path(dist_driver.__file__)
 ROOT = DRIVER.parent.parent
-
-
-def _env(**extra) -> dict:
-    # Nothing exported for torchrun's restarts: fastalex keeps each worker group's keys in the launcher's
-    # store apart (fastalex.distributed.init), so a restarted group never reads a dead one's addresses.
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), FASTALEX_DIST_TIMEOUT="60")
-    for var in ("TRITON_INTERPRET", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "FASTALEX_FAULT"):
-        env.pop(var, None)  # the driver runs torch's ops
-    env.update(extra)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(*args: str) -> list[str]:

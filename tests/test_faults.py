@@ -13,7 +13,6 @@ an epoch), 2 epochs, a checkpoint every 3 steps (saves at steps 3, 4 (epoch end)
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,28 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
+from launch import child_env as _env, free_port as _free_port
 
 
 def _flags(data, seed=5):
     return ["--data", str(data), "--preset", "paper", "--image-size", "67", "--epochs", "2", "-b", "16",
             "--lr", "0.01", "--init", "kaiming", "--seed", str(seed), "--checkpoint-every", "3", "--backend", "torch",
             "--no-progress"]
-
-
-def _env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), FASTALEX_DIST_TIMEOUT="60")
-    for var in ("TRITON_INTERPRET", "FASTALEX_FAULT", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"):
-        env.pop(var, None)  # torch's ops; no fault unless asked; nothing exported for torchrun's restarts
-    env.update(extra)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _command(data, out, *extra, ranks=0, seed=5, torchrun=()):

@@ -4,7 +4,8 @@ A save goes to a temporary file in the same folder, is flushed and fsynced, then
 old file (and the folder fsynced): a crash at any moment leaves either the old or the new
 checkpoint, never a torn one. With keep_previous the old one stays beside it as NAME.prev.pt, so a
 latest checkpoint damaged later (a disk fault) still leaves the one before: load_newest reads the
-newest that loads.
+newest that loads. link_atomic gives a second name to a saved checkpoint (best.pt) without a second
+copy on disk.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from fastalex import _faults
 
-__all__ = ["CheckpointError", "save_atomic", "load", "load_newest", "previous"]
+__all__ = ["CheckpointError", "save_atomic", "link_atomic", "load", "load_newest", "previous"]
 
 
 class CheckpointError(ValueError):
@@ -67,6 +68,28 @@ def save_atomic(obj, path: str | os.PathLike, keep_previous: bool = False) -> Pa
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed mid-write
         stale.unlink(missing_ok=True)
     return path
+
+
+def link_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Make `dst` the checkpoint now at `src`, atomically: a hard link (no second copy; save_atomic
+    replaces `src` by a rename, so `dst` keeps this content), or a copy where links are not supported."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    for stale in dst.parent.glob(f".{dst.name}.*.tmp"):  # left by a process killed mid-link
+        stale.unlink(missing_ok=True)
+    return dst
 
 
 def _why_unreadable(path: Path, err: Exception) -> str:

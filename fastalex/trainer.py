@@ -539,9 +539,11 @@ class Trainer:
         self.step_in_epoch = 0
         if self.dist.is_main:
             self._write_metrics()
-        self.save()
-        if improved:
-            self.save("best.pt")
+        path = self.save()
+        if improved:  # the state just saved: best.pt is a second name for it, not a second copy
+            if self.dist.is_main:
+                ckpt.link_atomic(path, self.out_dir / "best.pt")
+            fdist.barrier()
         _faults.point("epoch-saved")
         bar.epoch_done(metrics)
 

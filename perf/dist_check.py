@@ -89,14 +89,14 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     out = Path(args.out)
-    work = Path(tempfile.mkdtemp(prefix="fastalex-dist-"))  # checkpoints: not results
     results = []
-    for check in (towers, ddp):
-        try:
-            results.append(check(work, args.device))
-        except Exception as e:  # noqa: BLE001 (recorded; the exit status says so)
-            results.append(dict(check=check.__name__, ok=False, error=f"{type(e).__name__}: {e}"))
-        print(json.dumps(results[-1], default=str), flush=True)
+    with tempfile.TemporaryDirectory(prefix="fastalex-dist-") as work:  # checkpoints (1 GB): not results
+        for check in (towers, ddp):
+            try:
+                results.append(check(Path(work), args.device))
+            except Exception as e:  # noqa: BLE001 (recorded; the exit status says so)
+                results.append(dict(check=check.__name__, ok=False, error=f"{type(e).__name__}: {e}"))
+            print(json.dumps(results[-1], default=str), flush=True)
     card = torch.cuda.get_device_name(args.device) if args.device != "cpu" else "cpu"
     out.mkdir(parents=True, exist_ok=True)
     (out / "dist_check.json").write_text(json.dumps(dict(card=card, torch=torch.__version__, results=results),

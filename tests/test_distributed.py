@@ -214,8 +214,14 @@ def test_perf_dist_check_runs_on_cpus(tmp_path):
     """perf.dist_check (the GPU session's towers and DDP check) end to end with --device cpu."""
     import json
 
-    p = _run([sys.executable, "-m", "perf.dist_check", "--device", "cpu", "--out", str(tmp_path)], timeout=300)
-    got = json.loads((tmp_path / "dist_check.json").read_text())
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    p = _run([sys.executable, "-m", "perf.dist_check", "--device", "cpu", "--out", str(tmp_path / "out")],
+             timeout=300, TMPDIR=str(scratch))
+    # (torchrun leaves an empty torchelastic_* folder of its own)
+    left = sum(f.stat().st_size for f in scratch.rglob("*") if f.is_file())
+    assert left < 1 << 20, f"perf.dist_check left {left} bytes of scratch checkpoints in $TMPDIR"
+    got = json.loads((tmp_path / "out" / "dist_check.json").read_text())
     assert got["card"] == "cpu" and len(got["results"]) == 2, p.stdout
     for r in got["results"]:
         assert r["ok"] and r["rel_err"] < 1e-3, r

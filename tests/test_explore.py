@@ -1,6 +1,7 @@
 """Figures 3 and 4 as commands: `fastalex predict`, `neighbors`, `filters` and fastalex.explore, on a tiny run."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -27,7 +28,8 @@ def run(tiny_fashion, tmp_path_factory):
         Image.fromarray(images[i]).save(queries[-1])
     queries.append(out / "colour.png")
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(queries[-1])
-    return out / "checkpoint.pt", [str(q) for q in queries]
+    yield out / "checkpoint.pt", [str(q) for q in queries]
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def _model(path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,6 +79,21 @@ def test_loss_falls_and_outputs_are_written(tmp_path):
     assert (tmp_path / "best.pt").is_file()
 
 
+def test_best_is_the_best_epochs_checkpoint_without_a_second_copy(tmp_path):
+    t = _trainer(tmp_path, epochs=1)
+    t.fit(Blobs(), Blobs(32, seed=1))  # noqa: F821
+    best, last = tmp_path / "best.pt", tmp_path / "checkpoint.pt"
+    assert os.path.samefile(best, last), "best.pt should be a link to the checkpoint just saved"
+    epoch1 = ckpt.load(last)
+    t.epochs = 2
+    t.best_error = -1.0  # epoch 2 cannot improve on it: best.pt must stay epoch 1's
+    t.fit(Blobs(), Blobs(32, seed=1))  # noqa: F821
+    assert not os.path.samefile(best, last) and ckpt.load(last)["epoch"] == 2
+    kept = ckpt.load(best)
+    assert kept["epoch"] == 1 and all(torch.equal(kept["model"][k], v) for k, v in epoch1["model"].items())
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def _final_weights(path: Path) -> dict:
     return ckpt.load(path / "checkpoint.pt")["model"]
 
@@ -107,7 +123,8 @@ def uninterrupted(tmp_path_factory):
     proc = _run_driver(out, "fresh")
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
-    return _final_weights(out)
+    yield _final_weights(out)
+    shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "sigint"])

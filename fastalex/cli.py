@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that already holds a run")
     t.add_argument("--test-only", action="store_true", help="only evaluate (with --resume PATH: that checkpoint)")
     t.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
+    t.add_argument("--log-every", type=int, default=50, metavar="STEPS",
+                   help="a step row in OUT/metrics.jsonl every this many steps (default 50)")
+    t.add_argument("--tensorboard", action="store_true",
+                   help="TensorBoard event files in OUT/tensorboard (needs the tensorboard package)")
     t.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on the test set")
@@ -139,6 +143,8 @@ def _settings(args) -> dict:
         raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.subset is not None and args.subset < 1:
         raise UsageError(f"--subset must be at least 1, got {args.subset}")
+    if args.log_every < 1:
+        raise UsageError(f"--log-every must be at least 1, got {args.log_every}")
     return s
 
 
@@ -165,13 +171,19 @@ def _model_from(settings: dict, num_classes: int, seed: int | None = None):
 
 def _trainer(args, s, model, out, classes, run_args, devices):
     from fastalex import Trainer
+    from fastalex.trainer import TensorBoard
 
+    try:
+        callbacks = [TensorBoard(out / "tensorboard")] if args.tensorboard else []
+    except ImportError as e:
+        raise UsageError(f"--tensorboard: {e}") from None
     return Trainer(model, epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], momentum=s["momentum"],
                    weight_decay=s["wd"], lr_schedule=s["lr_schedule"], warmup_steps=s["warmup_steps"],
                    precision=args.precision, device=args.device, out_dir=out, seed=args.seed, workers=args.workers,
                    checkpoint_every=args.checkpoint_every, progress=not args.no_progress, class_names=classes,
                    args={k: v for k, v in run_args.items() if isinstance(v, (str, int, float, bool, type(None)))},
-                   strategy=args.strategy, devices=devices, deterministic=args.deterministic)
+                   strategy=args.strategy, devices=devices, deterministic=args.deterministic,
+                   log_every=args.log_every, callbacks=callbacks)
 
 
 def train(args) -> int:

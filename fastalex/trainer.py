@@ -14,7 +14,6 @@ is deterministic (and on a GPU with deterministic=True, where torch's ops allow 
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -25,6 +24,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as TF
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
@@ -32,13 +34,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from fastalex import _faults
 from fastalex import checkpoint as ckpt
 from fastalex import distributed as fdist
+from fastalex import strategy as fstrategy
 from fastalex._backend import backend_info
 
-__all__ = ["Trainer", "TrainingDiverged", "use_deterministic_algorithms"]
+__all__ = ["Trainer", "TrainingDiverged", "Callback", "StepOutput", "RunState", "TensorBoard",
+           "use_deterministic_algorithms"]
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 SCHEDULES = ("plateau", "cosine", "constant")
-STRATEGIES = ("single", "towers", "ddp", "hybrid")
 
 
 def use_deterministic_algorithms() -> None:
@@ -55,7 +58,90 @@ def use_deterministic_algorithms() -> None:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN or infinite (at `.step`); the last good checkpoint is kept."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
+@dataclass
+class RunState:
+    """A run's progress: saved in every checkpoint (top-level keys) and restored whole."""
+
+    epoch: int = 0  # epochs finished
+    step: int = 0  # steps taken (a step whose images were all unreadable counts, with no update)
+    step_in_epoch: int = 0
+    history: list = field(default_factory=list)  # a row per epoch (metrics.jsonl's "epoch" rows)
+    log: list = field(default_factory=list)  # a row per log_every steps ("step" rows)
+    lr_drops: int = 0  # the plateau schedule: lr / 10 this many times so far
+    bad_epochs: int = 0
+    best_error: float = math.inf
+    train_seconds: float = 0.0
+    train_images: int = 0  # over all ranks
+    epoch_loss_sum: float = 0.0  # the current epoch's summed training loss, over all ranks
+    epoch_seen: int = 0  # and its readable images
+    skipped_images: int = 0  # unreadable training images skipped so far, over all ranks
+
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> "RunState":
+        sched = state.get("lr_scheduler", {})  # (checkpoints before 2026-12-03 kept these three only there)
+        return cls(**{f.name: state.get(f.name, sched.get(f.name, f.default if f.default is not MISSING else []))
+                      for f in fields(cls)})
+
+
+class StepOutput(NamedTuple):
+    """What Callback.on_step sees after each optimizer step: device tensors, nothing read back."""
+
+    step: int  # steps taken, this one included
+    epoch: int  # the epoch it belongs to (0-based)
+    logits: torch.Tensor  # (B, classes), detached; rows past `kept` are unreadable images' stand-ins
+    labels: torch.Tensor  # (B,), -100 for the stand-ins
+    kept: int  # readable images of this rank's batch
+    loss_sum: torch.Tensor  # () this rank's summed loss
+    lr: float
+
+
+class Callback:
+    """Hooks into Trainer.fit (on every rank); override what you need. on_step must not read tensors
+    back (a host sync per step): keep them on the device, read them in on_log or after fit."""
+
+    def on_step(self, trainer: "Trainer", out: StepOutput) -> None:
+        """After each optimizer step."""
+
+    def on_log(self, trainer: "Trainer", row: dict) -> None:
+        """Every log_every steps: the "step" row written to metrics.jsonl."""
+
+    def on_epoch_end(self, trainer: "Trainer", row: dict) -> None:
+        """After each epoch's validation and checkpoint: the "epoch" row."""
+
+
+class TensorBoard(Callback):
+    """TensorBoard event files in `log_dir` (rank 0): the step rows' numbers as train/*, the epoch rows'
+    as epoch/*, each at its step. Needs the tensorboard package."""
+
+    def __init__(self, log_dir: str | Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from None
+        self._writer_class, self.log_dir, self.writer = SummaryWriter, Path(log_dir), None
+
+    def _write(self, trainer, prefix: str, row: dict) -> None:
+        if not trainer.dist.is_main:
+            return
+        if self.writer is None:
+            self.writer = self._writer_class(str(self.log_dir))
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "kind"):
+                self.writer.add_scalar(f"{prefix}/{k}", v, row["step"])
+        self.writer.flush()
+
+    def on_log(self, trainer, row):
+        self._write(trainer, "train", row)
+
+    def on_epoch_end(self, trainer, row):
+        self._write(trainer, "epoch", row)
 
 
 class _Seeded(Dataset):
@@ -151,7 +237,7 @@ class Trainer:
     strategy: "single" (one device), "towers" (the paper's model parallelism: the paper net's two
     towers on `devices`, two of them), "ddp" (data parallel, DistributedDataParallel under torchrun:
     NCCL on GPUs, gloo on CPUs) or "hybrid" (Krizhevsky's one weird trick under torchrun: the convs
-    data parallel, the FC layers split across ranks; see fastalex.hybrid). Under ddp and hybrid
+    data parallel, the FC layers split across ranks); see fastalex.strategy. Under ddp and hybrid
     `batch_size` is per process (the global batch is batch_size x world size), the lr is taken as
     given, and only rank 0 logs, shows progress and writes files; every rank must call fit,
     evaluate and save together.
@@ -159,6 +245,11 @@ class Trainer:
     per rank) dropout; the model's initial weights are the model's own (AlexNet(seed=...)).
     deterministic: torch's deterministic algorithms and cuDNN's deterministic mode (see
     use_deterministic_algorithms); fastalex's Triton kernels are deterministic either way.
+    log_every: a "step" row in metrics.jsonl every this many steps (loss, lr, images/s, data wait,
+    step time; mfu on GPUs). On a GPU the losses are read back only then (and at checkpoints and
+    epoch ends): one host sync per log_every steps, so a NaN loss is seen up to log_every steps late
+    (it still stops the run, and no checkpoint after it is written).
+    callbacks: Callback objects (on_step, on_log, on_epoch_end).
     """
 
     def __init__(self, model: torch.nn.Module, *, epochs: int, batch_size: int = 128, lr: float = 0.01,
@@ -167,10 +258,11 @@ class Trainer:
                  workers: int = 0, checkpoint_every: int = 0, patience: int = 1, max_lr_drops: int = 3,
                  warmup_steps: int = 0, progress: bool = True, class_names: Sequence[str] | None = None,
                  args: dict | None = None, strategy: str = "single", devices: Sequence | None = None,
-                 deterministic: bool = False):
+                 deterministic: bool = False, log_every: int = 50, callbacks: Sequence[Callback] = ()):
         for name, v, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("workers", workers, 0),
                             ("checkpoint_every", checkpoint_every, 0), ("patience", patience, 1),
-                            ("max_lr_drops", max_lr_drops, 0), ("warmup_steps", warmup_steps, 0)):
+                            ("max_lr_drops", max_lr_drops, 0), ("warmup_steps", warmup_steps, 0),
+                            ("log_every", log_every, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         if not lr > 0 or not 0 <= momentum < 1 or weight_decay < 0:
@@ -179,105 +271,77 @@ class Trainer:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {lr_schedule!r}")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        self.strategy, self.dist = strategy, fdist.Env()
-        if strategy == "towers":
-            if devices is None or len(devices) != 2:
-                raise ValueError(f"strategy 'towers' needs devices=(device0, device1), one per tower; got {devices!r}")
-            if getattr(model, "devices", None) is None:
-                if not hasattr(model, "to_towers"):
-                    raise ValueError("strategy 'towers' needs a fastalex.AlexNet(variant='paper')")
-                model = model.to_towers(devices)
-            device = str(model.devices[0])
-        elif devices is not None:
-            raise ValueError(f"devices is for strategy 'towers' (ddp and hybrid take one device per process from "
-                             f"torchrun's LOCAL_RANK); got devices={devices!r} with strategy {strategy!r}")
-        if strategy in ("ddp", "hybrid"):
-            if getattr(model, "devices", None) is not None:
-                raise ValueError(f"strategy {strategy!r} needs a single-device model, not the towers model")
-            local = fdist.env().local_rank
-            if device == "auto":
-                device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        if precision == "16-mixed" and not (torch.cuda.is_available() and device != "cpu"
+                                            and not str(device).startswith("cpu")):
+            raise ValueError("precision '16-mixed' needs a CUDA device (use '32' or 'bf16-mixed' on the CPU)")
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks must be fastalex.trainer.Callback objects, got {type(cb).__name__}")
+        self.arch = {k: getattr(model, k, None) for k in ("variant", "image_size")}
+        self.strategy, self.strategy_name = fstrategy.make(strategy, model, device, devices), strategy
+        self.model, self.device, self.dist = self.strategy.model, self.strategy.device, self.strategy.dist
         if precision == "16-mixed" and self.device.type != "cuda":
             raise ValueError("precision '16-mixed' needs a CUDA device (use '32' or 'bf16-mixed' on the CPU)")
-        self.arch = {k: getattr(model, k, None) for k in ("variant", "image_size")}
-        if strategy in ("ddp", "hybrid"):
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            self.dist = fdist.init(self.device)
-            model = model.to(self.device)
-            fdist.broadcast_module(model)  # every rank starts from rank 0's weights
-            if strategy == "ddp":
-                from torch.nn.parallel import DistributedDataParallel
-
-                model = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
-            else:
-                from fastalex.hybrid import HybridAlexNet
-
-                model = HybridAlexNet(model)
-        self.model = model if getattr(model, "devices", None) else model.to(self.device)
         self.epochs, self.batch_size, self.lr, self.seed = epochs, batch_size, lr, seed
         self.lr_schedule, self.precision, self.workers = lr_schedule, precision, workers
         self.checkpoint_every, self.patience, self.max_lr_drops = checkpoint_every, patience, max_lr_drops
-        self.warmup_steps, self.progress = warmup_steps, progress
+        self.warmup_steps, self.progress, self.log_every = warmup_steps, progress, log_every
+        self.callbacks = list(callbacks)
         self.class_names = list(class_names) if class_names is not None else None
         self.args = dict(args or {})
         self.out_dir = Path(out_dir)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum,
                                          weight_decay=weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "16-mixed")
-        # Progress of the run: everything here goes into the checkpoint.
-        self.epoch, self.step, self.step_in_epoch = 0, 0, 0
-        self.lr_drops, self.bad_epochs, self.best_error = 0, 0, float("inf")
-        self.history: list[dict] = []
+        self.state = RunState()  # everything that says how far the run is: in every checkpoint
         self.last_val: dict | None = None  # the latest validation result of this process (not checkpointed)
-        self.train_seconds, self.train_images = 0.0, 0
-        self.epoch_loss_sum, self.epoch_seen = 0.0, 0  # the current epoch's running training loss
-        self.skipped_images = 0  # unreadable training images skipped so far (by all ranks)
-        self._stop = False
         self.last_progress = time.monotonic()  # when the last step (or the start) finished: for error messages
+        self._stop_asked = False  # Ctrl-C on this rank
+        self._stop = False  # all ranks agreed to stop
+        self._pending: list[torch.Tensor] = []  # per step since the last sync: (loss sum, images, stop, unreadable)
+        # CPU tensors read back for free: look every step there; on a GPU every log_every steps.
+        self._sync_every = 1 if self.device.type == "cpu" else log_every
         self._item_shape: tuple | None = None  # one training image's shape, for stand-ins of unreadable ones
         self._fresh = True  # no checkpoint loaded: fit seeds dropout's stream from (seed, rank)
+        self._flops_per_image: float | None = None  # training FLOPs (3x forward) of one image, for mfu
+        self._meter, self._bar = _Meter(), _Progress(False, 0, 0)
         if deterministic:
             use_deterministic_algorithms()
 
     @property
     def module(self) -> torch.nn.Module:
         """The model itself (unwrapped from DistributedDataParallel)."""
-        return getattr(self.model, "module", self.model) if self.strategy == "ddp" else self.model
+        return self.strategy.module
 
     def close(self) -> None:
         """Leave the process group (ddp, hybrid), the DDP wrapper released first; nothing for one process.
         Call it on every way out (the fastalex command does, in a finally): a process that exits with
         the group alive can abort at exit while its communication threads still run."""
-        if self.strategy == "ddp" and self.model is not self.module:
-            self.model = self.module
-        if self.strategy in ("ddp", "hybrid"):
-            gc.collect()  # the DDP reducer and autograd's hooks hold the group: free them before it goes
-            fdist.shutdown()
+        self.model = self.strategy.module  # the DDP wrapper must go before the group does: no reference here
+        self.strategy.close()
 
     # -- schedule ------------------------------------------------------------------------------
 
     def current_lr(self, total_steps: int) -> float:
-        lr = self.lr * 0.1 ** self.lr_drops
+        s = self.state
+        lr = self.lr * 0.1 ** s.lr_drops
         if self.lr_schedule == "cosine":
-            lr = self.lr * 0.5 * (1 + math.cos(math.pi * min(self.step, total_steps) / max(total_steps, 1)))
-        if self.warmup_steps and self.step < self.warmup_steps:
-            lr *= (self.step + 1) / self.warmup_steps
+            lr = self.lr * 0.5 * (1 + math.cos(math.pi * min(s.step, total_steps) / max(total_steps, 1)))
+        if self.warmup_steps and s.step < self.warmup_steps:
+            lr *= (s.step + 1) / self.warmup_steps
         return lr
 
     def _after_epoch(self, val_error: float | None) -> None:
+        s = self.state
         if val_error is None:
             return
-        if val_error < self.best_error - 1e-6:
-            self.best_error, self.bad_epochs = val_error, 0
+        if val_error < s.best_error - 1e-6:
+            s.best_error, s.bad_epochs = val_error, 0
             return
-        self.bad_epochs += 1
-        if self.lr_schedule == "plateau" and self.bad_epochs >= self.patience and self.lr_drops < self.max_lr_drops:
-            self.lr_drops += 1
-            self.bad_epochs = 0
+        s.bad_epochs += 1
+        if self.lr_schedule == "plateau" and s.bad_epochs >= self.patience and s.lr_drops < self.max_lr_drops:
+            s.lr_drops += 1
+            s.bad_epochs = 0
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -286,20 +350,15 @@ class Trainer:
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        if self.strategy == "hybrid":
-            model_state, opt_state = self.model.full_state_dict(), self.model.gather_optimizer_state(self.optimizer)
-        else:
-            model_state, opt_state = self.module.state_dict(), self.optimizer.state_dict()
+        model_state, opt_state = self.strategy.state_dicts(self.optimizer)
+        s = self.state
         return {
             "model": model_state, "optimizer": opt_state, "world_size": self.dist.world_size,
-            "rng_per_rank": fdist.all_gather_object(rng),
-            "lr_scheduler": {"schedule": self.lr_schedule, "lr_drops": self.lr_drops, "bad_epochs": self.bad_epochs,
-                             "best_error": self.best_error},
-            "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
-            "step_in_epoch": self.step_in_epoch, "history": self.history, "rng": rng,
-            "train_seconds": self.train_seconds, "train_images": self.train_images,
-            "epoch_loss_sum": self.epoch_loss_sum, "epoch_seen": self.epoch_seen,
-            "skipped_images": self.skipped_images, "class_names": self.class_names, "args": self.args,
+            "rng": rng, "rng_per_rank": fdist.all_gather_object(rng),
+            "lr_scheduler": {"schedule": self.lr_schedule, "lr_drops": s.lr_drops, "bad_epochs": s.bad_epochs,
+                             "best_error": s.best_error},
+            "scaler": self.scaler.state_dict(), "class_names": self.class_names, "args": self.args,
+            **asdict(s),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -309,21 +368,11 @@ class Trainer:
                 f"this checkpoint was written mid-epoch by {saved_world} process(es); resuming it with "
                 f"{self.dist.world_size} would change every later batch. Resume with {saved_world} process(es), or "
                 f"from a checkpoint written at the end of an epoch")
-        if self.strategy == "hybrid":
-            self.model.load_full_state_dict(state["model"])
-            self.model.load_optimizer_state(self.optimizer, state["optimizer"])
-        else:
-            self.module.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        sched = state["lr_scheduler"]
-        self.lr_drops, self.bad_epochs, self.best_error = sched["lr_drops"], sched["bad_epochs"], sched["best_error"]
+        self.strategy.load_state_dicts(self.optimizer, state["model"], state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
-        self.history = list(state["history"])
-        self.train_seconds, self.train_images = state["train_seconds"], state["train_images"]
-        self.epoch_loss_sum, self.epoch_seen = state["epoch_loss_sum"], state["epoch_seen"]
-        self.skipped_images = state.get("skipped_images", 0)
+        self.state = RunState.from_checkpoint(state)
+        self._pending = []
         per_rank = state.get("rng_per_rank") or [state["rng"]]
         if len(per_rank) == self.dist.world_size:  # each rank continues its own dropout stream
             rng = per_rank[self.dist.rank]
@@ -338,7 +387,9 @@ class Trainer:
 
     def save(self, name: str = "checkpoint.pt") -> Path:
         """Write out_dir/name atomically; for checkpoint.pt the file it replaces is kept as
-        checkpoint.prev.pt (rank 0 writes; every rank must call it under ddp and hybrid)."""
+        checkpoint.prev.pt (rank 0 writes; every rank must call it under ddp and hybrid). Steps not
+        yet read back are read first: a NaN among them raises TrainingDiverged, and nothing is saved."""
+        self._sync()
         state, path = self.state_dict(), self.out_dir / name
         if self.dist.is_main:
             ckpt.save_atomic(state, path, keep_previous=name == "checkpoint.pt")
@@ -369,6 +420,216 @@ class Trainer:
 
     # -- training ------------------------------------------------------------------------------
 
+    def fit(self, train_data: Dataset, val_data: Dataset | None = None) -> list[dict]:
+        """Train for the remaining epochs; returns the per-epoch history (also in metrics.jsonl).
+
+        Ctrl-C finishes the current step, saves checkpoint.pt and returns. A NaN/inf loss raises
+        TrainingDiverged, keeping the last good checkpoint.
+        """
+        if len(train_data) == 0:
+            raise ValueError("train_data is empty")
+        world = self.dist.world_size
+        if world > 1 and len(train_data) < self.batch_size * world:
+            raise ValueError(f"train_data has {len(train_data)} images, fewer than one global batch "
+                             f"({self.batch_size} x {world} processes)")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        data = _Seeded(train_data, self.seed)
+        total_steps = _EpochBatches(len(data), self.batch_size, self.seed, 0, 0, 0, world).steps() * self.epochs
+        if self._fresh:
+            self._seed_rank()
+            self._fresh = False
+        if self.dist.is_main:
+            self._write_metrics()  # a resumed run's file: exactly its checkpoint's rows
+        old_handler = self._install_sigint()
+        self._stop_asked = self._stop = False
+        try:
+            with _Progress(self.progress and self.dist.is_main, total_steps, self.state.step) as self._bar:
+                while self.state.epoch < self.epochs and not self._stop:
+                    self._train_epoch(data, total_steps)
+                    # a stop asked for after the epoch's last step: all ranks agree on it
+                    self._stop = fdist.all_reduce_sum([float(self._stop_asked)], self.device)[0] > 0
+                    if not self._stop:
+                        self._end_epoch(val_data)
+        finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+        if self._stop:
+            self.save()
+        return self.state.history
+
+    def _train_epoch(self, data: Dataset, total_steps: int) -> None:
+        s = self.state
+        self.model.train()
+        if s.step_in_epoch == 0:
+            s.epoch_loss_sum, s.epoch_seen = 0.0, 0
+        batches = _EpochBatches(len(data), self.batch_size, self.seed, s.epoch, s.step_in_epoch, self.dist.rank,
+                                self.dist.world_size)
+        self._meter = _Meter()
+        for images, labels, kept in self._batches(data, batches):
+            self._pending.append(self._train_step(images, labels, kept, total_steps))
+            s.step += 1
+            s.step_in_epoch += 1
+            checkpoint = self.checkpoint_every and s.step % self.checkpoint_every == 0
+            if checkpoint or s.step % self._sync_every == 0:
+                self._sync()
+            if checkpoint:
+                self._account()
+                self.save()
+                self._meter.restart_clock()
+            self.last_progress = time.monotonic()
+            _faults.point("step")
+            if self._stop:
+                break
+        self._sync()
+        self._account()
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, kept: int, total_steps: int) -> torch.Tensor:
+        """One optimizer step on this rank's batch, whose rows past `kept` are stand-ins for unreadable
+        images (label -100: the loss ignores them). Returns (loss sum, readable images, stop asked,
+        unreadable images) summed over the ranks: a device tensor, not read back here."""
+        lr = self.current_lr(total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.strategy.out_device, non_blocking=True)
+        with self._autocast():
+            logits = self.model(images)
+            loss_sum = TF.cross_entropy(logits, labels, reduction="sum")
+        counts = [kept, self._stop_asked, labels.shape[0] - kept]
+        stats = self.strategy.reduce(torch.cat([loss_sum.detach().float().reshape(1),
+                                                torch.tensor(counts, dtype=torch.float32).to(loss_sum.device)]))
+        if kept == 0 and stats[1].item() == 0:  # no rank read any image of this global batch: all skip the step
+            return stats
+        # The gradient of the mean loss over the global batch's readable images (DDP and hybrid average
+        # the ranks' gradients: hence x world).
+        loss = loss_sum * (self.dist.world_size / stats[1])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.strategy.finish_gradients()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.callbacks:
+            out = StepOutput(self.state.step + 1, self.state.epoch, logits.detach(), labels, kept, loss_sum.detach(), lr)
+            for cb in self.callbacks:
+                cb.on_step(self, out)
+        return stats
+
+    def _batches(self, data: Dataset, batches: Sampler):
+        """This rank's batches as (images, labels, readable rows): every batch of the epoch's size, with
+        unreadable images as stand-in rows at the end; the time spent waiting for each goes to the meter."""
+        it = iter(self._loader(data, batches))
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            if batch is None:
+                return
+            self._meter.data_wait += time.perf_counter() - t0
+            images, labels, skipped = batch
+            kept = 0 if images is None else images.shape[0]
+            if skipped:
+                images, labels = self._pad_batch(images, labels, kept + skipped)
+            self._item_shape = tuple(images.shape[1:])
+            yield images, labels, kept
+
+    def _sync(self) -> None:
+        """Read back the steps not yet seen (the one host sync): a NaN loss raises TrainingDiverged;
+        the epoch's loss, the unreadable-image count and an agreed stop are updated; on every
+        log_every-th step, a "step" row."""
+        if not self._pending:
+            return
+        s, rows = self.state, torch.stack(self._pending).tolist()
+        self._pending = []
+        first = s.step - len(rows) + 1
+        for i, (loss_sum, total, stop, skipped) in enumerate(rows):
+            s.skipped_images += int(skipped)
+            self._stop = self._stop or stop > 0
+            if total == 0:
+                continue
+            if not math.isfinite(loss_sum / total):
+                lr = self.optimizer.param_groups[0]["lr"]
+                raise TrainingDiverged(
+                    f"the loss became {loss_sum / total} at epoch {s.epoch + 1}, step {first + i} (lr {lr:g}); "
+                    f"the last good checkpoint is kept in {self.out_dir} — try a lower --lr", step=first + i)
+            s.epoch_loss_sum += loss_sum
+            s.epoch_seen += int(total)  # over all ranks (the same on each: a mid-epoch checkpoint holds them)
+            self._meter.add(loss_sum, int(total))
+        m = self._meter
+        self._bar.update(s.epoch, self.epochs, s.step, m.last_loss, self.optimizer.param_groups[0]["lr"],
+                         m.images_per_second(), m.wait_fraction())
+        if s.step % self.log_every == 0 and m.steps:
+            self._log_row()
+
+    def _log_row(self) -> None:
+        s, m = self.state, self._meter
+        row = {"kind": "step", "epoch": s.epoch + 1, "step": s.step, "loss": m.mean_loss(),
+               "lr": self.optimizer.param_groups[0]["lr"], "images_per_second": m.images_per_second(),
+               "data_wait_seconds": round(m.data_wait_logged(), 6), "step_seconds": m.step_seconds()}
+        if self.device.type == "cuda":
+            row["mfu"] = self._mfu(row["images_per_second"])
+        m.start_interval()
+        s.log.append(row)
+        if self.dist.is_main:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:  # (rewritten whole, atomically, each epoch)
+                f.write(json.dumps(row) + "\n")
+        for cb in self.callbacks:
+            cb.on_log(self, row)
+
+    def _mfu(self, images_per_second: float) -> float | None:
+        """Model FLOPs utilisation: training FLOPs/s (3x fastalex.flops' forward) over the measured
+        matmul rate of the step's dtype on this GPU (per rank)."""
+        if self._flops_per_image is None:
+            from fastalex import flops
+
+            try:
+                forward = flops.count(self.module, batch_size=1).macs * 2
+            except (TypeError, ValueError):  # not an AlexNet: no formula
+                forward = 0
+            dtype = torch.bfloat16 if self.precision == "bf16-mixed" else (
+                torch.float16 if self.precision == "16-mixed" else torch.float32)
+            self._flops_per_image, self._peak = 3.0 * forward, _matmul_rate(self.device, dtype)
+        if not self._flops_per_image or not images_per_second:
+            return None
+        return self._flops_per_image * images_per_second / self.dist.world_size / self._peak
+
+    def _account(self) -> None:
+        seconds, images = self._meter.take_clock()
+        self.state.train_seconds += seconds
+        self.state.train_images += images  # over all ranks
+
+    def _end_epoch(self, val_data: Dataset | None) -> None:
+        s = self.state
+        t0 = time.perf_counter()
+        row = {"kind": "epoch", "epoch": s.epoch + 1, "step": s.step, "lr": self.optimizer.param_groups[0]["lr"],
+               "train_loss": s.epoch_loss_sum / max(1, s.epoch_seen)}
+        if val_data is not None:
+            v = self.last_val = self.evaluate(val_data, _fault="validation")
+            row.update(val_top1_error=v["top1_error"], val_top5_error=v["top5_error"], val_loss=v["loss"])
+        row["seconds_train_total"] = round(s.train_seconds, 3)
+        row["seconds_eval"] = round(time.perf_counter() - t0, 3)
+        improved = val_data is not None and row["val_top1_error"] < s.best_error - 1e-6
+        self._after_epoch(row.get("val_top1_error"))
+        s.history.append(row)
+        s.epoch += 1
+        s.step_in_epoch = 0
+        if self.dist.is_main:
+            self._write_metrics()
+        path = self.save()
+        if improved:  # the state just saved: best.pt is a second name for it, not a second copy
+            if self.dist.is_main:
+                ckpt.link_atomic(path, self.out_dir / "best.pt")
+            fdist.barrier()
+        _faults.point("epoch-saved")
+        self._bar.epoch_done(row)
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, row)
+
+    def _write_metrics(self) -> None:
+        """metrics.jsonl from the state, atomically: step and epoch rows in step order."""
+        rows = sorted(self.state.log + self.state.history, key=lambda r: (r["step"], r.get("kind") == "epoch"))
+        tmp = self.out_dir / ".metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(self.out_dir / "metrics.jsonl")
+
     def _autocast(self):
         dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.precision)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
@@ -384,128 +645,13 @@ class Trainer:
             return None
 
         def handler(signum, frame):  # finish the step in flight, save, stop
-            self._stop = True
+            self._stop_asked = True
 
         return signal.signal(signal.SIGINT, handler)
 
-    def fit(self, train_data: Dataset, val_data: Dataset | None = None) -> list[dict]:
-        """Train for the remaining epochs; returns the per-epoch history (also in metrics.jsonl).
-
-        Ctrl-C finishes the current step, saves checkpoint.pt and returns. A NaN/inf loss raises
-        TrainingDiverged, keeping the last good checkpoint.
-        """
-        if len(train_data) == 0:
-            raise ValueError("train_data is empty")
-        world = self.dist.world_size
-        if world > 1 and len(train_data) < self.batch_size * world:
-            raise ValueError(f"train_data has {len(train_data)} images, fewer than one global batch "
-                             f"({self.batch_size} x {world} processes)")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        seeded = _Seeded(train_data, self.seed)
-        steps_per_epoch = _EpochBatches(len(train_data), self.batch_size, self.seed, 0, 0, 0, world).steps()
-        total_steps = steps_per_epoch * self.epochs
-        if self._fresh:
-            self._seed_rank()
-            self._fresh = False
-        old_handler = self._install_sigint()
-        self._stop = False
-        try:
-            with _Progress(self.progress and self.dist.is_main, total_steps, self.step) as bar:
-                while self.epoch < self.epochs and not self._stop:
-                    self._train_epoch(seeded, steps_per_epoch, total_steps, bar)
-                    if self.dist.world_size > 1:  # a stop asked for after the epoch's last step: all agree
-                        self._stop = fdist.all_reduce_sum([float(self._stop)], self.device)[0] > 0
-                    if self._stop:
-                        break
-                    self._end_epoch(val_data, bar)
-        finally:
-            if old_handler is not None:
-                signal.signal(signal.SIGINT, old_handler)
-        if self._stop:
-            self.save()
-        return self.history
-
-    def _train_epoch(self, data: Dataset, steps_per_epoch: int, total_steps: int, bar) -> None:
-        self.model.train()
-        batches = _EpochBatches(len(data), self.batch_size, self.seed, self.epoch, self.step_in_epoch,
-                                self.dist.rank, self.dist.world_size)
-        out_device = self.model.devices[0] if getattr(self.model, "devices", None) else self.device
-        if self.step_in_epoch == 0:
-            self.epoch_loss_sum, self.epoch_seen = 0.0, 0
-        t0, seen = time.perf_counter(), 0
-        world = self.dist.world_size
-        for images, labels, skipped in self._loader(data, batches):
-            kept = 0 if images is None else images.shape[0]
-            if world == 1 and images is None:  # every image of this batch was unreadable: the step is kept, empty
-                self.skipped_images += skipped
-                self.step += 1
-                self.step_in_epoch += 1
-                continue
-            if world > 1 and skipped:
-                # Every rank must run the same collectives on equal-size batches (hybrid gathers rows; DDP
-                # all-reduces after every backward): unreadable images become zero rows that the loss ignores.
-                images, labels = self._pad_batch(images, labels, kept + skipped)
-            self._item_shape = tuple(images.shape[1:])
-            lr = self.current_lr(total_steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(out_device, non_blocking=True)
-            with self._autocast():
-                # A sum (padded rows, label -100, add nothing), divided below by the number of readable
-                # images in the global batch: every rank's gradient is then that of the global mean.
-                loss_sum = TF.cross_entropy(self.model(images), labels, reduction="sum")
-            local = loss_sum.detach().float().reshape(())
-            counts = torch.tensor([float(kept), float(self._stop), float(skipped)], device=local.device)  # one copy
-            stats = torch.cat([local.reshape(1), counts])
-            if world > 1:
-                # One small all-reduce: the loss and image count (so every rank sees, and stops at, the same
-                # mean loss), whether any rank was asked to stop (so all stop after the same step) and the
-                # unreadable images skipped (counted over all ranks).
-                torch.distributed.all_reduce(stats)
-            global_sum, total, stop, skipped = stats.tolist()
-            stop = stop > 0
-            self.skipped_images += int(skipped)
-            if total == 0:  # no rank read any image of this global batch: all skip the step alike
-                self.step += 1
-                self.step_in_epoch += 1
-                if stop:
-                    self._stop = True
-                    break
-                continue
-            shown = global_sum / total
-            if not math.isfinite(shown):
-                raise TrainingDiverged(
-                    f"the loss became {shown} at epoch {self.epoch + 1}, step {self.step + 1} (lr {lr:g}); "
-                    f"the last good checkpoint is kept in {self.out_dir} — try a lower --lr")
-            loss = loss_sum * (world / total)  # DDP and hybrid average over ranks: x world
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if self.strategy == "hybrid":
-                self.model.finish_gradients()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.step += 1
-            self.step_in_epoch += 1
-            seen += int(total)
-            self.epoch_seen += int(total)  # over all ranks (the same on each: a mid-epoch checkpoint holds them)
-            self.epoch_loss_sum += global_sum
-            elapsed = time.perf_counter() - t0
-            bar.update(self.epoch, self.epochs, self.step, shown, lr, seen / max(elapsed, 1e-9))
-            if self.checkpoint_every and self.step % self.checkpoint_every == 0:
-                self._account(elapsed, seen)
-                t0, seen = time.perf_counter(), 0
-                self.save()
-            self.last_progress = time.monotonic()
-            _faults.point("step")
-            if stop:
-                self._stop = True
-                break
-        self._account(time.perf_counter() - t0, seen)
-
     def _pad_batch(self, images: torch.Tensor | None, labels: torch.Tensor | None, n: int):
         """Pad a batch with unreadable images dropped back to n rows: zero images labelled -100
-        (cross_entropy's ignore_index), so every rank's batch has the same size."""
+        (cross_entropy's ignore_index), so every batch of an epoch, on every rank, has its full size."""
         shape = tuple(images.shape[1:]) if images is not None else self._item_shape
         if shape is None and self.arch["image_size"]:
             shape = (3, *self.arch["image_size"])
@@ -519,40 +665,6 @@ class Trainer:
             return pad_x, pad_y
         return torch.cat([images, pad_x]), torch.cat([labels, pad_y])
 
-    def _account(self, seconds: float, images: int) -> None:
-        self.train_seconds += seconds
-        self.train_images += images  # over all ranks
-
-    def _end_epoch(self, val_data: Dataset | None, bar) -> None:
-        t0 = time.perf_counter()
-        metrics = {"epoch": self.epoch + 1, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
-                   "train_loss": self.epoch_loss_sum / max(1, self.epoch_seen)}
-        if val_data is not None:
-            v = self.last_val = self.evaluate(val_data, _fault="validation")
-            metrics.update(val_top1_error=v["top1_error"], val_top5_error=v["top5_error"], val_loss=v["loss"])
-        metrics["seconds_train_total"] = round(self.train_seconds, 3)
-        metrics["seconds_eval"] = round(time.perf_counter() - t0, 3)
-        improved = val_data is not None and metrics["val_top1_error"] < self.best_error - 1e-6
-        self._after_epoch(metrics.get("val_top1_error"))
-        self.history.append(metrics)
-        self.epoch += 1
-        self.step_in_epoch = 0
-        if self.dist.is_main:
-            self._write_metrics()
-        path = self.save()
-        if improved:  # the state just saved: best.pt is a second name for it, not a second copy
-            if self.dist.is_main:
-                ckpt.link_atomic(path, self.out_dir / "best.pt")
-            fdist.barrier()
-        _faults.point("epoch-saved")
-        bar.epoch_done(metrics)
-
-    def _write_metrics(self) -> None:
-        text = "".join(json.dumps(m) + "\n" for m in self.history)
-        tmp = self.out_dir / ".metrics.jsonl.tmp"
-        tmp.write_text(text)
-        tmp.replace(self.out_dir / "metrics.jsonl")
-
     # -- evaluation ----------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -565,10 +677,10 @@ class Trainer:
         """
         if len(data) == 0:
             raise ValueError("evaluation data is empty")
-        model = self._eval_model()
+        model = self.strategy.eval_model()
         was_training = model.training
         model.eval()
-        out_device = model.devices[0] if getattr(model, "devices", None) else self.device
+        out_device = self.strategy.out_device
         if self.dist.world_size > 1:  # each rank its share of the images; the counts are summed below
             data = torch.utils.data.Subset(data, range(self.dist.rank, len(data), self.dist.world_size))
         loader = DataLoader(data, batch_size=batch_size or self.batch_size, num_workers=self.workers,
@@ -597,10 +709,6 @@ class Trainer:
         return {"top1_error": miss1 / n, "top5_error": miss5 / n, "top1": 1 - miss1 / n, "top5": 1 - miss5 / n,
                 "loss": loss_sum / n, "images": n, "skipped_images": skipped_total}
 
-    def _eval_model(self) -> torch.nn.Module:
-        # No collectives in evaluation: ddp's bare module; hybrid's full net (gathered, so collective).
-        return self.model.full_model() if self.strategy == "hybrid" else self.module
-
     def _probs(self, model: torch.nn.Module, images: torch.Tensor, ten_crop: bool = False) -> torch.Tensor:
         images = images.to(self.device)
         if ten_crop:
@@ -621,7 +729,7 @@ class Trainer:
         if not isinstance(images, torch.Tensor) or images.dim() not in (3, 4):
             raise ValueError("images must be a tensor of shape (N, 3, S, S) or (3, S, S)")
         single = images.dim() == 3
-        model = self._eval_model()
+        model = self.strategy.eval_model()
         was_training = model.training
         model.eval()
         try:
@@ -635,11 +743,77 @@ class Trainer:
         info = backend_info(self.device)
         return {"device": str(self.device), "backend": info.backend, "variant": self.arch["variant"],
                 "image_size": list(self.arch["image_size"] or ()) or None, "precision": self.precision,
-                "strategy": self.strategy, "world_size": self.dist.world_size,
+                "strategy": self.strategy_name, "world_size": self.dist.world_size,
                 "devices": [str(d) for d in self.module.devices] if getattr(self.module, "devices", None) else None,
                 "epochs": self.epoch, "steps": self.step, "skipped_train_images": self.skipped_images,
                 "images_per_second": self.train_images / self.train_seconds if self.train_seconds else None,
                 "train_seconds": self.train_seconds}
+
+
+def _state_property(name: str) -> property:
+    return property(lambda self: getattr(self.state, name), lambda self, v: setattr(self.state, name, v),
+                    doc=f"trainer.state.{name}")
+
+
+for _name in ("epoch", "step", "step_in_epoch", "history", "lr_drops", "bad_epochs", "best_error", "train_seconds",
+              "train_images", "skipped_images"):
+    setattr(Trainer, _name, _state_property(_name))
+
+
+class _Meter:
+    """Training time and images since the clock last went to train_seconds; and for the current log
+    interval: steps, loss, images, data wait (all host numbers, from rows already read back)."""
+
+    def __init__(self):
+        self.data_wait = 0.0  # seconds waiting for batches, since the start
+        self.restart_clock()
+        self.start_interval()
+        self.last_loss = float("nan")
+
+    def restart_clock(self) -> None:
+        self.clock, self.clock_images = time.perf_counter(), 0
+
+    def take_clock(self) -> tuple[float, int]:
+        out = time.perf_counter() - self.clock, self.clock_images
+        self.restart_clock()
+        return out
+
+    def start_interval(self) -> None:
+        self.t0, self.wait0, self.steps, self.loss_sum, self.images = time.perf_counter(), self.data_wait, 0, 0.0, 0
+
+    def add(self, loss_sum: float, images: int) -> None:
+        self.steps, self.loss_sum, self.images = self.steps + 1, self.loss_sum + loss_sum, self.images + images
+        self.clock_images += images
+        self.last_loss = loss_sum / images
+
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.images, 1)
+
+    def images_per_second(self) -> float:
+        return self.images / max(time.perf_counter() - self.t0, 1e-9)
+
+    def step_seconds(self) -> float:
+        return (time.perf_counter() - self.t0) / max(self.steps, 1)
+
+    def data_wait_logged(self) -> float:
+        return self.data_wait - self.wait0
+
+    def wait_fraction(self) -> float:
+        return self.data_wait_logged() / max(time.perf_counter() - self.t0, 1e-9)
+
+
+def _matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 4096, reps: int = 10) -> float:
+    """Measured FLOP/s of an n x n matmul on a GPU in `dtype` (fp32 as torch runs it: tf32 if allowed)."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    end.synchronize()
+    return 2 * n ** 3 * reps / (start.elapsed_time(end) / 1e3)
 
 
 class _Progress:
@@ -655,15 +829,17 @@ class _Progress:
 
             self.bar = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2g}  "
-                                           "{task.fields[ips]:.0f} img/s"), TimeElapsedColumn(), TimeRemainingColumn())
+                                           "{task.fields[ips]:.0f} img/s  data wait {task.fields[wait]:.0%}"),
+                                TimeElapsedColumn(), TimeRemainingColumn())
             self.bar.__enter__()
             self.task = self.bar.add_task("train", total=self.total, completed=self.done, epoch="-", loss=float("nan"),
-                                          lr=0.0, ips=0.0)
+                                          lr=0.0, ips=0.0, wait=0.0)
         return self
 
-    def update(self, epoch, epochs, step, loss, lr, ips):
+    def update(self, epoch, epochs, step, loss, lr, ips, wait):
         if self.enabled:
-            self.bar.update(self.task, completed=step, epoch=f"{epoch + 1}/{epochs}", loss=loss, lr=lr, ips=ips)
+            self.bar.update(self.task, completed=step, epoch=f"{epoch + 1}/{epochs}", loss=loss, lr=lr, ips=ips,
+                            wait=wait)
 
     def epoch_done(self, m: dict):
         if self.enabled:

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from launch import child_env as _child_env
+
 from fastalex import cli
 
 
@@ -133,3 +135,18 @@ def test_ddp_through_torchrun_and_the_command(tiny_fashion, tmp_path):
     final = json.loads((out / "final.json").read_text())
     assert final["strategy"] == "ddp" and final["world_size"] == 2 and final["test_images"] == 32
     assert p.stdout.count("test top-1 accuracy") == 1  # rank 0 alone reports
+
+
+def test_train_logs_step_rows_and_tensorboard_as_a_user_runs_it(tiny_fashion, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastalex", "train", "--data", str(tiny_fashion), "--out", str(out), "--epochs", "1",
+           "-b", "16", "--image-size", "67", "--backend", "torch", "--no-progress", "--log-every", "2", "--tensorboard"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_child_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in rows] == [("step", 2), ("step", 4), ("epoch", 4)]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    p = subprocess.run([*cmd[:-3], "--log-every", "0", "--overwrite"], capture_output=True, text=True, timeout=120,
+                       env=_child_env())
+    assert p.returncode == 2 and p.stderr.strip().endswith("--log-every must be at least 1, got 0"), p.stderr

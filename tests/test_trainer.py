@@ -232,3 +232,104 @@ def test_alexnet_trains_through_the_trainer(tmp_path, precision):
     assert info["backend"] == "torch"
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
     assert os.path.isfile(tmp_path / "best.pt") or t.history[0]["val_top1_error"] >= 1.0
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_step_rows_every_log_every_steps_beside_the_epoch_rows(tmp_path):
+    t = _trainer(tmp_path, epochs=1, log_every=5)  # 12 steps an epoch
+    t.fit(Blobs(), Blobs(32, seed=1))  # noqa: F821
+    rows = _rows(tmp_path)
+    assert [(r["kind"], r["step"]) for r in rows] == [("step", 5), ("step", 10), ("epoch", 12)]
+    for r in rows[:2]:
+        assert {"epoch", "loss", "lr", "images_per_second", "data_wait_seconds", "step_seconds"} <= r.keys()
+        assert r["epoch"] == 1 and r["images_per_second"] > 0 and r["data_wait_seconds"] >= 0 and r["step_seconds"] > 0
+        assert "mfu" not in r  # GPUs only
+    # the interval's mean loss: the 5 steps' summed losses over their images, as the epoch row's mean
+    assert 0 < rows[0]["loss"] < 10 and rows[2]["train_loss"] > 0
+    # resumed for a second epoch: the file is rewritten from the checkpoint, then goes on
+    t2 = _trainer(tmp_path, epochs=2, log_every=5)
+    t2.resume()
+    t2.fit(Blobs(), Blobs(32, seed=1))  # noqa: F821
+    assert [(r["kind"], r["step"]) for r in _rows(tmp_path)] == [
+        ("step", 5), ("step", 10), ("epoch", 12), ("step", 15), ("step", 20), ("epoch", 24)]
+    assert ckpt.load(tmp_path / "checkpoint.pt")["log"][-1]["step"] == 20
+
+
+def test_callbacks_see_every_step_log_row_and_epoch(tmp_path):
+    seen = {"steps": [], "logs": [], "epochs": []}
+
+    class Record(fastalex.trainer.Callback):
+        def on_step(self, trainer, out):
+            assert out.logits.shape == (out.labels.shape[0], 4) and not out.logits.requires_grad
+            seen["steps"].append((out.step, out.epoch, out.kept, out.loss_sum))
+
+        def on_log(self, trainer, row):
+            seen["logs"].append(row["step"])
+
+        def on_epoch_end(self, trainer, row):
+            seen["epochs"].append(row["epoch"])
+
+    t = _trainer(tmp_path, epochs=2, log_every=4, callbacks=[Record()])
+    t.fit(Blobs(), None)  # noqa: F821
+    assert [s[0] for s in seen["steps"]] == list(range(1, 25)) and seen["steps"][12][1] == 1
+    assert seen["logs"] == [4, 8, 12, 16, 20, 24] and seen["epochs"] == [1, 2]
+    # the per-step losses (device tensors, read only now) add up to the epoch's training loss
+    epoch2 = sum(float(s[3]) for s in seen["steps"][12:]) / sum(s[2] for s in seen["steps"][12:])
+    assert epoch2 == pytest.approx(t.history[1]["train_loss"], rel=1e-6)
+    with pytest.raises(TypeError, match="callbacks must be"):
+        _trainer(tmp_path, callbacks=[print])
+
+
+def test_losses_are_read_back_once_per_sync_not_per_step(tmp_path, monkeypatch):
+    """As on a GPU: with a sync every 5 steps the step loop reads no tensor back; a NaN is still
+    caught (at its own step number), and no checkpoint after it is written."""
+    reads = []
+
+    def guard(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *a, **k):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename.endswith("trainer.py") and caller.co_name in ("_train_step", "_train_epoch"):
+                reads.append((caller.co_name, name))
+            return original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        guard(name)
+    t = _trainer(tmp_path, epochs=1, checkpoint_every=0)  # 12 steps
+    t._sync_every = 5
+    syncs = []
+    real_sync = t._sync
+    t._sync = lambda: (syncs.append(len(t._pending)), real_sync())
+    t.fit(Blobs(), None)  # noqa: F821
+    assert reads == [], "the step loop read tensors back"
+    assert [n for n in syncs if n] == [5, 5, 2]  # steps 1-5, 6-10, and 11-12 at the epoch's end
+
+    first_nan = []
+    for every in (1, 5):
+        out = tmp_path / f"nan{every}"
+        t = _trainer(out, epochs=3, lr=10.0, checkpoint_every=7)  # first NaN at step 15
+        t._sync_every = every
+        with pytest.raises(TrainingDiverged, match="the loss became") as e:
+            t.fit(Blobs(), None)  # noqa: F821
+        first_nan.append(e.value.step)
+        state = ckpt.load(out / "checkpoint.pt")
+        assert state["step"] < e.value.step and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert first_nan[0] == first_nan[1] > 7
+
+
+def test_tensorboard_event_files(tmp_path):
+    pytest.importorskip("tensorboard")  # a test dependency (pyproject's test extra)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    t = _trainer(tmp_path, epochs=1, log_every=4, callbacks=[fastalex.trainer.TensorBoard(tmp_path / "tb")])
+    t.fit(Blobs(), Blobs(32, seed=1))  # noqa: F821
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "train/images_per_second", "epoch/train_loss", "epoch/val_top1_error"} <= set(tags)
+    assert [e.step for e in acc.Scalars("train/loss")] == [4, 8, 12]

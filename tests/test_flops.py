@@ -1,11 +1,17 @@
-"""fastalex.flops: parameters and MACs per layer against values worked out by hand from the layer table."""
+"""fastalex.flops: parameters and MACs per layer against values worked out by hand from the layer table;
+FlopCounterMode on fastalex's custom ops against torch's ops."""
+
+import subprocess
+import sys
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import fastalex
+import fastalex.functional as F
 from fastalex import flops
-from fastalex.model import AlexNet
+from fastalex.model import AlexNet, smallest_image_size
 
 # Per variant, the five convs at the default image size (227; 224 for torchvision):
 # (C_in, C_out, kernel, groups, output height = width). From ALEXNET.md's table, not from the code.
@@ -196,3 +202,88 @@ def test_trace_removes_its_hooks():
 def test_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         flops.count(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# FlopCounterMode sees the conv custom ops (fastalex/ops/_flops.py)
+
+FASTALEX_CONV_OPS = (torch.ops.fastalex.conv2d, torch.ops.fastalex.conv2d_input_grad,
+                     torch.ops.fastalex.conv2d_weight_grad)
+
+
+def _count(fn):
+    """(total FLOPs, {op packet: FLOPs}, fn's result) of fn() under torch's FlopCounterMode."""
+    with FlopCounterMode(display=False) as counter:
+        out = fn()
+    return counter.get_total_flops(), dict(counter.get_flop_counts()["Global"]), out
+
+
+@pytest.mark.slow  # 20-40 s each in the interpreter
+@pytest.mark.parametrize("variant", list(CONVS))
+def test_flop_counter_same_on_kernels_and_torch(variant):
+    # The smallest image and one image: the interpreter is slow.
+    size = smallest_image_size(variant)
+    model = AlexNet(num_classes=10, variant=variant, image_size=size, init="torch").eval()
+    x = torch.randn(1, 3, size, size)
+    counted = {}
+    for name in ("torch", "triton"):
+        with fastalex.backend(name):
+            fwd, fwd_ops, loss = _count(lambda: model(x).square().sum())
+            bwd, bwd_ops, _ = _count(loss.backward)
+        counted[name] = fwd, bwd
+        ran = set(fwd_ops) | set(bwd_ops)
+        assert (set(FASTALEX_CONV_OPS) <= ran) == (name == "triton"), ran  # the kernels ran, and were counted
+    assert counted["triton"] == counted["torch"]
+    b = flops.count(model, batch_size=1)
+    assert counted["triton"][0] == b.flops_total
+    # The input gradient is counted as the transposed conv (the forward's work), except for conv1,
+    # whose input (the image) needs none; the weight gradient likewise for every conv where groups=1
+    # (for grouped convs torch's formula, which the ops follow, counts groups x that).
+    conv = [l.flops for l in b.layers if l.kind == "conv"]
+    assert bwd_ops[torch.ops.fastalex.conv2d_input_grad] == sum(conv[1:])
+    if variant != "paper":
+        assert bwd_ops[torch.ops.fastalex.conv2d_weight_grad] == sum(conv)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, kwargs", [
+    ((2, 4, 23, 17), (6, 2, 5, 3), dict(stride=4, padding=(2, 1), groups=2)),  # conv1-like stride, grouped
+    ((1, 3, 11, 14), (5, 3, 3, 4), dict(stride=(1, 2), padding=1, dilation=(2, 1))),
+    ((2, 6, 9, 10), (4, 3, 3, 3), dict(padding="same", groups=2, activation="relu")),
+])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_flop_counter_one_conv_as_torch(x_shape, w_shape, kwargs, input_grad):
+    x = torch.randn(x_shape, requires_grad=input_grad)
+    w = torch.randn(w_shape, requires_grad=True)
+    bias = torch.randn(w_shape[0], requires_grad=True)
+    counted = {}
+    for name in ("torch", "triton"):
+        with fastalex.backend(name):
+            fwd, fwd_ops, y = _count(lambda: F.conv2d(x, w, bias, **kwargs))
+            bwd, bwd_ops, _ = _count(lambda: y.backward(torch.randn_like(y)))
+        counted[name] = fwd, bwd, y.shape
+    assert set(fwd_ops) == {torch.ops.fastalex.conv2d}
+    assert (torch.ops.fastalex.conv2d_input_grad in bwd_ops) == input_grad
+    assert counted["triton"] == counted["torch"]
+    # Against the textbook formula, and against torch's own op called directly.
+    N, C_out, OH, OW = y.shape
+    assert fwd == 2 * N * C_out * OH * OW * w_shape[1] * w_shape[2] * w_shape[3]
+    torch_kwargs = {k: v for k, v in kwargs.items() if k != "activation"}
+    assert fwd == _count(lambda: torch.nn.functional.conv2d(x, w, bias, **torch_kwargs))[0]
+
+
+@pytest.mark.parametrize("first", ["fastalex", "torch.utils.flop_counter"])
+def test_formulas_registered_in_either_import_order(first):
+    # torch.utils.flop_counter imports triton, which `import fastalex` must not: the formulas are
+    # registered when it is imported, before or after fastalex.
+    code = f"""
+import sys, torch
+import {first}
+print("triton" in sys.modules)
+import fastalex, torch.utils.flop_counter as fc
+from fastalex.ops import _flops
+ops = (torch.ops.fastalex.conv2d, torch.ops.fastalex.conv2d_input_grad, torch.ops.fastalex.conv2d_weight_grad)
+print(all(op in fc.flop_registry for op in ops), any(isinstance(f, _flops._AfterImport) for f in sys.meta_path))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(first != "fastalex"), "True", "False"]

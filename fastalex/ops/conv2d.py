@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fastalex._backend import use_triton
+from fastalex.ops import _flops
 from fastalex.ops._checks import check_float_tensor, check_same, output_length, pair
 
 __all__ = ["conv2d", "conv2d_relu"]
@@ -110,6 +111,8 @@ def _backward(ctx, grad_output):
 
 
 _conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+# FlopCounterMode counts the three ops as torch counts its convolution (see _flops.py).
+_flops.register_when_loaded()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -173,17 +173,18 @@ class _EpochBatches(Sampler):
     world_size equal parts and this rank gets part `rank`: per-epoch shuffled, disjoint shards, as
     with DistributedSampler, but aligned to global batches (so a step over all ranks sees exactly
     the images one process would see with the combined batch, and a resume starts at the exact
-    step). The last, incomplete global batch is dropped then (every rank must take equal steps).
+    step). The last, incomplete global batch is dropped then (every rank must take equal steps), and
+    with drop_last in one process too.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, drop_last: bool = False):
         self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
 
     def steps(self) -> int:
         """Steps in a whole epoch."""
-        if self.world_size == 1:
+        if self.world_size == 1 and not self.drop_last:
             return math.ceil(self.n / self.batch_size)
         return self.n // (self.batch_size * self.world_size)
 
@@ -250,6 +251,12 @@ class Trainer:
     epoch ends): one host sync per log_every steps, so a NaN loss is seen up to log_every steps late
     (it still stops the run, and no checkpoint after it is written).
     callbacks: Callback objects (on_step, on_log, on_epoch_end).
+    max_steps: stop after this many steps in all (the cosine schedule ends there), saving a checkpoint.
+    drop_last: leave out each epoch's incomplete last batch (every step then has the same shape).
+    out_dir None: write nothing (no checkpoints, no metrics.jsonl).
+    Datasets with a `get_batch(epoch, indices) -> (images, labels)` method (e.g. images already on
+    the device) are read a batch at a time, without a DataLoader; the draws of their augmentation,
+    if any, are theirs to derive from (epoch, index).
     """
 
     def __init__(self, model: torch.nn.Module, *, epochs: int, batch_size: int = 128, lr: float = 0.01,
@@ -258,11 +265,12 @@ class Trainer:
                  workers: int = 0, checkpoint_every: int = 0, patience: int = 1, max_lr_drops: int = 3,
                  warmup_steps: int = 0, progress: bool = True, class_names: Sequence[str] | None = None,
                  args: dict | None = None, strategy: str = "single", devices: Sequence | None = None,
-                 deterministic: bool = False, log_every: int = 50, callbacks: Sequence[Callback] = ()):
+                 deterministic: bool = False, log_every: int = 50, callbacks: Sequence[Callback] = (),
+                 max_steps: int | None = None, drop_last: bool = False):
         for name, v, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("workers", workers, 0),
                             ("checkpoint_every", checkpoint_every, 0), ("patience", patience, 1),
                             ("max_lr_drops", max_lr_drops, 0), ("warmup_steps", warmup_steps, 0),
-                            ("log_every", log_every, 1)):
+                            ("log_every", log_every, 1), ("max_steps", 1 if max_steps is None else max_steps, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         if not lr > 0 or not 0 <= momentum < 1 or weight_decay < 0:
@@ -289,7 +297,9 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.class_names = list(class_names) if class_names is not None else None
         self.args = dict(args or {})
-        self.out_dir = Path(out_dir)
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self._files = self.out_dir is not None and self.dist.is_main  # this process writes the run's files
+        self.max_steps, self.drop_last = max_steps, drop_last
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum,
                                          weight_decay=weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "16-mixed")
@@ -390,6 +400,8 @@ class Trainer:
         checkpoint.prev.pt (rank 0 writes; every rank must call it under ddp and hybrid). Steps not
         yet read back are read first: a NaN among them raises TrainingDiverged, and nothing is saved."""
         self._sync()
+        if self.out_dir is None:
+            return None
         state, path = self.state_dict(), self.out_dir / name
         if self.dist.is_main:
             ckpt.save_atomic(state, path, keep_previous=name == "checkpoint.pt")
@@ -401,6 +413,8 @@ class Trainer:
         (NAME.prev.pt) if it cannot be read, saying so on stderr in one line. With missing_ok, no
         checkpoint at all means a fresh start (what a worker restarted by torchrun wants); returns
         whether it resumed. FileNotFoundError / checkpoint.CheckpointError (one line) otherwise."""
+        if path is None and self.out_dir is None:
+            raise ValueError("resume() needs a path when the Trainer has no out_dir")
         path = Path(path or self.out_dir / "checkpoint.pt")
         try:
             state, used, problems = ckpt.load_newest(path, check=_check_training_state)
@@ -432,20 +446,30 @@ class Trainer:
         if world > 1 and len(train_data) < self.batch_size * world:
             raise ValueError(f"train_data has {len(train_data)} images, fewer than one global batch "
                              f"({self.batch_size} x {world} processes)")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        per_epoch = _EpochBatches(len(train_data), self.batch_size, self.seed, 0, 0, 0, world, self.drop_last).steps()
+        if per_epoch == 0:
+            raise ValueError(f"train_data has {len(train_data)} images, fewer than one batch of {self.batch_size} "
+                             f"(drop_last leaves no step)")
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         data = _Seeded(train_data, self.seed)
-        total_steps = _EpochBatches(len(data), self.batch_size, self.seed, 0, 0, 0, world).steps() * self.epochs
+        total_steps = min(per_epoch * self.epochs, self.max_steps or math.inf)
         if self._fresh:
             self._seed_rank()
             self._fresh = False
-        if self.dist.is_main:
+        if self._files:
             self._write_metrics()  # a resumed run's file: exactly its checkpoint's rows
         old_handler = self._install_sigint()
         self._stop_asked = self._stop = False
         try:
             with _Progress(self.progress and self.dist.is_main, total_steps, self.state.step) as self._bar:
-                while self.state.epoch < self.epochs and not self._stop:
+                while self.state.epoch < self.epochs and self.state.step < total_steps and not self._stop:
                     self._train_epoch(data, total_steps)
+                    if self._stop:
+                        break
+                    if self.state.step_in_epoch < per_epoch:  # max_steps reached inside the epoch
+                        self.save()
+                        break
                     # a stop asked for after the epoch's last step: all ranks agree on it
                     self._stop = fdist.all_reduce_sum([float(self._stop_asked)], self.device)[0] > 0
                     if not self._stop:
@@ -463,7 +487,7 @@ class Trainer:
         if s.step_in_epoch == 0:
             s.epoch_loss_sum, s.epoch_seen = 0.0, 0
         batches = _EpochBatches(len(data), self.batch_size, self.seed, s.epoch, s.step_in_epoch, self.dist.rank,
-                                self.dist.world_size)
+                                self.dist.world_size, self.drop_last)
         self._meter = _Meter()
         for images, labels, kept in self._batches(data, batches):
             self._pending.append(self._train_step(images, labels, kept, total_steps))
@@ -478,7 +502,7 @@ class Trainer:
                 self._meter.restart_clock()
             self.last_progress = time.monotonic()
             _faults.point("step")
-            if self._stop:
+            if self._stop or s.step == total_steps:
                 break
         self._sync()
         self._account()
@@ -517,7 +541,10 @@ class Trainer:
     def _batches(self, data: Dataset, batches: Sampler):
         """This rank's batches as (images, labels, readable rows): every batch of the epoch's size, with
         unreadable images as stand-in rows at the end; the time spent waiting for each goes to the meter."""
-        it = iter(self._loader(data, batches))
+        if hasattr(data.data, "get_batch"):
+            it = ((*data.data.get_batch(self.state.epoch, [i for _, i in keys]), 0) for keys in batches)
+        else:
+            it = iter(self._loader(data, batches))
         while True:
             t0 = time.perf_counter()
             batch = next(it, None)
@@ -568,7 +595,7 @@ class Trainer:
             row["mfu"] = self._mfu(row["images_per_second"])
         m.start_interval()
         s.log.append(row)
-        if self.dist.is_main:
+        if self._files:
             with open(self.out_dir / "metrics.jsonl", "a") as f:  # (rewritten whole, atomically, each epoch)
                 f.write(json.dumps(row) + "\n")
         for cb in self.callbacks:
@@ -611,10 +638,10 @@ class Trainer:
         s.history.append(row)
         s.epoch += 1
         s.step_in_epoch = 0
-        if self.dist.is_main:
+        if self._files:
             self._write_metrics()
         path = self.save()
-        if improved:  # the state just saved: best.pt is a second name for it, not a second copy
+        if improved and self.out_dir is not None:  # the state just saved: best.pt is a second name for it
             if self.dist.is_main:
                 ckpt.link_atomic(path, self.out_dir / "best.pt")
             fdist.barrier()

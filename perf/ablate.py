@@ -16,11 +16,11 @@ other run changes one thing:
 
 (The paper's ReLU/tanh figure is a 4-layer CNN on CIFAR-10; the others are ImageNet numbers.)
 
-Training: a short loop here rather than fastalex.Trainer, whose fit() reports per epoch only: SGD
-with the Trainer's momentum and weight decay (0.9, 5e-4) and the Trainer's lr schedule (`lr_at`:
-Trainer.current_lr's formula, linear warm-up then cosine to 0 over the run's steps, or constant;
-the tests check they agree). Batches are drawn in a random order per epoch from (seed, epoch), the
-same for every run (an epoch's incomplete last batch is left out). The training and test images are transformed once up front (what
+Training: fastalex.Trainer (max_steps=steps, drop_last, no files), with a callback that keeps each
+step's batch loss and error on the device: SGD with momentum and weight decay (0.9, 5e-4) and the
+Trainer's lr schedule (linear warm-up then cosine to 0 over the run's steps, or constant; `lr_at`
+is its formula, for the report). Batches are drawn in the Trainer's random order per epoch from
+(seed, epoch), the same for every run (an epoch's incomplete last batch is left out). The training and test images are transformed once up front (what
 load_for_training's datasets give: Fashion-MNIST's normalisation and the bilinear resize, no
 augmentation) and kept on the device, so a step costs only the model's work.
 
@@ -64,6 +64,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as TF
 
+from fastalex.trainer import Callback
 from perf._args import fraction, int_at_least, positive_float
 
 RUNS = {  # name -> the AlexNet arguments it changes from the baseline's
@@ -148,7 +149,7 @@ def steps_to_target(curve, target: float) -> int | None:
 
 
 def images_seen(steps: int, n: int, batch_size: int) -> int:
-    """Training images used by the first `steps` steps (full batches only, see `_batches`)."""
+    """Training images used by the first `steps` steps (full batches only: the Trainer's drop_last)."""
     return steps * min(batch_size, n)
 
 
@@ -290,22 +291,33 @@ def _rgb(x: torch.Tensor) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
 
 
-def _batches(n: int, batch_size: int, seed: int, steps: int, device: torch.device):
-    """The index tensors of `steps` batches: epochs in a random order from (seed, epoch).
+class _OnDevice(torch.utils.data.Dataset):
+    """(images, labels) tensors already on the device, read by the Trainer a batch at a time."""
 
-    An epoch's incomplete last batch is dropped (one batch of all n if n < batch_size): every step
-    has the same shape, so a GPU compiles no kernel for another batch size inside the timed loop.
-    """
-    batch_size = min(batch_size, n)
-    per_epoch, step, epoch = n // batch_size, 0, 0
-    while step < steps:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).to(device)
-        for b in range(per_epoch):
-            if step == steps:
-                return
-            yield order[b * batch_size:(b + 1) * batch_size]
-            step += 1
-        epoch += 1
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return _rgb(self.images[i:i + 1])[0], self.labels[i]
+
+    def get_batch(self, epoch: int, indices: list[int]):
+        idx = torch.as_tensor(indices, device=self.labels.device)
+        return _rgb(self.images[idx]), self.labels[idx]
+
+
+class _Curves(Callback):
+    """Each step's batch loss and batch error (the forward pass before the step's update), kept on the
+    device: no host sync per step."""
+
+    def __init__(self, steps: int, device: torch.device):
+        self.loss, self.error = torch.zeros(steps, device=device), torch.zeros(steps, device=device)
+
+    def on_step(self, trainer, out) -> None:
+        self.loss[out.step - 1] = out.loss_sum / out.kept
+        self.error[out.step - 1] = (out.logits.argmax(dim=1) != out.labels).float().mean()
 
 
 def build_model(run: str, s: dict, num_classes: int = 10):
@@ -317,68 +329,60 @@ def build_model(run: str, s: dict, num_classes: int = 10):
     return AlexNet(num_classes, kw.pop("variant"), kw.pop("dropout"), image_size=s["image_size"], **kw)
 
 
-def _sgd(model, s):
-    return torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=s["momentum"], weight_decay=s["wd"])
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+def _trainer(model, s: dict, steps: int, callbacks=()):
+    """The fastalex Trainer with the run's recipe: full batches, `steps` steps, no files."""
+    from fastalex import Trainer
+
+    return Trainer(model, epochs=10**9, max_steps=steps, batch_size=s["batch_size"], lr=s["lr"],
+                   momentum=s["momentum"], weight_decay=s["wd"], lr_schedule=s["lr_schedule"],
+                   warmup_steps=s["warmup_steps"], device=s["device"], out_dir=None, seed=s["seed"],
+                   progress=False, drop_last=True, callbacks=callbacks, log_every=25)
+
+
 def train_run(run: str, s: dict, train, test, progress=None) -> dict:
-    """One run: `steps` SGD steps on train = (images, labels) (on the device), then the test error on test."""
+    """One run: `steps` SGD steps of fastalex.Trainer on train = (images, labels) (on the device), then
+    the test error on test."""
+    from fastalex import TrainingDiverged
+
     device = torch.device(s["device"])
     images, labels = train
     n = len(labels)
+    s = dict(s, batch_size=min(s["batch_size"], n))  # fewer images than a batch: one batch of all of them
+    data = _OnDevice(images, labels)
     model = build_model(run, s).to(device)
-    model.train()
 
     # Untimed warm-up steps on a copy: kernel compilation and allocator warm-up stay out of the wall time.
-    spare = copy.deepcopy(model)
-    spare_opt = _sgd(spare, s)
-    idx = torch.arange(min(n, s["batch_size"]), device=device)
-    for _ in range(UNTIMED_STEPS):
-        TF.cross_entropy(spare(_rgb(images[idx])), labels[idx]).backward()
-        spare_opt.step()
-        spare_opt.zero_grad(set_to_none=True)
-    del spare, spare_opt
+    with contextlib.suppress(TrainingDiverged):  # (the timed run below says so)
+        _trainer(copy.deepcopy(model), s, UNTIMED_STEPS).fit(data)
     _sync(device)
 
-    torch.manual_seed(s["seed"] + 1)  # the dropout stream, the same whatever the warm-up drew
-    opt = _sgd(model, s)
     steps = s["steps"]
-    losses = torch.zeros(steps, device=device)
-    errors = torch.zeros(steps, device=device)
-    done, diverged = 0, None
-    check = 25  # look at the losses every few steps: a sync per step would slow a GPU down
+    curves = _Curves(steps, device)
     task = progress.add_task(run, total=steps) if progress is not None else None
+
+    class _Bar(Callback):  # the progress bar, at the Trainer's log rows (no extra sync)
+        def on_log(self, trainer, row):
+            progress.update(task, completed=row["step"], description=f"{run}  loss {row['loss']:.3f}")
+
+    trainer = _trainer(model, s, steps, [curves] + ([_Bar()] if task is not None else []))
+    diverged = None
     t0 = time.perf_counter()
-    for step, idx in enumerate(_batches(n, s["batch_size"], s["seed"], steps, device)):
-        lr = lr_at(step, steps, s["lr"], s["lr_schedule"], s["warmup_steps"])
-        for group in opt.param_groups:
-            group["lr"] = lr
-        y = labels[idx]
-        logits = model(_rgb(images[idx]))
-        loss = TF.cross_entropy(logits, y)
-        losses[step] = loss.detach()
-        errors[step] = (logits.detach().argmax(dim=1) != y).float().mean()  # before this step's update
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        done = step + 1
-        if done % check == 0 or done == steps:
-            bad = (~torch.isfinite(losses[done - min(done, check):done])).nonzero()
-            if len(bad):
-                diverged = done - min(done, check) + int(bad[0]) + 1
-                done = diverged - 1  # the curves keep the finite steps
-                break
-            if task is not None:
-                progress.update(task, completed=done, description=f"{run}  loss {float(losses[done - 1]):.3f}")
+    try:
+        trainer.fit(data)
+    except TrainingDiverged as e:
+        diverged = e.step
     _sync(device)
     seconds = time.perf_counter() - t0
+    done = steps if diverged is None else diverged - 1  # the curves keep the finite steps
+    if task is not None:
+        progress.update(task, completed=done)
 
-    loss_list, err_list = losses[:done].tolist(), errors[:done].tolist()
+    loss_list, err_list = curves.loss[:done].tolist(), curves.error[:done].tolist()
     run_loss, run_err = running_mean(loss_list, s["window"]), running_mean(err_list, s["window"])
     to25, toc = steps_to_target(run_err, FIG1_ERROR), steps_to_target(run_err, s["converge_error"])
 

@@ -109,11 +109,27 @@ def test_running_mean_and_images_seen():
     # full batches only: 100 images in batches of 32 are 3 steps an epoch; a batch larger than the set is all of it
     assert [ablate.images_seen(s, 100, 32) for s in (0, 1, 3, 4)] == [0, 32, 96, 128]
     assert ablate.images_seen(2, 16, 32) == 32
-    batches = list(ablate._batches(100, 32, 0, 7, torch.device("cpu")))
-    assert [len(b) for b in batches] == [32] * 7
-    assert len(set(torch.cat(batches[:3]).tolist())) == 96  # an epoch: no image twice
-    assert torch.equal(torch.cat(batches[:3]), torch.cat(list(ablate._batches(100, 32, 0, 3, torch.device("cpu")))))
-    assert not torch.equal(batches[0], batches[3])  # the next epoch: another order
+
+
+def test_runs_train_on_the_trainer_with_full_batches_for_exactly_their_steps():
+    seen = []
+
+    class Ids(ablate._OnDevice):  # records the batches the Trainer asks for
+        def get_batch(self, epoch, indices):
+            seen.append((epoch, list(indices)))
+            return super().get_batch(epoch, indices)
+
+    data = Ids(torch.randn(100, 1, 4, 4), torch.randint(0, 3, (100,)))
+    s = dict(batch_size=32, lr=0.01, momentum=0.9, wd=0.0, lr_schedule="constant", warmup_steps=0, device="cpu",
+             seed=0)
+    curves = ablate._Curves(7, torch.device("cpu"))
+    trainer = ablate._trainer(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3)), s, 7, [curves])
+    trainer.fit(data)
+    assert trainer.step == 7 and [len(b) for _, b in seen] == [32] * 7  # 3 full batches an epoch
+    assert [e for e, _ in seen] == [0, 0, 0, 1, 1, 1, 2]
+    assert len({i for _, b in seen[:3] for i in b}) == 96  # an epoch: no image twice
+    assert seen[0][1] != seen[3][1]  # the next epoch: another order
+    assert bool((curves.loss > 0).all()) and bool(((curves.error >= 0) & (curves.error <= 1)).all())
 
 
 @pytest.mark.parametrize("schedule,warmup", [("cosine", 5), ("cosine", 0), ("constant", 3)])

@@ -333,3 +333,26 @@ def test_tensorboard_event_files(tmp_path):
     tags = acc.Tags()["scalars"]
     assert {"train/loss", "train/images_per_second", "epoch/train_loss", "epoch/val_top1_error"} <= set(tags)
     assert [e.step for e in acc.Scalars("train/loss")] == [4, 8, 12]
+
+
+def test_max_steps_drop_last_and_no_files(tmp_path, monkeypatch):
+    # max_steps inside epoch 2 (12 steps an epoch): stops there with a checkpoint; epoch 1's row only
+    t = _trainer(tmp_path / "a", epochs=3, max_steps=17, checkpoint_every=0)
+    hist = t.fit(Blobs(), Blobs(32, seed=1))  # noqa: F821
+    assert t.step == 17 and len(hist) == 1 and ckpt.load(tmp_path / "a" / "checkpoint.pt")["step"] == 17
+    # drop_last: 100 images in batches of 8 are 12 full steps an epoch, not 13
+    t = _trainer(tmp_path / "b", epochs=1, drop_last=True, batch_size=8)
+    t.fit(Blobs(100), None)  # noqa: F821
+    assert t.step == 12
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        _trainer(tmp_path / "c", epochs=1, drop_last=True, batch_size=128).fit(Blobs(100), None)  # noqa: F821
+    # out_dir None: nothing written anywhere
+    monkeypatch.chdir(tmp_path / "b")
+    before = sorted(p.name for p in (tmp_path / "b").iterdir())
+    t = _trainer(None, epochs=1, log_every=3)
+    t.fit(Blobs(), Blobs(32, seed=1))  # noqa: F821
+    assert t.step == 12 and len(t.state.log) == 4 and sorted(p.name for p in (tmp_path / "b").iterdir()) == before
+    with pytest.raises(ValueError, match="needs a path"):
+        t.resume()
+    with pytest.raises(ValueError, match="max_steps must be"):
+        _trainer(None, epochs=1, max_steps=0)

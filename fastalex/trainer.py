@@ -42,6 +42,7 @@ __all__ = ["Trainer", "TrainingDiverged", "Callback", "StepOutput", "RunState", 
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 SCHEDULES = ("plateau", "cosine", "constant")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def use_deterministic_algorithms() -> None:
@@ -254,6 +255,9 @@ class Trainer:
     max_steps: stop after this many steps in all (the cosine schedule ends there), saving a checkpoint.
     drop_last: leave out each epoch's incomplete last batch (every step then has the same shape).
     out_dir None: write nothing (no checkpoints, no metrics.jsonl).
+    compile: torch.compile the training forward (True: mode "default"; or a mode: "reduce-overhead"
+    captures CUDA graphs on GPUs, "max-autotune"); fastalex's custom ops compile without graph
+    breaks. Evaluation and checkpoints use the model itself.
     Datasets with a `get_batch(epoch, indices) -> (images, labels)` method (e.g. images already on
     the device) are read a batch at a time, without a DataLoader; the draws of their augmentation,
     if any, are theirs to derive from (epoch, index).
@@ -266,7 +270,7 @@ class Trainer:
                  warmup_steps: int = 0, progress: bool = True, class_names: Sequence[str] | None = None,
                  args: dict | None = None, strategy: str = "single", devices: Sequence | None = None,
                  deterministic: bool = False, log_every: int = 50, callbacks: Sequence[Callback] = (),
-                 max_steps: int | None = None, drop_last: bool = False):
+                 max_steps: int | None = None, drop_last: bool = False, compile: bool | str = False):
         for name, v, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("workers", workers, 0),
                             ("checkpoint_every", checkpoint_every, 0), ("patience", patience, 1),
                             ("max_lr_drops", max_lr_drops, 0), ("warmup_steps", warmup_steps, 0),
@@ -282,12 +286,16 @@ class Trainer:
         if precision == "16-mixed" and not (torch.cuda.is_available() and device != "cpu"
                                             and not str(device).startswith("cpu")):
             raise ValueError("precision '16-mixed' needs a CUDA device (use '32' or 'bf16-mixed' on the CPU)")
+        if compile is not False and compile is not True and compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
         for cb in callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be fastalex.trainer.Callback objects, got {type(cb).__name__}")
         self.arch = {k: getattr(model, k, None) for k in ("variant", "image_size")}
         self.strategy, self.strategy_name = fstrategy.make(strategy, model, device, devices), strategy
         self.model, self.device, self.dist = self.strategy.model, self.strategy.device, self.strategy.dist
+        if compile:  # (the strategy keeps the plain model: state dicts and evaluation use it)
+            self.model = torch.compile(self.model, mode="default" if compile is True else compile)
         if precision == "16-mixed" and self.device.type != "cuda":
             raise ValueError("precision '16-mixed' needs a CUDA device (use '32' or 'bf16-mixed' on the CPU)")
         self.epochs, self.batch_size, self.lr, self.seed = epochs, batch_size, lr, seed

@@ -7,7 +7,7 @@ import torch
 
 from fastalex import functional as F
 
-__all__ = ["Conv2d", "LocalResponseNorm", "MaxPool2d"]
+__all__ = ["Conv2d", "LRNMaxPool2d", "LocalResponseNorm", "MaxPool2d"]
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -61,3 +61,28 @@ class MaxPool2d(torch.nn.MaxPool2d):
     def forward(self, input: torch.Tensor):
         return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
                             ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+
+class LRNMaxPool2d(torch.nn.Module):
+    """LocalResponseNorm(size, alpha, beta, k, groups=groups) then MaxPool2d(kernel_size, stride), fused.
+
+    Input (N, C, H, W); output (N, C, OH, OW), OH = (H - kernel_size) // stride + 1. No padding,
+    dilation or ceil mode. No parameters: a model can swap its lrn + pool pair for this module.
+    """
+
+    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, kernel_size=3,
+                 stride=2, *, groups: int = 1):
+        super().__init__()
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be a positive int, got {groups!r}")
+        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+        self.kernel_size, self.stride, self.groups = kernel_size, stride, groups
+
+    def extra_repr(self) -> str:
+        s = (f"{self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}")
+        return s + (f", groups={self.groups}" if self.groups > 1 else "")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.lrn_max_pool2d(input, self.size, self.alpha, self.beta, self.k, self.kernel_size, self.stride,
+                                groups=self.groups)

@@ -100,7 +100,9 @@ def _tile(N, C, S, CG, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C))[:, None]
     s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S))[None, :]
     lo = (c // CG) * CG
-    return n, c, s, c < C, s < S, lo, lo + CG
+    # hi clipped to C: the padded lanes past C (c >= C) would otherwise get a group beyond the sample
+    # and load past it (past the tensor for the last sample), masked for nothing.
+    return n, c, s, c < C, s < S, lo, tl.minimum(lo + CG, C)
 
 
 @triton.jit

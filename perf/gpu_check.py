@@ -103,6 +103,11 @@ def _run_case(op: str, layer: str, dtype, layout, make, fwd_fast, fwd_torch, flo
         # rounding of zero flip sign, and each flip moves a whole dy element (a relative error
         # near 1e-2 at these sizes that says nothing about the backward kernels).
         ref_back = fwd_torch.pre(*ref_inputs) * ~(y.detach() <= 0)
+    elif op == "lrn_max_pool2d":
+        # The kernel pools LRN values rounded to the dtype (as the unfused ops do): bf16 ties then pick
+        # the first maximum, where float64 picks the true one, and each such window moves a whole dy
+        # element. The gradient reference pools the rounded values too (identity gradient through the rounding).
+        ref_back = fwd_torch.rounded(*ref_inputs, dtype=dtype)
     ref_grads = torch.autograd.grad(ref_back, [t for t in ref_inputs if t.requires_grad], dy)
     names = ["output"] + [f"grad{i}" for i in range(len(grads))]
     for name, a, r in zip(names, (y, *grads), (ref, *ref_grads)):
@@ -127,6 +132,21 @@ def _run_case(op: str, layer: str, dtype, layout, make, fwd_fast, fwd_torch, flo
                          bytes=nbytes * (1 if pas == "fwd" else 2),
                          fastalex_tflops=n_flops / f_ms / 1e9 if n_flops else None,
                          fastalex_gbps=nbytes * (1 if pas == "fwd" else 2) / f_ms / 1e6))
+
+
+def _lrn_pool_ref(x):
+    """torch's ops for lrn_max_pool2d: what the fused kernel replaces (timed as the baseline)."""
+    return TF.max_pool2d(TF.local_response_norm(x, **LRN_ARGS), 3, 2)
+
+
+def _lrn_pool_rounded(x, dtype):
+    """_lrn_pool_ref with the LRN values rounded to dtype before the pool, the identity as their gradient."""
+    z = TF.local_response_norm(x, **LRN_ARGS)
+    r = torch.where(torch.isfinite(z), z + (z.detach().to(dtype).to(z.dtype) - z.detach()), z)
+    return TF.max_pool2d(r, 3, 2)
+
+
+_lrn_pool_ref.rounded = _lrn_pool_rounded
 
 
 def check_models(B: int, quick: bool, rows: list, checks: list, dev: str = "cuda", smoke: bool = False) -> None:
@@ -244,6 +264,16 @@ def main(argv=None) -> int:
                          lambda x: F.local_response_norm(x, **LRN_ARGS),
                          lambda x: TF.local_response_norm(x, **LRN_ARGS),
                          0, 2 * esize * B * c * size * size, args.quick, rows, checks)
+        for name, c, size in lrn_shapes:  # lrn1 -> pool1 and lrn2 -> pool2 fused, vs torch's two ops
+            out = (size - 3) // 2 + 1
+
+            def make(dtype, layout, c=c, size=size):
+                return [to_layout(torch.randn(B, c, size, size, device=dev, dtype=dtype) * 3, layout).requires_grad_()]
+
+            for layout in ("nchw", "nhwc"):
+                run_case("lrn_max_pool2d", name.replace("lrn", "lrn+pool"), dtype, layout, make,
+                         lambda x: F.lrn_max_pool2d(x, **LRN_ARGS), _lrn_pool_ref,
+                         0, esize * B * c * (size * size + out * out), args.quick, rows, checks)
         for name, c, size in pool_shapes:
             out = (size - 3) // 2 + 1
 

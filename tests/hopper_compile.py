@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fastalex.kernels import conv2d as conv  # noqa: E402
 from fastalex.kernels import lrn, maxpool2d  # noqa: E402
+from fastalex.kernels import lrn_maxpool2d  # noqa: E402
 from perf.shapes import CONV, LRN, LRN_ARGS, POOL  # noqa: E402
 # The interception and the JIT's specialization (ints equal to 1 as constants, 16-divisible ints and
 # aligned pointers as tt.divisibility=16) are perf.static's: the kernels compiled here are the ones a
@@ -59,6 +60,17 @@ def _collect(batch: int) -> None:
             x = torch.empty(batch, c, size, size, dtype=dtype, **meta)
             y, arg, _ = maxpool2d.maxpool2d_forward(x, (3, 3), (2, 2), (0, 0), (1, 1), return_indices=True)
             maxpool2d.maxpool2d_backward(y, arg, x.shape, (3, 3), (2, 2), (0, 0), (1, 1))
+        _collect_lrn_maxpool2d(batch, dtype)
+
+
+def _collect_lrn_maxpool2d(batch: int, dtype: torch.dtype) -> None:
+    """lrn1 -> pool1 and lrn2 -> pool2 fused: single net (groups 1) and towers (groups 2), NCHW and NHWC."""
+    for _, c, size in LRN:
+        for groups in (1, 2):
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                x = torch.empty(batch, c, size, size, dtype=dtype, device="meta").contiguous(memory_format=fmt)
+                y, arg = lrn_maxpool2d.lrn_maxpool2d_forward(x, **LRN_ARGS, groups=groups)
+                lrn_maxpool2d.lrn_maxpool2d_backward(y, x, arg, **LRN_ARGS, groups=groups)
 
 
 def main() -> int:

@@ -1,0 +1,391 @@
+"""fastalex lrn_max_pool2d (LRN + max-pool fused) against torch's local_response_norm then max_pool2d in float64.
+
+The reference is F.local_response_norm (grouped as in test_lrn: each group of channels a sample of its
+own) then F.max_pool2d, in float64 on CPU, with one step added: the LRN values are rounded to the
+input's dtype before the pool (a straight-through rounding, identity for the gradient). The kernel
+rounds them the same way (it is exactly the unfused LRN -> pool), so the maxima ties the reference
+sees are the kernel's (with its rounding mode: see _round_to), and its indices (first maximum wins,
+last NaN wins) must equal the kernel's argmax exactly, in every dtype; without the rounding, bf16's
+ties (~1% of windows) would route a whole gradient element elsewhere. Values and gradients are
+compared with reference.py's per-dtype tolerances (the kernels compute in fp32: fp32 2e-5, fp16
+3e-3, bf16 2e-2 relative error norm on the CPU).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastalex
+from fastalex import functional as F
+from fastalex import nn as fnn
+from fastalex.kernels import lrn as L
+from fastalex.kernels import lrn_maxpool2d as K
+from fastalex.kernels import maxpool2d as M
+from reference import assert_close, make_input, ref_inputs
+
+ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+PAPER = dict(size=5, alpha=5e-4, beta=0.75, k=2.0)  # the 2012 paper's LRN in torch's terms
+STRONG = dict(size=5, alpha=2.0, beta=0.75, k=1.0)  # the cross-channel gradient as large as the direct one
+
+
+def _lrn64(xr, groups, cfg):
+    n, c = xr.shape[:2]
+    return TF.local_response_norm(xr.reshape(n * groups, c // groups, *xr.shape[2:]), **cfg).reshape(xr.shape)
+
+
+def _round_to(z, dtype, device):
+    """z rounded to dtype and back as the kernel rounds it, with the identity as gradient (finite values
+    only: inf - inf is NaN). Triton's interpreter casts fp32 to bf16 by truncation, GPUs to nearest even."""
+    zd = z.detach()
+    if dtype == torch.bfloat16 and device == "cpu":
+        rounded = (zd.float().view(torch.int32) & -65536).view(torch.float32).double()
+    else:
+        rounded = zd.to(dtype).double()
+    return torch.where(torch.isfinite(z), z + (rounded - zd), z)
+
+
+def reference(x, groups, cfg, kernel_size, stride):
+    """(xr, y, indices): float64 leaf copy of x, max_pool2d(rounded grouped LRN) and torch's int64 indices."""
+    (xr,) = ref_inputs(x)
+    z = _round_to(_lrn64(xr, groups, cfg), x.dtype, x.device.type)
+    y, idx = TF.max_pool2d(z, kernel_size, stride, return_indices=True)
+    return xr, y, idx
+
+
+def indices(argmax, W, kernel_size, stride):
+    """The kernel's window offsets kh * KW + kw as torch's flat indices ih * W + iw."""
+    a = argmax.long().cpu()
+    oh = torch.arange(a.shape[2]).view(-1, 1)
+    ow = torch.arange(a.shape[3])
+    return (oh * stride[0] + a // kernel_size[1]) * W + ow * stride[1] + a % kernel_size[1]
+
+
+def run(x, groups=1, cfg=PAPER, kernel_size=(3, 3), stride=(2, 2)):
+    """(y, argmax) from the custom op, y also checked against the public function (Triton backend)."""
+    with fastalex.backend("triton"):
+        y, argmax = torch.ops.fastalex.lrn_max_pool2d(x, cfg["size"], cfg["alpha"], cfg["beta"], cfg["k"], groups,
+                                                      list(kernel_size), list(stride))
+        out = F.lrn_max_pool2d(x, **cfg, kernel_size=kernel_size, stride=stride, groups=groups)
+    torch.testing.assert_close(out.detach(), y.detach(), rtol=0, atol=0, equal_nan=True)
+    return y, argmax
+
+
+def check(x, groups=1, cfg=PAPER, kernel_size=(3, 3), stride=(2, 2), grad=True):
+    """Output, layout, argmax and input gradient of the fused op vs the float64 reference."""
+    dtype, device = x.dtype, x.device
+    y, argmax = run(x, groups, cfg, kernel_size, stride)
+    xr, yr, idxr = reference(x, groups, cfg, kernel_size, stride)
+    assert y.dtype == dtype and argmax.dtype == torch.int8
+    # torch's ungrouped ops give this layout (its grouped LRN reshapes, which makes channels_last contiguous)
+    layout = TF.max_pool2d(torch.empty_like(x.detach()), kernel_size, stride).stride()
+    assert y.stride() == layout == argmax.stride(), "layout differs from torch's lrn -> max_pool2d"
+    assert_close(y, yr, dtype, device)
+    assert torch.equal(indices(argmax, x.shape[3], kernel_size, stride), idxr), "argmax differs from torch's indices"
+    if grad:
+        dy = torch.randn(yr.shape, dtype=torch.float64).to(dtype)
+        (gx,) = torch.autograd.grad(y, x, dy.to(device))
+        (gr,) = torch.autograd.grad(yr, xr, dy.double())
+        assert gx.dtype == dtype and gx.shape == x.shape
+        assert_close(gx, gr, dtype, device, "grad_input")
+    return y, argmax
+
+
+# ---------------------------------------------------------------------------------------------
+# AlexNet's lrn1 -> pool1 (96 channels, 55x55; 48 a tower) and lrn2 -> pool2 (256, 27x27), scaled down,
+# and odd shapes
+
+
+SHAPES = {
+    "pool1_towers": ((2, 12, 13, 13), 2, PAPER),
+    "pool2_towers": ((1, 16, 27, 27), 2, STRONG),
+    "pool1_single": ((2, 12, 15, 15), 1, STRONG),
+    "odd_c5": ((2, 5, 13, 13), 1, STRONG),
+    "odd_c7_even_window": ((1, 7, 11, 12), 1, dict(STRONG, size=4)),
+    "groups3_window_gt_group": ((2, 12, 9, 10), 3, dict(size=7, alpha=1.0, beta=0.6, k=0.5)),
+    "one_window": ((3, 7, 3, 3), 1, STRONG),
+}
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_shapes(name, dtype, device):
+    shape, groups, cfg = SHAPES[name]
+    check(make_input(shape, dtype, device), groups, cfg)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("layout", ["channels_last", "noncontiguous"])
+def test_layouts(layout, dtype, device):
+    x = make_input((2, 12, 13, 11), dtype, device, layout)
+    y, _ = check(x, 2, STRONG)
+    if layout == "channels_last":  # kept, as torch's ops keep it (the next conv reads NHWC)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_hw_swapped_input(device):
+    # Dense, but neither NCHW nor NHWC: read in place through its strides.
+    x = torch.randn(2, 6, 9, 11, device=device).transpose(2, 3).requires_grad_()
+    check(x, 2, STRONG)
+
+
+@pytest.mark.parametrize("kernel_size, stride", [((2, 2), (2, 2)), ((2, 3), (2, 1)), ((3, 3), (1, 1)),
+                                                 ((2, 2), (3, 4))])  # the last: inputs no window covers
+def test_pool_geometries(kernel_size, stride, device):
+    check(make_input((2, 6, 11, 13), torch.float64, device), 2, STRONG, kernel_size, stride)
+
+
+def test_default_stride_is_kernel_size(device):
+    x = make_input((1, 4, 8, 8), torch.float64, device, requires_grad=False)
+    with fastalex.backend("triton"):
+        y = F.lrn_max_pool2d(x, 3, 1.0, 0.75, 1.0, kernel_size=2, stride=None)
+    assert_close(y, TF.max_pool2d(TF.local_response_norm(x, 3, 1.0, 0.75, 1.0), 2), torch.float64, device)
+
+
+def test_small_blocks(device, monkeypatch):
+    """Many programs: ragged channel and position blocks, window halos across channel blocks, a group
+    boundary inside a block (12 channels, groups 2, 8 a block)."""
+    monkeypatch.setattr(K, "_block_sizes", lambda C, P, backward=False: (8, 8, 4))
+    check(make_input((1, 13, 7, 9), torch.float32, device), 1, dict(STRONG, size=4))
+    check(make_input((2, 12, 5, 7), torch.float32, device, "channels_last"), 2, STRONG)
+
+
+def test_loop_path(device, monkeypatch):
+    # The non-unrolled window loops (windows > MAX_UNROLL, or forced here for size 5).
+    monkeypatch.setattr(K, "MAX_UNROLL", 0)
+    check(make_input((2, 10, 7, 7), torch.float64, device), 2, STRONG)
+    monkeypatch.undo()
+    check(make_input((1, 13, 7, 7), torch.float64, device), 1, dict(STRONG, size=11))
+
+
+def test_expanded_grad(device):
+    # .sum()'s gradient arrives expanded (zero strides): read in place.
+    x = make_input((2, 8, 9, 9), torch.float64, device)
+    with fastalex.backend("triton"):
+        (g,) = torch.autograd.grad(F.lrn_max_pool2d(x, **STRONG, groups=2).sum(), x)
+    (xr,) = ref_inputs(x)
+    (gr,) = torch.autograd.grad(TF.max_pool2d(_lrn64(xr, 2, STRONG), 3, 2).sum(), xr)
+    assert_close(g, gr, torch.float64, device, "grad_input")
+
+
+def test_empty_batch(device):
+    for layout in ("contiguous", "channels_last"):
+        x = make_input((0, 6, 9, 9), torch.float32, device, layout)
+        with fastalex.backend("triton"):
+            y = F.lrn_max_pool2d(x, **PAPER, groups=2)
+        assert y.shape == (0, 6, 4, 4) and y.stride() == TF.max_pool2d(x.detach(), 3, 2).stride()
+        (g,) = torch.autograd.grad(y.sum(), x)
+        assert g.shape == x.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Ties, NaN, poisoned outputs
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_ties(layout, dtype, device):
+    # Channels constant over the plane (every window ties: the first element wins) on the left half,
+    # random on the right; a constant region across all channels at the bottom.
+    x = torch.randn(2, 8, 1, 1).expand(2, 8, 11, 11).clone()
+    x[..., 6:] = torch.randn(2, 8, 11, 5)
+    x[:, :, 8:, :] = 0.5
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = x.to(device, dtype).contiguous(memory_format=fmt)
+    _, argmax = check(x.requires_grad_(), 2, STRONG)
+    assert (argmax[:, :, :3, :2] == 0).all()  # windows inside the constant columns, above the bottom rows
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf * 0 etc. in the interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_nan_inf(dtype, device):
+    # NaN spreads over the LRN window's channels at its position, then over every pool window holding it.
+    x = make_input((2, 12, 9, 9), dtype, device, requires_grad=False)
+    x[0, 3, 4, 4] = float("nan")
+    x[0, 6, 0, 0] = float("nan")  # a window corner, one window only
+    x[1, 11, 2, 3] = float("inf")
+    x[1, 0, 8, 8] = float("-inf")
+    y, _ = check(x.requires_grad_(), 2, PAPER)
+    assert torch.isnan(y[0, 3, 1:3, 1:3]).all() and torch.isnan(y[0, 6, 0, 0])
+
+
+def test_outputs_fully_written(device):
+    """Outputs start poisoned (NaN, int8 -128; conftest sets _common.POISON): every element is written."""
+    x = torch.randn(3, 13, 10, 9, device=device)
+    y, argmax = K.lrn_maxpool2d_forward(x, **STRONG)
+    assert not torch.isnan(y).any() and ((argmax >= 0) & (argmax < 9)).all()
+    dx = K.lrn_maxpool2d_backward(torch.randn_like(y), x, argmax, **STRONG)
+    assert not torch.isnan(dx).any()
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the unfused kernels and the torch backend
+
+
+# kernels/lrn.py's padded channel lanes square whatever lies past their group (results unaffected).
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_equals_unfused_kernels(layout, dtype, device):
+    """Forward: bitwise the LRN kernel then the pool kernel (values and argmax). Backward: bitwise the pool
+    then the LRN backward where their intermediate dz is exact (fp32, fp64); for fp16/bf16 the unfused
+    path rounds dz to the dtype, the fused one keeps it in fp32."""
+    x = make_input((2, 12, 11, 13), dtype, device, layout, requires_grad=False)
+    cfg = dict(STRONG, groups=2)
+    y, argmax = K.lrn_maxpool2d_forward(x, **cfg)
+    z = L.lrn_forward(x, **cfg)
+    y2, argmax2, _ = M.maxpool2d_forward(z, (3, 3), (2, 2), (0, 0), (1, 1))
+    assert torch.equal(y, y2) and torch.equal(argmax, argmax2) and y.stride() == y2.stride()
+    dy = torch.randn_like(y)
+    dx = K.lrn_maxpool2d_backward(dy, x, argmax, **cfg)
+    dz = M.maxpool2d_backward(dy, argmax2, x.shape, (3, 3), (2, 2), (0, 0), (1, 1), layout == "channels_last")
+    dx2 = L.lrn_backward(dz, x, **cfg)
+    if dtype in (torch.float32, torch.float64):
+        assert torch.equal(dx, dx2)
+    else:
+        assert_close(dx, dx2.double(), dtype, device, "grad_input")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_torch_backend_matches(groups, dtype, device):
+    x = make_input((2, 8, 11, 11), dtype, device, "channels_last")
+    dy = torch.randn(2, 8, 5, 5, device=device, dtype=dtype)
+    outs = {}
+    for backend in ("torch", "triton"):
+        with fastalex.backend(backend):
+            y = F.lrn_max_pool2d(x, **STRONG, groups=groups)
+        outs[backend] = (y, *torch.autograd.grad(y, x, dy))
+    for a, b in zip(outs["triton"], outs["torch"]):
+        assert_close(a, b.double(), dtype, device)
+    if groups == 1:  # torch's grouped LRN is a reshape: channels_last comes out contiguous there
+        assert outs["triton"][0].stride() == outs["torch"][0].stride()
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: gradcheck, opcheck, torch.compile; the module
+
+
+def test_gradcheck(device):
+    x = make_input((1, 6, 7, 7), torch.float64, device)
+    with fastalex.backend("triton"):
+        assert torch.autograd.gradcheck(lambda t: F.lrn_max_pool2d(t, **STRONG, groups=2), (x,), eps=1e-6,
+                                        atol=1e-8, fast_mode=True)
+
+
+def test_opcheck(device):
+    x = make_input((2, 6, 7, 7), torch.float32, device, "channels_last")
+    a = (5, 2.0, 0.75, 1.0, 2, [3, 3], [2, 2])
+    torch.library.opcheck(torch.ops.fastalex.lrn_max_pool2d.default, (x, *a))
+    y, argmax = torch.ops.fastalex.lrn_max_pool2d(x.detach(), *a)
+    torch.library.opcheck(torch.ops.fastalex.lrn_max_pool2d_backward.default,
+                          (torch.randn_like(y), x.detach(), argmax, *a))
+
+
+def test_torch_compile_fullgraph(device):
+    x = make_input((2, 6, 9, 9), torch.float32, device)
+    fn = torch.compile(lambda t: F.lrn_max_pool2d(t, **PAPER, groups=2) * 2, backend="aot_eager", fullgraph=True)
+    with fastalex.backend("triton"):
+        out = fn(x)
+    xr, yr, _ = reference(x, 2, PAPER, (3, 3), (2, 2))
+    assert_close(out, yr * 2, torch.float32, device)
+    dy = torch.randn(yr.shape, dtype=torch.float64)
+    (g,) = torch.autograd.grad(out, x, dy.to(device, torch.float32))
+    (gr,) = torch.autograd.grad(yr * 2, xr, dy)
+    assert_close(g, gr, torch.float32, device, "grad_input")
+
+
+def test_module(device):
+    m = fnn.LRNMaxPool2d(5, alpha=5e-4, beta=0.75, k=2.0, groups=2)
+    assert repr(m) == "LRNMaxPool2d(5, alpha=0.0005, beta=0.75, k=2.0, kernel_size=3, stride=2, groups=2)"
+    assert not list(m.parameters()) and not m.state_dict()
+    x = make_input((2, 8, 9, 9), torch.float32, device, requires_grad=False)
+    with fastalex.backend("triton"):
+        torch.testing.assert_close(m(x), F.lrn_max_pool2d(x, **PAPER, groups=2), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="groups"):
+        fnn.LRNMaxPool2d(5, groups=0)
+
+
+def test_functional_exported():
+    assert F.lrn_max_pool2d is fastalex.ops.lrn_maxpool2d.lrn_max_pool2d
+    assert "lrn_max_pool2d" in F.__all__ and "LRNMaxPool2d" in fnn.__all__
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: the same for both backends, raised before any launch
+
+
+BAD_ARGS = [
+    (dict(input=torch.randn(6, 9, 9)), ValueError, "input"),  # 3-D
+    (dict(input=torch.randn(1, 6, 2, 9, 9)), ValueError, "input"),  # 5-D
+    (dict(input=[[[[1.0]]]]), TypeError, "input"),
+    (dict(input=torch.ones(2, 6, 9, 9, dtype=torch.int64)), TypeError, "input"),
+    (dict(size=0), ValueError, "size"),
+    (dict(size=2.0), TypeError, "size"),
+    (dict(alpha="1e-4"), TypeError, "alpha"),
+    (dict(k=None), TypeError, "k"),
+    (dict(groups=0), ValueError, "groups"),
+    (dict(groups=4), ValueError, "groups"),  # 6 channels
+    (dict(groups=True), ValueError, "groups"),
+    (dict(input=torch.randn(2, 0, 9, 9), groups=1), ValueError, "channels"),
+    (dict(kernel_size=10), ValueError, "kernel_size"),  # larger than the 9x9 plane
+    (dict(kernel_size=(3, 10)), ValueError, "kernel_size"),
+    (dict(kernel_size=0), ValueError, "kernel_size"),
+    (dict(kernel_size="3"), TypeError, "kernel_size"),
+    (dict(stride=0), ValueError, "stride"),
+    (dict(stride=1.5), TypeError, "stride"),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("bad, exc, word", BAD_ARGS)
+def test_errors(bad, exc, word, backend):
+    args = dict(input=torch.randn(2, 6, 9, 9), size=5, alpha=1e-4, beta=0.75, k=1.0, kernel_size=3, stride=2, groups=2)
+    args.update(bad)
+    with fastalex.backend(backend), pytest.raises(exc, match=word):
+        F.lrn_max_pool2d(**args)
+
+
+def test_launcher_errors():
+    x = torch.randn(2, 6, 9, 9)
+    y, argmax = K.lrn_maxpool2d_forward(x, **STRONG)
+    with pytest.raises(ValueError, match="x"):
+        K.lrn_maxpool2d_forward(torch.randn(6, 9, 9), **STRONG)
+    with pytest.raises(ValueError, match="groups"):
+        K.lrn_maxpool2d_forward(x, **STRONG, groups=4)
+    with pytest.raises(ValueError, match="kernel_size"):
+        K.lrn_maxpool2d_forward(x, **STRONG, kernel_size=(10, 3))
+    with pytest.raises(ValueError, match="stride"):
+        K.lrn_maxpool2d_forward(x, **STRONG, stride=(0, 2))
+    with pytest.raises(ValueError, match="size"):
+        K.lrn_maxpool2d_forward(x, 0, 1.0, 0.75, 1.0)
+    with pytest.raises(ValueError, match="dy"):
+        K.lrn_maxpool2d_backward(torch.randn(2, 6, 3, 4), x, argmax, **STRONG)
+    with pytest.raises(TypeError, match="dy"):
+        K.lrn_maxpool2d_backward(y.double(), x, argmax, **STRONG)
+    with pytest.raises(TypeError, match="argmax"):
+        K.lrn_maxpool2d_backward(y, x, argmax.long(), **STRONG)
+    with pytest.raises(ValueError, match="argmax"):
+        K.lrn_maxpool2d_backward(y, x, argmax[:, :3], **STRONG)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU launch heuristics
+
+
+def _is_pow2(n):
+    return n >= 1 and n & (n - 1) == 0
+
+
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("C", [1, 5, 48, 96, 128, 256, 384])
+@pytest.mark.parametrize("P", [1, 36, 169, 729, 3025])
+def test_block_sizes_gpu(C, P, backward, monkeypatch):
+    from fastalex.kernels import _common
+
+    monkeypatch.setattr(_common, "is_interpreting", lambda: False)
+    block_c, block_p, num_warps = K._block_sizes(C, P, backward)
+    assert _is_pow2(block_c) and _is_pow2(block_p) and _is_pow2(num_warps) and num_warps <= 8
+    # Elements a thread as measured with ptxas (no spills, 60-90 registers): 2 forward, 1 backward.
+    assert block_c * block_p <= 32 * num_warps * (1 if backward else 2)
+    if C in (96, 256):  # AlexNet's lrn1 / lrn2 channels tile without masking
+        assert C % block_c == 0

@@ -2,6 +2,7 @@
 
     fastalex train                          # the default: Fashion-MNIST, the quick preset, CPU-friendly
     fastalex train --preset paper --dataset imagefolder --data /data/imagenet
+    fastalex prepare /data/imagenet /data/imagenet-256    # once; then train with --data /data/imagenet-256
     fastalex eval --checkpoint runs/fashion-mnist/best.pt
     fastalex train --strategy towers --devices cuda:0,cuda:1          # the paper's two-GPU split
     fastalex predict shoe.png --checkpoint runs/fashion-mnist/best.pt             # Figure 4 (left): top-5
@@ -81,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
     t.add_argument("--log-every", type=int, default=50, metavar="STEPS",
                    help="a step row in OUT/metrics.jsonl every this many steps (default 50)")
+    t.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile the training step (MODE default; reduce-overhead: CUDA graphs on GPUs)")
     t.add_argument("--tensorboard", action="store_true",
                    help="TensorBoard event files in OUT/tensorboard (needs the tensorboard package)")
     t.add_argument("--no-progress", action="store_true")
@@ -124,6 +128,17 @@ def _parser() -> argparse.ArgumentParser:
     fi.add_argument("--scale", type=int, default=4, help="pixels per kernel weight")
     fi.add_argument("--normalize", choices=("kernel", "global"), default="kernel",
                     help="stretch each kernel to [0, 1] by its own range (default) or all by one range")
+
+    pp = sub.add_parser("prepare", help="an ImageNet-style folder -> a store of 256x256 uint8 images for fast "
+                                        "training (fastalex.data.store)")
+    pp.add_argument("src", metavar="SRC", help="folder with train/<class>/<image> (and optionally val/...)")
+    pp.add_argument("dst", metavar="DST", help="the store's folder (then: fastalex train --dataset imagefolder "
+                                               "--data DST)")
+    pp.add_argument("-j", "--workers", type=int, default=None, help="processes (default: all cores)")
+    pp.add_argument("--size", type=int, default=256, help="short side and centre crop (default 256, the paper's)")
+    pp.add_argument("--shard-size", type=int, default=1024, help="images per shard file (default 1024: 201 MB)")
+    pp.add_argument("--overwrite", action="store_true", help="replace a finished store in DST")
+    pp.add_argument("--no-progress", action="store_true")
     return p
 
 
@@ -153,6 +168,10 @@ def _datasets(dataset: str, data_dir, image_size: int, subset, ten_crop: bool, a
     from fastalex import data
 
     try:
+        root = data_dir if data_dir is not None else os.environ.get("FASTALEX_DATA") or None
+        if dataset == "imagefolder" and data.store.is_store(root):  # a folder `fastalex prepare` wrote
+            return data.store.load_for_training(root, image_size=image_size, subset=subset, ten_crop=ten_crop,
+                                                augment=augment)
         return data.load_for_training(dataset, data_dir, image_size=image_size, subset=subset, ten_crop=ten_crop,
                                       augment=augment)
     except (FileNotFoundError, NotADirectoryError, data.DataError) as e:
@@ -183,7 +202,7 @@ def _trainer(args, s, model, out, classes, run_args, devices):
                    checkpoint_every=args.checkpoint_every, progress=not args.no_progress, class_names=classes,
                    args={k: v for k, v in run_args.items() if isinstance(v, (str, int, float, bool, type(None)))},
                    strategy=args.strategy, devices=devices, deterministic=args.deterministic,
-                   log_every=args.log_every, callbacks=callbacks)
+                   log_every=args.log_every, callbacks=callbacks, compile=args.compile or False)
 
 
 def train(args) -> int:
@@ -493,7 +512,28 @@ def filters(args) -> int:
     return 0
 
 
-COMMANDS = {"train": train, "eval": evaluate, "predict": predict, "neighbors": neighbors, "filters": filters}
+def prepare(args) -> int:
+    """The paper's preprocessing done once: SRC (train/, val/) -> the store DST (fastalex.data.store.prepare)."""
+    from fastalex.data import DataError, store
+
+    for value, flag, lo in ((args.size, "--size", 1), (args.shard_size, "--shard-size", 1)):
+        _at_least(value, flag, lo)
+    if args.workers is not None:
+        _at_least(args.workers, "--workers", 0)
+    try:
+        store.prepare(args.src, args.dst, size=args.size, shard_size=args.shard_size, workers=args.workers,
+                      overwrite=args.overwrite, progress=not args.no_progress)
+    except (DataError, FileNotFoundError, NotADirectoryError) as e:
+        raise UsageError(str(e)) from None
+    except KeyboardInterrupt:
+        print("fastalex: prepare interrupted; the finished shards are kept: rerun the same command to continue",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+COMMANDS = {"train": train, "eval": evaluate, "predict": predict, "neighbors": neighbors, "filters": filters,
+            "prepare": prepare}
 
 
 def main(argv=None) -> int:

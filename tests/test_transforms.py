@@ -282,3 +282,75 @@ def test_transforms_pickle():
               T.paper_eval_transform(24, resize=32), T.paper_ten_crop_transform(24, resize=32)):
         copy = pickle.loads(pickle.dumps(t))
         assert torch.equal(copy(x), t(x))  # a pickled generator keeps its state
+
+
+# ---------------------------------------------------------------------------------------------- devices, dtypes
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+def test_batched_transforms_make_no_cpu_tensors():
+    """On "meta" an op mixing in a CPU tensor fails ("Tensor on device cpu is not on the expected device
+    meta", or no value to read): the flips, PCA offsets and mean / std were CPU tensors before."""
+    x = torch.empty(4, 3, 8, 8, device="meta")
+    idx, flips = torch.tensor([0, 1, 2, 3]), torch.tensor([True, False, True, False])
+    outs = [T.random_hflip(x), T.random_hflip(x, 1.0), T.pca_color_noise(x), T.normalize(x), T.random_crop(x, 5),
+            T.ten_crop(x, 5), T.center_crop(x, 5), T.crop_batch(x, idx, idx.flip(0), 5, flips),
+            T.random_hflip(x[0], 1.0), T.pca_color_noise(x[0]), T.normalize(x[0], 0.5, 0.25), T.random_crop(x[0], 5),
+            T.Compose(T.paper_train_transform(5, resize=8).transforms[3:])(x[0]),
+            T.pca_offset(torch.rand(4, 3, dtype=torch.float64), dtype=torch.float16, device="meta")]
+    assert all(o.device.type == "meta" for o in outs)
+    assert [tuple(o.shape) for o in outs[:8]] == [(4, 3, 8, 8)] * 4 + [(4, 3, 5, 5), (4, 10, 3, 5, 5), (4, 3, 5, 5),
+                                                                      (4, 3, 5, 5)]
+    assert outs[-1].dtype == torch.float16
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-12), (torch.float16, 2e-3),
+                                       (torch.bfloat16, 1.6e-2)])  # ~2 roundings of values up to ~2.5
+def test_batched_transforms_equal_the_per_image_ones(device, dtype, tol):
+    x = torch.rand(6, 3, 9, 11, dtype=torch.float64).to(device, dtype)
+    ref = x.double().cpu()
+    g = lambda s: torch.Generator().manual_seed(s)
+    # flips: one torch.rand per image, from the generator's device (the CPU), applied on x's device
+    flips = torch.rand(6, generator=g(1)) < 0.5
+    out = T.random_hflip(x, 0.5, g(1))
+    assert out.device == x.device and out.dtype == dtype and 0 < int(flips.sum()) < 6
+    assert torch.equal(out, torch.stack([x[i].flip(-1) if flips[i] else x[i] for i in range(6)]))
+    # crops: all tops, then all lefts
+    gen = g(2)
+    tops, lefts = torch.randint(0, 4, (6,), generator=gen), torch.randint(0, 5, (6,), generator=gen)
+    out = T.random_crop(x, (6, 7), generator=g(2))
+    want = torch.stack([x[i, :, t:t + 6, l:l + 7] for i, (t, l) in enumerate(zip(tops.tolist(), lefts.tolist()))])
+    assert out.device == x.device and torch.equal(out, want)
+    both = T.crop_batch(x, tops, lefts, (6, 7), flips)
+    assert torch.equal(both, torch.stack([w.flip(-1) if f else w for w, f in zip(want, flips)]))
+    assert torch.equal(T._gather_crops(x, tops, lefts, 6, 7, flips), both)  # the non-CPU path, run here
+    # PCA noise: each image its alpha row; the batch equals image by image, and the float64 formula
+    alphas = 0.1 * torch.randn(6, 3, generator=g(3), dtype=torch.float64)
+    out = T.pca_color_noise(x, 0.1, generator=g(3))
+    assert out.device == x.device and out.dtype == dtype
+    per = torch.stack([x[i] + T.pca_offset(alphas[i:i + 1], dtype=dtype, device=device).view(3, 1, 1)
+                       for i in range(6)])
+    assert torch.equal(out, per)
+    vec, val = torch.tensor(T.PCA_EIGVEC, dtype=torch.float64), torch.tensor(T.PCA_EIGVAL, dtype=torch.float64)
+    torch.testing.assert_close(out.double().cpu(), ref + ((alphas * val) @ vec.T).view(6, 3, 1, 1), atol=tol, rtol=0)
+    # normalisation and ten crops
+    out = T.normalize(x)
+    assert out.dtype == dtype and torch.equal(out, torch.stack([T.normalize(x[i]) for i in range(6)]))
+    mean, std = torch.tensor(T.IMAGENET_MEAN, dtype=torch.float64), torch.tensor(T.IMAGENET_STD, dtype=torch.float64)
+    torch.testing.assert_close(out.double().cpu(), (ref - mean.view(3, 1, 1)) / std.view(3, 1, 1), atol=10 * tol,
+                               rtol=0)  # (/ std: values up to ~2.6 / 0.225)
+    assert torch.equal(T.ten_crop(x, 5), torch.stack([T.ten_crop(x[i], 5) for i in range(6)]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_draws_on_a_cuda_generator():
+    x = torch.rand(4, 3, 8, 8, device="cuda")
+    for fn in (lambda gen: T.random_hflip(x, 0.5, gen), lambda gen: T.pca_color_noise(x, 0.1, generator=gen),
+               lambda gen: T.random_crop(x, 5, gen), lambda gen: T.random_crop(x[0], 5, gen)):
+        a = fn(torch.Generator("cuda").manual_seed(0))
+        assert a.device.type == "cuda" and torch.equal(a, fn(torch.Generator("cuda").manual_seed(0)))
+    # the global / a CPU generator: the same draws whatever the image's device
+    assert torch.equal(T.RandomCrop(5, torch.Generator().manual_seed(1))(x[0]).cpu(),
+                       T.RandomCrop(5, torch.Generator().manual_seed(1))(x[0].cpu()))

@@ -8,12 +8,13 @@
 fashion_mnist.py  finding / downloading / loading Fashion-MNIST, and its Dataset
 idx.py            the IDX file format
 folder.py         root/<split>/<class>/<image> folders, decoded with Pillow
+store.py          `fastalex prepare`'s store (uint8 256x256 shards, memory-mapped) and its batched GPU path
 transforms.py     short side 256, crops, flips, PCA colour noise, normalisation, ten-crop
 splits.py         load_for_training(name, ...): the train / val / test Datasets of a run
 errors.py         DataError, the base of every error raised here
 """
 
-from fastalex.data import transforms
+from fastalex.data import store, transforms
 from fastalex.data.errors import DataError, DatasetNotFoundError, NotAFolderError
 from fastalex.data.fashion_mnist import (
     CLASSES, ChecksumError, DownloadError, FashionMNIST, default_cache_dir, download_fashion_mnist,
@@ -22,10 +23,12 @@ from fastalex.data.fashion_mnist import (
 from fastalex.data.folder import IMG_EXTENSIONS, ImageFolder, UnreadableImageError, collate_skip_unreadable, load_image
 from fastalex.data.idx import IDXError, parse_idx, read_idx
 from fastalex.data.splits import DATASETS, load_for_training
+from fastalex.data.store import PreparedStore, StoreLoader, augment_batch, draw_augmentation, is_store
 
 __all__ = [
     "CLASSES", "ChecksumError", "DATASETS", "DataError", "DatasetNotFoundError", "DownloadError", "FashionMNIST",
     "IDXError", "IMG_EXTENSIONS", "ImageFolder", "NotAFolderError", "UnreadableImageError", "collate_skip_unreadable",
     "default_cache_dir", "download_fashion_mnist", "find_fashion_mnist", "load_fashion_mnist", "load_for_training",
     "load_image", "parse_idx", "read_idx", "transforms",
+    "store", "PreparedStore", "StoreLoader", "augment_batch", "draw_augmentation", "is_store",
 ]

@@ -10,9 +10,15 @@ Images are CHW float tensors with values in [0, 1] (`to_tensor` makes them from 
 numpy arrays or uint8 tensors; grey images become 3 channels). `ResizeShortSide` and `CenterCrop`
 also take Pillow images, so the first, most expensive steps can run on uint8 pixels.
 
-Random transforms draw from `generator` when one is given, else from torch's global RNG. In
+Random transforms draw from `generator` when one is given, else from torch's global (CPU) RNG. In
 DataLoader workers leave it None: each worker gets a copy of a passed generator (same state, so the
 same draws in every worker), while torch seeds every worker's global RNG differently.
+
+Every tensor transform works on the image's own device and dtype (CPU, CUDA, even "meta"): its
+constants (mean, std, PCA eigenvectors) are made there, and its random numbers are drawn on the
+generator's device (the CPU for the global RNG, so the draws do not depend on where the image is)
+and then moved. `crop_batch` and `pca_offset` are the pieces the batched store path
+(fastalex.data.store.augment_batch) shares with these, so both give the same pixels.
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ except ImportError:  # Pillow is a dependency; the tensor transforms work withou
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "PCA_EIGVAL", "PCA_EIGVEC",
-    "to_tensor", "to_rgb", "resize_short_side", "center_crop", "random_crop", "hflip", "random_hflip",
-    "pca_color_noise", "normalize", "ten_crop", "ten_crop_predict",
+    "to_tensor", "to_rgb", "resize_short_side", "center_crop", "random_crop", "crop_batch", "hflip", "random_hflip",
+    "pca_offset", "pca_color_noise", "normalize", "ten_crop", "ten_crop_predict",
     "Compose", "ToTensor", "ResizeShortSide", "CenterCrop", "RandomCrop", "RandomHorizontalFlip",
     "PCAColorNoise", "Normalize", "TenCrop",
     "paper_train_transform", "paper_eval_transform", "paper_ten_crop_transform",
@@ -160,17 +166,63 @@ def center_crop(img, size):
     return _crop(img, int(round((ih - h) / 2.0)), int(round((iw - w) / 2.0)), h, w)
 
 
+def _draw_device(generator: torch.Generator | None) -> torch.device:
+    # Draws happen where the generator lives (torch refuses a CPU generator for a CUDA draw); the
+    # global RNG is the CPU's, so an image's draws do not depend on the image's device.
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def crop_batch(x: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, size,
+               flips: torch.Tensor | None = None) -> torch.Tensor:
+    """Image i's (h, w) window at (tops[i], lefts[i]), mirrored where flips[i]: (N, C, H, W) -> (N, C, h, w).
+
+    tops, lefts: (N,) integer tensors, flips: (N,) bool (None: no flips), on any device. On the
+    CPU a slice per image (the offsets read to the host: row copies, the fastest there); elsewhere
+    one gather with index tensors on x's device (one kernel, no host sync).
+    """
+    h, w = _size(size)
+    _check_image(x)
+    if x.dim() != 4:
+        raise ValueError(f"crop_batch needs a batch (N, C, H, W), got {tuple(x.shape)}")
+    _check_fits(x, h, w)
+    n = x.shape[0]
+    if x.device.type == "cpu":
+        t, l = tops.tolist(), lefts.tolist()
+        f = flips.tolist() if flips is not None else [False] * n
+        crops = [_crop(x[i], t[i], l[i], h, w) for i in range(n)]
+        return torch.stack([c.flip(-1) if fi else c for c, fi in zip(crops, f)]) if n else x[:, :, :h, :w].clone()
+    return _gather_crops(x, tops, lefts, h, w, flips)
+
+
+def _gather_crops(x: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, h: int, w: int,
+                  flips: torch.Tensor | None) -> torch.Tensor:
+    """crop_batch as one advanced-indexing gather on x's device (any device; the CPU path's twin)."""
+    n = x.shape[0]
+    rows = tops.to(x.device).view(n, 1) + torch.arange(h, device=x.device)      # (N, h)
+    step = torch.arange(w, device=x.device)
+    if flips is not None:
+        step = torch.where(flips.to(x.device).view(n, 1), w - 1 - step, step)  # (N, w): mirrored columns
+    cols = lefts.to(x.device).view(n, 1) + step
+    b = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+    c = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+    return x[b, c, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+
+
 def random_crop(x: torch.Tensor, size, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A uniformly placed (h, w) window of a (C, H, W) tensor (one draw per image for (N, C, H, W))."""
+    """A uniformly placed (h, w) window of a (C, H, W) tensor (one draw per image for (N, C, H, W)).
+
+    Draws: all tops `torch.randint(0, H - h + 1, (n,))`, then all lefts, on the generator's device.
+    """
     h, w = _size(size)
     _check_image(x)
     ih, iw = _check_fits(x, h, w)
     n = 1 if x.dim() == 3 else x.shape[0]
-    tops = torch.randint(0, ih - h + 1, (n,), generator=generator).tolist()
-    lefts = torch.randint(0, iw - w + 1, (n,), generator=generator).tolist()
+    dev = _draw_device(generator)
+    tops = torch.randint(0, ih - h + 1, (n,), generator=generator, device=dev)
+    lefts = torch.randint(0, iw - w + 1, (n,), generator=generator, device=dev)
     if x.dim() == 3:
-        return _crop(x, tops[0], lefts[0], h, w)
-    return torch.stack([_crop(x[i], tops[i], lefts[i], h, w) for i in range(n)])
+        return _crop(x, int(tops[0]), int(lefts[0]), h, w)
+    return crop_batch(x, tops, lefts, (h, w))
 
 
 def hflip(x: torch.Tensor) -> torch.Tensor:
@@ -183,10 +235,27 @@ def random_hflip(x: torch.Tensor, p: float = 0.5, generator: torch.Generator | N
     _check_image(x)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p!r}")
-    flip = torch.rand(1 if x.dim() == 3 else x.shape[0], generator=generator) < p
+    flip = torch.rand(1 if x.dim() == 3 else x.shape[0], generator=generator, device=_draw_device(generator)) < p
     if x.dim() == 3:
         return x.flip(-1) if bool(flip[0]) else x
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    return torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def pca_offset(alpha: torch.Tensor, eigval=PCA_EIGVAL, eigvec=PCA_EIGVEC, *, dtype: torch.dtype | None = None,
+               device=None) -> torch.Tensor:
+    """The RGB offsets eigvec @ (alpha_i * eigval): alpha (n, 3) -> (n, 3), in dtype on device.
+
+    alpha is moved to (device, dtype) first (cast, then moved: a device may lack float64), and the
+    3-term sums are written out instead of a matmul, so the result is the same bits for any n and
+    on any device (a matmul may take TF32 or another summation order).
+    """
+    dtype = dtype or alpha.dtype
+    device = torch.device(device) if device is not None else alpha.device
+    a = alpha.to(dtype).to(device)
+    val = torch.as_tensor(eigval, dtype=dtype, device=device)
+    vec = torch.as_tensor(eigvec, dtype=dtype, device=device)
+    t = (a * val).unsqueeze(1) * vec  # (n, 3, 3): t[i, r, k] = alpha_ik * eigval_k * eigvec_rk
+    return t[..., 0] + t[..., 1] + t[..., 2]
 
 
 def pca_color_noise(x: torch.Tensor, sigma: float = 0.1, eigval=PCA_EIGVAL, eigvec=PCA_EIGVEC,
@@ -194,28 +263,29 @@ def pca_color_noise(x: torch.Tensor, sigma: float = 0.1, eigval=PCA_EIGVAL, eigv
     """The paper's "fancy PCA": add eigvec @ (alpha * eigval) to every RGB pixel, alpha ~ N(0, sigma^2).
 
     x: (3, H, W) or (N, 3, H, W) float, pixels in [0, 1] (before normalisation). alpha is drawn as
-    `sigma * torch.randn(n, 3, generator=generator)`, a row per image (n = 1 for one image).
+    `sigma * torch.randn(n, 3, generator=generator, dtype=torch.float64)` on the generator's device,
+    a row per image (n = 1 for one image); the offset is computed in x's dtype on x's device (pca_offset).
     """
     _check_image(x)
     if x.shape[-3] != 3 or not x.is_floating_point():
         raise ValueError(f"PCA colour noise needs float RGB images (3, H, W) or (N, 3, H, W), got "
                          f"{tuple(x.shape)} {x.dtype}")
     n = 1 if x.dim() == 3 else x.shape[0]
-    alpha = sigma * torch.randn(n, 3, generator=generator, dtype=torch.float64)
-    val = torch.as_tensor(eigval, dtype=torch.float64)
-    vec = torch.as_tensor(eigvec, dtype=torch.float64)
-    offset = (alpha * val) @ vec.T  # row i: eigvec @ (alpha_i * eigval)
-    offset = offset.to(x.dtype).view(n, 3, 1, 1)
+    alpha = sigma * torch.randn(n, 3, generator=generator, dtype=torch.float64, device=_draw_device(generator))
+    offset = pca_offset(alpha, eigval, eigvec, dtype=x.dtype, device=x.device).view(n, 3, 1, 1)
     return x + (offset[0] if x.dim() == 3 else offset)
 
 
 def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """(x - mean) / std per channel, for (C, H, W) or (N, C, H, W)."""
     _check_image(x)
+    # Checked on the values given (host numbers, or the tensor where it lives), not on a copy made
+    # on x's device: that would cost a device sync per call and cannot be read on "meta".
+    given = std.detach().cpu().numpy() if isinstance(std, torch.Tensor) and std.device.type != "meta" else std
+    if not isinstance(given, torch.Tensor) and (np.asarray(given, dtype=np.float64) <= 0).any():
+        raise ValueError(f"std must be positive, got {np.asarray(given, dtype=np.float64).flatten().tolist()}")
     mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    if (std <= 0).any():
-        raise ValueError(f"std must be positive, got {std.flatten().tolist()}")
     return (x - mean) / std
 
 

@@ -100,22 +100,13 @@ def probabilities(model: nn.Module, images: torch.Tensor, batch_size: int = 64) 
 def hidden_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The last hidden layer's activations: (N, 3, H, W) -> (N, 4096) float32, on the model's device.
 
-    paper / single: fc7 after its activation (act7); torchvision: the second Linear after its ReLU.
-    Runs the model's own submodules in order up to the classifier's last Linear, in whatever
-    mode the model is in (call model.eval() first for the paper's test-time features: no dropout).
+    AlexNet.hidden: fc7 after its activation (act7; torchvision: the second Linear after its ReLU),
+    in whatever mode the model is in (call model.eval() first for the paper's test-time features:
+    no dropout).
     """
-    from fastalex.model import _kernel_layout
-
     _check_model(model)
-    model._check_input(images)
-    x = model.features(_kernel_layout(images.to(_device_of(model))))
-    if model.variant == "torchvision":
-        x = model.avgpool(x)
-    x = torch.flatten(x, 1)
-    layers = list(model.classifier.children())
-    for layer in layers[:-1]:  # everything but fc8
-        x = layer(x)
-    return x.float()
+    model._check_input(images)  # before .to(): a clear error for anything but images
+    return model.hidden(images.to(_device_of(model))).float()
 
 
 def _indexed_batches(dataset: Dataset, batch_size: int, workers: int):

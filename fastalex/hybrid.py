@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from fastalex.model import AlexNet, _kernel_layout
+from fastalex.model import AlexNet
 
 __all__ = ["HybridAlexNet", "bytes_per_step", "split_sizes"]
 
@@ -44,12 +44,10 @@ def split_sizes(n: int, world: int) -> list[int]:
     return [n // world + (1 if r < n % world else 0) for r in range(world)]
 
 
-def _fc_names(classifier: nn.Module) -> list[str]:
-    """Names of fc6, fc7, fc8 in the classifier ("fc6"... for paper/single, "1", "4", "6" for torchvision)."""
-    names = [name for name, m in classifier.named_children() if isinstance(m, nn.Linear)]
-    if len(names) != 3:
-        raise ValueError(f"expected an AlexNet classifier with three Linear layers (fc6, fc7, fc8), got {names}")
-    return names
+def _fc_names(model: AlexNet) -> list[str]:
+    """Names of the fc layers (fc6, fc7, fc8) in the classifier, from the model's layer table ("fc6"...
+    for paper/single, "1", "4", "6" for torchvision)."""
+    return [path.split(".", 1)[1] for layer, path in model.layers if layer.kind == "fc"]
 
 
 def _check_model(model) -> None:
@@ -118,7 +116,8 @@ class HybridAlexNet(nn.Module):
     keeps `features` (and avgpool for torchvision) whole, and keeps only this rank's slice of the output
     neurons (rows of the weight, entries of the bias) of fc6, fc7 and fc8.
     forward(x_local (B, 3, H, W)) -> logits (B, num_classes) for this rank's own rows; every rank must
-    call it with the same B (collectives need equal sizes).
+    call it with the same B (collectives need equal sizes). The convs run as AlexNet.forward_features;
+    the FC layers are the model's table's fc rows (AlexNet.layers).
 
     Rank r of W holds rows [start_r, start_r + n_r) of each FC layer with n_r = split_sizes(n, W)[r]
     (uneven splits allowed; the collectives pad every slice to ceil(n / W) and trim after).
@@ -158,7 +157,7 @@ class HybridAlexNet(nn.Module):
         self.features = model.features
         if hasattr(model, "avgpool"):
             self.avgpool = model.avgpool
-        self.fc_names = _fc_names(model.classifier)
+        self.fc_names = _fc_names(model)
         self.fc_sizes: dict[str, list[int]] = {}   # full out features split over ranks, per FC layer
         self.fc_in = model.classifier.get_submodule(self.fc_names[0]).in_features
         children = []
@@ -184,6 +183,11 @@ class HybridAlexNet(nn.Module):
                                                         requires_grad=fc.bias.requires_grad)
         out.register_parameter("bias", bias)
         return out
+
+    # The convs run exactly as in AlexNet: its own methods, on the modules shared with it (features,
+    # avgpool) and its variant, image_size and pool (devices is None: never the towers' path).
+    _check_input = AlexNet._check_input
+    forward_features = AlexNet.forward_features
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, world_size={self.world_size}, fc_out_per_rank=" + str(
@@ -225,15 +229,11 @@ class HybridAlexNet(nn.Module):
         return torch.cat([g[r, :, :s] for r, s in enumerate(sizes)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        AlexNet._check_input(self, x)
-        h = self.features(_kernel_layout(x))
-        if hasattr(self, "avgpool"):
-            h = self.avgpool(h)
-        h = torch.flatten(h, 1)
+        h = torch.flatten(self.forward_features(x), 1)
         b = h.shape[0]
         sizes = None  # None: h holds this rank's rows, all features; else h holds this rank's neurons, all rows
         for name, m in self.classifier.named_children():
-            if isinstance(m, nn.Linear):
+            if name in self.fc_sizes:  # fc6, fc7, fc8: this rank's slice
                 h = self._gather_batch(h) if sizes is None else self._gather_neurons(h, sizes)
                 sizes = self.fc_sizes[name]
             h = m(h)  # the slice of a Linear; dropout and activations elementwise on what this rank holds
@@ -414,7 +414,7 @@ def bytes_per_step(model, batch_per_rank: int, world: int, dtype_bytes: int = 4)
         p_fc = sum((fc_in if i == 0 else outs[i - 1]) * n + n for i, n in enumerate(outs))
     else:
         _check_model(model)
-        fcs = [model.classifier.get_submodule(n) for n in _fc_names(model.classifier)]
+        fcs = [model.classifier.get_submodule(n) for n in _fc_names(model)]
         fc_in, outs = fcs[0].in_features, [fc.out_features for fc in fcs]
         fc_params = {id(p) for fc in fcs for p in fc.parameters()}
         p_conv = sum(p.numel() for p in model.parameters() if id(p) not in fc_params)

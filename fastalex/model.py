@@ -1,18 +1,24 @@
-"""AlexNet built from fastalex's fused ops.
+"""AlexNet built from fastalex's fused ops, from one table of layers.
 
     AlexNet(num_classes=1000, variant="paper")        # the 2012 net: two towers, groups=2, LRN, 227x227
     AlexNet(variant="single")                         # the same net as one tower (the article's 62.3M)
     AlexNet(variant="torchvision")                    # torchvision.models.alexnet, same state_dict names
     AlexNet(variant="paper", devices=("cuda:0", "cuda:1"))   # each tower on its own GPU, as in the paper
 
-Layer order in the first two stages is conv -> ReLU -> LRN -> max-pool (ReLU fused into the conv).
+The tables PAPER and TORCHVISION below are the only place the architecture is written down. Built
+from them: the three variants, the paper net's two towers, the hybrid net (fastalex.hybrid),
+explore's hidden features (AlexNet.hidden) and perf/shapes.py (feature_shapes). Layer order in the
+first two stages is conv -> ReLU -> LRN -> max-pool; with activation="relu" the ReLU after a conv is
+fused into the conv's epilogue, so it gets no module of its own.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections import OrderedDict
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -21,83 +27,202 @@ from fastalex import nn as fnn
 from fastalex._backend import use_triton
 from fastalex.ops._checks import output_length, pair
 
-__all__ = ["AlexNet", "VARIANTS"]
+__all__ = ["AlexNet", "VARIANTS", "Layer", "PAPER", "TORCHVISION", "table", "feature_shapes"]
 
 VARIANTS = ("paper", "single", "torchvision")
 INITS = ("paper", "torch", "kaiming")
 LRN_ARGS = dict(size=5, alpha=5e-4, beta=0.75, k=2.0)  # the paper's k=2, n=5, alpha=1e-4, beta=0.75 in torch's terms
-CONVS = ("conv1", "conv2", "conv3", "conv4", "conv5")
-FCS = ("fc6", "fc7", "fc8")
-# Layers whose biases the paper initialises to 1 (so their ReLUs start in the positive region).
-BIAS_ONE = ("conv2", "conv4", "conv5", "fc6", "fc7")
 
 
-def _conv_plan(variant: str):
-    """(name, in, out, kernel, stride, padding, grouped) per conv layer, for the whole (grouped) net."""
-    if variant == "torchvision":
-        return [("conv1", 3, 64, 11, 4, 2, False), ("conv2", 64, 192, 5, 1, 2, False),
-                ("conv3", 192, 384, 3, 1, 1, False), ("conv4", 384, 256, 3, 1, 1, False),
-                ("conv5", 256, 256, 3, 1, 1, False)]
-    return [("conv1", 3, 96, 11, 4, 0, False), ("conv2", 96, 256, 5, 1, 2, True),
-            ("conv3", 256, 384, 3, 1, 1, False), ("conv4", 384, 384, 3, 1, 1, True),
-            ("conv5", 384, 256, 3, 1, 1, True)]
+@dataclass(frozen=True)
+class Layer:
+    """One row of a layer table: one layer of the whole (one-device) net.
+
+    name: conv1, act1, lrn1, pool1, ..., fc8: the module names of the paper and single nets (the
+          torchvision net names its modules by position instead, as torchvision does).
+    kind: conv, act (ReLU or tanh), lrn, pool (the net's max-pool), avgpool, dropout, fc.
+    out: output channels (conv), output features (fc; None: num_classes) or output height = width (avgpool).
+    kernel, stride, padding: of the conv (a pool's come from AlexNet(pool=...)).
+    grouped: the paper net runs it per tower, as groups=2 (conv, LRN): it sees its own tower's channels only.
+    exchange: the towers swap activations before it, so each tower's half of it sees both towers' output.
+    bias_one: init="paper" sets its bias to 1 (so its ReLU starts in the positive region), else 0.
+    """
+
+    name: str
+    kind: str
+    out: int | None = None
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+    grouped: bool = False
+    exchange: bool = False
+    bias_one: bool = False
+
+
+# The paper's net (ALEXNET.md's table); "single" is the same rows without the groups. In the towers
+# every conv and fc is split by its outputs: each tower holds half of the kernels or neurons.
+PAPER = (
+    Layer("conv1", "conv", 96, 11, stride=4),
+    Layer("act1", "act"),
+    Layer("lrn1", "lrn", grouped=True),
+    Layer("pool1", "pool"),
+    Layer("conv2", "conv", 256, 5, padding=2, grouped=True, bias_one=True),
+    Layer("act2", "act"),
+    Layer("lrn2", "lrn", grouped=True),
+    Layer("pool2", "pool"),
+    Layer("conv3", "conv", 384, 3, padding=1, exchange=True),
+    Layer("act3", "act"),
+    Layer("conv4", "conv", 384, 3, padding=1, grouped=True, bias_one=True),
+    Layer("act4", "act"),
+    Layer("conv5", "conv", 256, 3, padding=1, grouped=True, bias_one=True),
+    Layer("act5", "act"),
+    Layer("pool5", "pool"),
+    Layer("drop6", "dropout", exchange=True),  # the exchange comes before the dropout: each tower
+    Layer("fc6", "fc", 4096, bias_one=True),   # drops its own mask over all of fc6's inputs
+    Layer("act6", "act"),
+    Layer("drop7", "dropout", exchange=True),
+    Layer("fc7", "fc", 4096, bias_one=True),
+    Layer("act7", "act"),
+    Layer("fc8", "fc", exchange=True),
+)
+
+# torchvision.models.alexnet ("one weird trick" channels, 224 input): no LRN, no groups, avgpool to 6x6.
+# Not the paper's net, so init="paper" gives it N(0, 0.01^2) weights and zero biases.
+TORCHVISION = (
+    Layer("conv1", "conv", 64, 11, stride=4, padding=2), Layer("act1", "act"), Layer("pool1", "pool"),
+    Layer("conv2", "conv", 192, 5, padding=2), Layer("act2", "act"), Layer("pool2", "pool"),
+    Layer("conv3", "conv", 384, 3, padding=1), Layer("act3", "act"),
+    Layer("conv4", "conv", 256, 3, padding=1), Layer("act4", "act"),
+    Layer("conv5", "conv", 256, 3, padding=1), Layer("act5", "act"), Layer("pool5", "pool"),
+    Layer("avgpool", "avgpool", 6),
+    Layer("drop6", "dropout"), Layer("fc6", "fc", 4096), Layer("act6", "act"),
+    Layer("drop7", "dropout"), Layer("fc7", "fc", 4096), Layer("act7", "act"), Layer("fc8", "fc"),
+)
+
+_STAGE = dict(conv="features", lrn="features", pool="features", avgpool="avgpool", dropout="classifier",
+              fc="classifier")  # act: the stage of the layer before it
+
+
+def table(variant: str) -> tuple[Layer, ...]:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return TORCHVISION if variant == "torchvision" else PAPER
+
+
+class Shape(NamedTuple):
+    """A feature layer of the whole net for a square input: channels and height = width, in and out."""
+
+    layer: Layer
+    c_in: int
+    size_in: int
+    c_out: int
+    size_out: int  # <= 0 when the input is too small for this layer
+    groups: int    # 2 for the paper net's grouped layers, else 1
+
+
+def feature_shapes(variant: str, size: int, pool: tuple[int, int] = (3, 2)) -> Iterator[Shape]:
+    """The feature layers' shapes (conv, act, lrn, pool, avgpool; LRN rows whether or not the net
+    has LRN) for a size x size input, in forward order; stops after a layer whose output is empty."""
+    c = 3
+    for layer in table(variant):
+        if _STAGE.get(layer.kind) == "classifier":
+            return
+        c_out, out = c, size
+        if layer.kind == "conv":
+            c_out, out = layer.out, output_length(size, layer.kernel, layer.stride, layer.padding)
+        elif layer.kind == "pool":
+            out = output_length(size, *pool)
+        elif layer.kind == "avgpool":
+            out = layer.out
+        yield Shape(layer, c, size, c_out, out, 2 if variant == "paper" and layer.grouped else 1)
+        if out < 1:
+            return
+        c, size = c_out, out
 
 
 def feature_size(variant: str, size: int, pool: tuple[int, int] = (3, 2)) -> int:
     """Spatial size after pool5 for a square input of `size` (0 if some layer gets nothing to work on)."""
-    k, s = pool
-    for name, _, _, kernel, stride, pad, _ in _conv_plan(variant):
-        size = max(output_length(size, kernel, stride, pad), 0)
-        if name in ("conv1", "conv2", "conv5"):
-            size = max(output_length(size, k, s), 0)
-        if size < 1:
-            return 0
+    for s in feature_shapes(variant, size, pool):
+        if s.layer.kind != "avgpool":  # torchvision's adaptive pool takes whatever pool5 gives
+            size = max(s.size_out, 0)
     return size
 
 
 def smallest_image_size(variant: str, pool: tuple[int, int] = (3, 2)) -> int:
+    return _smallest_image_size(variant, tuple(pool))
+
+
+@functools.lru_cache(maxsize=None)  # the torchvision net's input check asks on every forward
+def _smallest_image_size(variant: str, pool: tuple[int, int]) -> int:
     return next(s for s in range(1, 1024) if feature_size(variant, s, pool) >= 1)
 
 
+def _build(variant: str, num_classes: int, dropout: float, activation: str, lrn: bool, pool, fc_in: int,
+           tower: int | None = None) -> list[tuple[Layer, str, nn.Module]]:
+    """(layer, stage, module) for each table row that gets a module, in forward order; stage is
+    features, avgpool or classifier. tower 0 or 1: that tower's half of the paper net instead."""
+    groups = 2 if variant == "paper" and tower is None else 1
+
+    def part(n: int) -> int:  # a tower's share of n outputs (the first tower takes the odd one)
+        return n if tower is None else (n - n // 2, n // 2)[tower]
+
+    built, c, stage = [], 3, "features"  # c: the whole net's channels (then features) so far
+    for layer in table(variant):
+        if _STAGE.get(layer.kind, stage) != stage:
+            stage = _STAGE[layer.kind]
+            c = fc_in if stage == "classifier" else c  # the classifier reads the flattened features
+        m = None
+        if layer.kind == "conv":
+            c_in = c // 2 if tower is not None and layer.grouped else c  # a tower sees its own half only
+            m = fnn.Conv2d(c_in, part(layer.out), layer.kernel, stride=layer.stride, padding=layer.padding,
+                           groups=groups if layer.grouped else 1, activation="relu" if activation == "relu" else None)
+            c = layer.out
+        elif layer.kind == "act":
+            if stage == "classifier":
+                m = nn.ReLU(inplace=False) if activation == "relu" else nn.Tanh()
+            elif activation != "relu":
+                m = nn.Tanh()
+            elif variant == "torchvision":
+                m = nn.Identity()  # the ReLU is fused into the conv; the placeholder keeps torchvision's positions
+        elif layer.kind == "lrn" and lrn:  # (with the pool after it, one fused LRNMaxPool2d could go here:
+            # neither has parameters, so the state_dict would not change)
+            m = fnn.LocalResponseNorm(**LRN_ARGS, groups=groups if layer.grouped else 1)
+        elif layer.kind == "pool":
+            m = fnn.MaxPool2d(*pool)
+        elif layer.kind == "avgpool":
+            m = nn.AdaptiveAvgPool2d((layer.out, layer.out))
+        elif layer.kind == "dropout":
+            m = nn.Dropout(dropout)
+        elif layer.kind == "fc":
+            m = nn.Linear(c, part(layer.out or num_classes))
+            c = layer.out or num_classes
+        if m is not None:
+            built.append((layer, stage, m))
+    return built
+
+
+def _assemble(net: nn.Module, built, positional: bool) -> tuple[tuple[Layer, str], ...]:
+    """Register _build's modules on net as `features`, `avgpool`, `classifier` (torchvision's names),
+    in that order; modules are named after their layers, or by their position in the Sequential
+    (torchvision's state_dict names). Returns (layer, module path) for each module, in forward order."""
+    stages, paths = OrderedDict(), []
+    for layer, stage, m in built:
+        modules = stages.setdefault(stage, OrderedDict())
+        name = str(len(modules)) if positional else layer.name
+        modules[name] = m
+        paths.append((layer, "avgpool" if stage == "avgpool" else f"{stage}.{name}"))
+    for stage, modules in stages.items():
+        setattr(net, stage, next(iter(modules.values())) if stage == "avgpool" else nn.Sequential(modules))
+    return tuple(paths)
+
+
 class _Tower(nn.Module):
-    """One of the paper's two towers when they live on separate devices: half of every layer."""
+    """One of the paper's two towers when they live on separate devices: features and classifier as
+    in the one-device net, with half of every conv's kernels and every fc's neurons."""
 
-    def __init__(self, num_outputs: int, dropout: float, act: str, lrn: bool, pool: tuple[int, int], fc_in: int):
+    def __init__(self, built):
         super().__init__()
-        fused = "relu" if act == "relu" else None
-        k, s = pool
-        self.features1 = nn.Sequential(OrderedDict(_stage_layers([
-            ("conv1", fnn.Conv2d(3, 48, 11, stride=4, activation=fused)),
-            ("lrn1", fnn.LocalResponseNorm(**LRN_ARGS) if lrn else None),
-            ("pool1", fnn.MaxPool2d(k, s)),
-            ("conv2", fnn.Conv2d(48, 128, 5, padding=2, activation=fused)),
-            ("lrn2", fnn.LocalResponseNorm(**LRN_ARGS) if lrn else None),
-            ("pool2", fnn.MaxPool2d(k, s)),
-        ], act)))
-        self.features2 = nn.Sequential(OrderedDict(_stage_layers([
-            ("conv3", fnn.Conv2d(256, 192, 3, padding=1, activation=fused)),  # sees both towers
-            ("conv4", fnn.Conv2d(192, 192, 3, padding=1, activation=fused)),
-            ("conv5", fnn.Conv2d(192, 128, 3, padding=1, activation=fused)),
-            ("pool5", fnn.MaxPool2d(k, s)),
-        ], act)))
-        self.drop6 = nn.Dropout(dropout)
-        self.fc6 = nn.Linear(fc_in, 2048)
-        self.drop7 = nn.Dropout(dropout)
-        self.fc7 = nn.Linear(4096, 2048)
-        self.fc8 = nn.Linear(4096, num_outputs)
-        self.act = nn.ReLU() if act == "relu" else nn.Tanh()
-
-
-def _stage_layers(layers, act: str):
-    """Drop absent layers; after each conv add a Tanh when the activation is not fused (ReLU is)."""
-    out = []
-    for name, module in layers:
-        if module is None:
-            continue
-        out.append((name, module))
-        if name.startswith("conv") and act != "relu":
-            out.append((name.replace("conv", "act"), nn.Tanh()))
-    return out
+        self.layers = _assemble(self, built, positional=False)
 
 
 class AlexNet(nn.Module):
@@ -118,6 +243,11 @@ class AlexNet(nn.Module):
     function of the seed alone (drawn on the CPU from their own generator, whatever the device, the
     global RNG untouched; the towers get the grouped net's weights for the same seed); None draws
     from torch's global RNG, as torch's layers do.
+
+    Modules: `features` (conv1 ... pool5), `avgpool` (torchvision only), `classifier` (drop6 ... fc8),
+    named after the table's rows (torchvision: by position, as torchvision names them); with devices,
+    `towers` holds two such nets, each with half of every conv and fc. `layers`: (Layer, module path)
+    for each module, in forward order (paths inside each tower for the towers).
     """
 
     def __init__(self, num_classes: int = 1000, variant: str = "paper", dropout: float = 0.5, *,
@@ -160,44 +290,18 @@ class AlexNet(nn.Module):
                            activation=activation, lrn=lrn, pool=pool)
         self.variant, self.num_classes, self.image_size = variant, num_classes, image_size
         self.activation, self.lrn, self.pool, self.devices = activation, lrn, pool, devices
-        fused = "relu" if activation == "relu" else None
-        k, s = pool
-        fh, fw = (feature_size(variant, image_size[0], pool), feature_size(variant, image_size[1], pool))
-        fc_in = 256 * 6 * 6 if variant == "torchvision" else 256 * fh * fw
+        # fc6 reads the last conv's channels at pool5's size (torchvision: at avgpool's 6x6), flattened.
+        shapes = [list(feature_shapes(variant, s, pool))[-1] for s in image_size]
+        fc_in = shapes[0].c_out * shapes[0].size_out * shapes[1].size_out
+        args = (variant, num_classes, dropout, activation, lrn, pool, fc_in)
 
         if devices is not None:
-            outs = [num_classes - num_classes // 2, num_classes // 2]  # fc8's classes, split between towers
-            self.towers = nn.ModuleList(_Tower(n, dropout, activation, lrn, pool, fc_in).to(d)
-                                        for n, d in zip(outs, devices))
+            self.towers = nn.ModuleList(_Tower(_build(*args, tower=t)).to(d) for t, d in enumerate(devices))
+            self.layers = self.towers[0].layers  # both towers have the same layers and paths
             self.register_state_dict_post_hook(_merge_towers)
             self.register_load_state_dict_pre_hook(_split_towers)
-        elif variant == "torchvision":
-            act = (lambda: nn.Identity()) if activation == "relu" else (lambda: nn.Tanh())  # Identity: fused
-            convs = [fnn.Conv2d(ci, co, kk, stride=st, padding=p, activation=fused)
-                     for _, ci, co, kk, st, p, _ in _conv_plan(variant)]
-            self.features = nn.Sequential(
-                convs[0], act(), fnn.MaxPool2d(k, s), convs[1], act(), fnn.MaxPool2d(k, s),
-                convs[2], act(), convs[3], act(), convs[4], act(), fnn.MaxPool2d(k, s))
-            self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
-            self.classifier = nn.Sequential(
-                nn.Dropout(dropout), nn.Linear(fc_in, 4096), _act(activation), nn.Dropout(dropout),
-                nn.Linear(4096, 4096), _act(activation), nn.Linear(4096, num_classes))
         else:
-            g = 2 if variant == "paper" else 1
-            layers = []
-            for name, ci, co, kk, st, p, grouped in _conv_plan(variant):
-                layers.append((name, fnn.Conv2d(ci, co, kk, stride=st, padding=p, groups=g if grouped else 1,
-                                                activation=fused)))
-                if name in ("conv1", "conv2"):
-                    layers.append((name.replace("conv", "lrn"), fnn.LocalResponseNorm(**LRN_ARGS, groups=g)
-                                   if lrn else None))
-                if name in ("conv1", "conv2", "conv5"):
-                    layers.append((name.replace("conv", "pool"), fnn.MaxPool2d(k, s)))
-            self.features = nn.Sequential(OrderedDict(_stage_layers(layers, activation)))
-            self.classifier = nn.Sequential(OrderedDict([
-                ("drop6", nn.Dropout(dropout)), ("fc6", nn.Linear(fc_in, 4096)), ("act6", _act(activation)),
-                ("drop7", nn.Dropout(dropout)), ("fc7", nn.Linear(4096, 4096)), ("act7", _act(activation)),
-                ("fc8", nn.Linear(4096, num_classes))]))
+            self.layers = _assemble(self, _build(*args), positional=variant == "torchvision")
         self.reset_parameters(init, seed=seed)
 
     @torch.no_grad()
@@ -224,7 +328,9 @@ class AlexNet(nn.Module):
                         mine.copy_(drawn)
 
     @staticmethod
-    def _init(net: nn.Module, init: str) -> None:
+    def _init(net: "AlexNet", init: str) -> None:
+        """Every conv and fc in module order (the order the random numbers are drawn in)."""
+        ones = {path for layer, path in net.layers if layer.bias_one}
         for name, m in net.named_modules():
             if not isinstance(m, (nn.Conv2d, nn.Linear)):
                 continue
@@ -237,7 +343,8 @@ class AlexNet(nn.Module):
                 continue
             m.weight.normal_(0.0, 0.01)
             if m.bias is not None:
-                m.bias.fill_(1.0 if name.rsplit(".", 1)[-1] in BIAS_ONE else 0.0)
+                path = name.split(".", 2)[-1] if net.devices is not None else name  # towers.0.features.conv2
+                m.bias.fill_(1.0 if path in ones else 0.0)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
@@ -263,27 +370,46 @@ class AlexNet(nn.Module):
         towers.train(self.training)
         return towers
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv stack, torchvision's `features` then (torchvision only) `avgpool`: images
+        (N, 3, H, W) -> (N, 256, h, w), the classifier's input before flattening (h = w = 6 at 227x227,
+        and always 6 for torchvision; 1 at the paper net's smallest input, 67). The towers' outputs
+        come concatenated (tower 0's channels first) on devices[0]."""
         self._check_input(x)
         if self.devices is not None:
-            return self._forward_towers(x)
+            return self._forward_towers(x, end=sum(not p.startswith("classifier.") for _, p in self.layers))
         x = self.features(_kernel_layout(x))
-        if self.variant == "torchvision":
-            x = self.avgpool(x)
-        return self.classifier(torch.flatten(x, 1))
+        return self.avgpool(x) if self.variant == "torchvision" else x
 
-    def _forward_towers(self, x: torch.Tensor) -> torch.Tensor:
-        towers, devs = self.towers, self.devices
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer: images (N, 3, H, W) -> (N, 4096), fc7 after its activation (act7):
+        every layer but fc8, in the net's current mode (call eval() first for no dropout)."""
+        if self.devices is not None:
+            self._check_input(x)
+            return self._forward_towers(x, end=len(self.layers) - 1)
+        x = torch.flatten(self.forward_features(x), 1)
+        for layer in list(self.classifier)[:-1]:
+            x = layer(x)
+        return x
 
-        def both(parts):  # every device gets the concatenation of both towers' activations
-            return [torch.cat([p.to(d) for p in parts], dim=1) for d in devs]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W) -> logits (N, num_classes) (on devices[0] for the towers)."""
+        if self.devices is not None:
+            self._check_input(x)
+            return self._forward_towers(x, end=len(self.layers))
+        return self.classifier(torch.flatten(self.forward_features(x), 1))
 
-        h = [t.features1(_kernel_layout(x.to(d))) for t, d in zip(towers, devs)]
-        h = [t.features2(a) for t, a in zip(towers, both(h))]  # conv3 sees both towers
-        h = [torch.flatten(a, 1) for a in h]
-        h = [t.act(t.fc6(t.drop6(a))) for t, a in zip(towers, both(h))]
-        h = [t.act(t.fc7(t.drop7(a))) for t, a in zip(towers, both(h))]
-        h = [t.fc8(a) for t, a in zip(towers, both(h))]
+    def _forward_towers(self, x: torch.Tensor, end: int) -> torch.Tensor:
+        """The first `end` of self.layers, each tower's half on its tower's device; the two halves'
+        outputs concatenated along dim 1 on devices[0]."""
+        devs = self.devices
+        h = [_kernel_layout(x.to(d)) for d in devs]
+        for layer, path in self.layers[:end]:
+            if path.startswith("classifier.") and h[0].dim() == 4:
+                h = [torch.flatten(a, 1) for a in h]  # the classifier's input
+            if layer.exchange:  # every device gets the concatenation of both towers' activations
+                h = [torch.cat([a.to(d) for a in h], dim=1) for d in devs]
+            h = [t.get_submodule(path)(a) for t, a in zip(self.towers, h)]
         return torch.cat([h[0], h[1].to(devs[0])], dim=1)
 
 
@@ -304,38 +430,29 @@ def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _act(activation: str) -> nn.Module:
-    return nn.ReLU(inplace=False) if activation == "relu" else nn.Tanh()
-
-
-def _tower_key(layer: str) -> str:
-    return f"features1.{layer}" if layer in ("conv1", "conv2") else (
-        f"features2.{layer}" if layer in ("conv3", "conv4", "conv5") else layer)
-
-
-def _grouped_key(layer: str) -> str:
-    return f"features.{layer}" if layer.startswith("conv") else f"classifier.{layer}"
-
+# The towers' state_dict is the one-device (grouped) net's: tower t's `towers.t.K` holds rows
+# (output channels or neurons) of the grouped net's K, tower 0's first, for every parameter K.
 
 def _merge_towers(module, state_dict, prefix, local_metadata):
     """state_dict hook: the towers' halves -> the single-device (grouped) names and shapes."""
-    for layer in CONVS + FCS:
-        for p in ("weight", "bias"):
-            halves = [state_dict.pop(f"{prefix}towers.{t}.{_tower_key(layer)}.{p}") for t in (0, 1)]
-            state_dict[f"{prefix}{_grouped_key(layer)}.{p}"] = torch.cat([halves[0], halves[1].to(halves[0].device)])
+    first = f"{prefix}towers.0."
+    for key in [k for k in state_dict if k.startswith(first)]:
+        name = key[len(first):]
+        halves = [state_dict.pop(key), state_dict.pop(f"{prefix}towers.1.{name}")]
+        state_dict[prefix + name] = torch.cat([halves[0], halves[1].to(halves[0].device)])
 
 
 def _split_towers(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     """load_state_dict pre-hook: the single-device (grouped) layout -> each tower's half."""
-    for layer in CONVS + FCS:
-        for p in ("weight", "bias"):
-            key = f"{prefix}{_grouped_key(layer)}.{p}"
-            if key not in state_dict:
-                continue
-            full = state_dict.pop(key)
-            sizes = [getattr(t.get_submodule(_tower_key(layer)), p).shape[0] for t in module.towers]
-            if full.shape[0] != sum(sizes):
-                error_msgs.append(f"{key}: expected {sum(sizes)} rows for the two towers, got {tuple(full.shape)}")
-                continue
-            for t, part in enumerate(torch.split(full, sizes)):
-                state_dict[f"{prefix}towers.{t}.{_tower_key(layer)}.{p}"] = part
+    own = [dict(t.named_parameters()) for t in module.towers]
+    for name in own[0]:
+        key = prefix + name
+        if key not in state_dict:
+            continue
+        full = state_dict.pop(key)
+        sizes = [o[name].shape[0] for o in own]
+        if full.shape[0] != sum(sizes):
+            error_msgs.append(f"{key}: expected {sum(sizes)} rows for the two towers, got {tuple(full.shape)}")
+            continue
+        for t, part in enumerate(torch.split(full, sizes)):
+            state_dict[f"{prefix}towers.{t}.{name}"] = part

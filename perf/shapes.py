@@ -1,10 +1,17 @@
-"""AlexNet's layer shapes (227x227 input), as the benchmarks and the GPU check use them."""
+"""AlexNet's layer shapes (227x227 input), as the benchmarks and the GPU check use them.
+
+Read off fastalex.model's layer table (feature_shapes), not written down again: CONV (ConvShape per
+conv), LRN and POOL ((name, channels, input size) per layer), LRN_ARGS (torch's constants for the paper's).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fastalex.model import LRN_ARGS, feature_shapes
 from fastalex.ops._checks import output_length
+
+__all__ = ["ConvShape", "CONV", "LRN", "LRN_ARGS", "POOL", "tiny"]
 
 
 @dataclass(frozen=True)
@@ -30,17 +37,15 @@ class ConvShape:
         return self.name != "conv1"  # the image needs no gradient
 
 
-# Single tower (the article's 62.3M-parameter net) and the paper's grouped layers.
-CONV = [
-    ConvShape("conv1", 3, 227, 96, 11, 4, 0, 1),
-    ConvShape("conv2", 96, 27, 256, 5, 1, 2, 1),
-    ConvShape("conv3", 256, 13, 384, 3, 1, 1, 1),
-    ConvShape("conv4", 384, 13, 384, 3, 1, 1, 1),
-    ConvShape("conv5", 384, 13, 256, 3, 1, 1, 1),
-    ConvShape("conv2-g2", 96, 27, 256, 5, 1, 2, 2),
-    ConvShape("conv4-g2", 384, 13, 384, 3, 1, 1, 2),
-    ConvShape("conv5-g2", 384, 13, 256, 3, 1, 1, 2),
-]
+def _convs(variant: str, suffix: str = "") -> list[ConvShape]:
+    return [ConvShape(s.layer.name + suffix, s.c_in, s.size_in, s.c_out, s.layer.kernel, s.layer.stride,
+                      s.layer.padding, s.groups)
+            for s in feature_shapes(variant, 227) if s.layer.kind == "conv" and (not suffix or s.groups > 1)]
+
+
+# Single tower (the article's 62.3M-parameter net), then the paper's grouped layers (conv2-g2, conv4-g2, conv5-g2).
+CONV = _convs("single") + _convs("paper", "-g2")
+
 
 def tiny(s: ConvShape) -> ConvShape:
     """The same layer with few channels and a small image: for smoke runs in Triton's CPU interpreter."""
@@ -48,9 +53,8 @@ def tiny(s: ConvShape) -> ConvShape:
                      s.kernel, s.stride, s.padding, s.groups)
 
 
-# (name, channels, size): LRN follows ReLU after conv1 and conv2; torch's constants for the paper's.
-LRN = [("lrn1", 96, 55), ("lrn2", 256, 27)]
-LRN_ARGS = dict(size=5, alpha=5e-4, beta=0.75, k=2.0)
+# (name, channels, size): LRN follows ReLU after conv1 and conv2 (lrn1: 96 channels at 55x55, lrn2: 256 at 27x27).
+LRN = [(s.layer.name, s.c_in, s.size_in) for s in feature_shapes("single", 227) if s.layer.kind == "lrn"]
 
-# (name, channels, size): overlapping 3x3 stride-2 pools.
-POOL = [("pool1", 96, 55), ("pool2", 256, 27), ("pool5", 256, 13)]
+# (name, channels, input size): overlapping 3x3 stride-2 pools (pool1 96 at 55, pool2 256 at 27, pool5 256 at 13).
+POOL = [(s.layer.name, s.c_in, s.size_in) for s in feature_shapes("single", 227) if s.layer.kind == "pool"]

@@ -213,3 +213,105 @@ def test_ablation_options_change_the_net_as_asked():
     assert tanh.features.pool1.kernel_size == 2 and tanh.features.pool1.stride == 2
     with fastalex.backend("torch"):
         assert tanh.eval()(torch.randn(1, 3, 67, 67)).shape == (1, 1000)
+
+
+# -- the layer table builds every variant, the towers and perf/shapes.py ----------------------------
+
+@pytest.mark.parametrize("variant", ["paper", "single", "torchvision"])
+def test_forward_features_and_hidden_are_the_forwards_parts(variant):
+    """forward = classifier(flatten(forward_features)); hidden = every classifier layer but fc8."""
+    size = 67 if variant != "torchvision" else 63
+    model = AlexNet(num_classes=7, variant=variant, image_size=size, dropout=0.0, init="kaiming", seed=0).eval()
+    x = torch.randn(2, 3, size, size)
+    with fastalex.backend("torch"), torch.no_grad():
+        f = model.forward_features(x)
+        assert f.shape == ((2, 256, 6, 6) if variant == "torchvision" else (2, 256, 1, 1))
+        h = model.hidden(x)
+        assert h.shape == (2, 4096) and (h >= 0).all()  # act7: a ReLU
+        fc8 = model.classifier[-1]
+        assert torch.equal(model(x), fc8(h))
+        assert torch.equal(h, model.classifier[:-1](torch.flatten(f, 1)))
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        model.hidden(torch.randn(3, size, size))
+
+
+def test_towers_forward_features_and_hidden_equal_the_grouped_nets():
+    grouped = AlexNet(num_classes=5, variant="paper", image_size=67, dropout=0.0, seed=4).eval()
+    towers = grouped.to_towers(("cpu", "cpu"))
+    x = torch.randn(2, 3, 67, 67)
+    with fastalex.backend("torch"), torch.no_grad():
+        for fn in ("forward_features", "hidden", "forward"):
+            torch.testing.assert_close(getattr(towers, fn)(x), getattr(grouped, fn)(x), rtol=1e-5, atol=1e-6,
+                                       msg=fn)
+
+
+def test_towers_hold_the_row_halves_of_the_grouped_net():
+    """Each tower: half of every conv's kernels and fc's neurons (tower 0 the first rows; fc8's odd class
+    to tower 0), in the grouped net's parameter order; the state_dict's keys in the grouped net's order."""
+    grouped = AlexNet(num_classes=11, variant="paper", image_size=67, seed=2)
+    towers = grouped.to_towers(("cpu", "cpu"))
+    assert list(towers.state_dict()) == list(grouped.state_dict())
+    full = grouped.state_dict()
+    for t, tower in enumerate(towers.towers):
+        names = [n for n, _ in tower.named_parameters()]
+        assert names == list(full)
+        for name, p in tower.named_parameters():
+            rows = full[name].shape[0]
+            first = rows - rows // 2
+            want = full[name][:first] if t == 0 else full[name][first:]
+            assert torch.equal(p, want), (t, name)
+    assert towers.towers[0].classifier.fc8.out_features == 6 and towers.towers[1].classifier.fc8.out_features == 5
+
+
+@pytest.mark.parametrize("variant,activation,lrn", [("paper", "relu", True), ("single", "tanh", False),
+                                                    ("torchvision", "relu", False), ("torchvision", "tanh", False)])
+def test_modules_follow_the_layer_table(variant, activation, lrn):
+    """Every module is a row of the table, in the table's order, at the path `layers` names."""
+    from fastalex.model import table
+
+    model = AlexNet(variant=variant, activation=activation, lrn=lrn, image_size=67)
+    rows = [layer for layer, _ in model.layers]
+    order = [layer.name for layer in table(variant)]
+    assert [r.name for r in rows] == [n for n in order if n in {r.name for r in rows}]
+    modules = [m for m in model.modules() if not isinstance(m, (AlexNet, torch.nn.Sequential))]
+    assert [model.get_submodule(p) for _, p in model.layers] == modules
+    kinds = {"conv": torch.nn.Conv2d, "lrn": torch.nn.LocalResponseNorm, "pool": torch.nn.MaxPool2d,
+             "avgpool": torch.nn.AdaptiveAvgPool2d, "dropout": torch.nn.Dropout, "fc": torch.nn.Linear,
+             "act": (torch.nn.ReLU, torch.nn.Tanh, torch.nn.Identity)}
+    for layer, path in model.layers:
+        m = model.get_submodule(path)
+        assert isinstance(m, kinds[layer.kind]), path
+        if layer.kind == "conv":
+            assert (m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0]) == (
+                layer.out, layer.kernel, layer.stride, layer.padding)
+            assert m.groups == (2 if variant == "paper" and layer.grouped else 1)
+        if variant != "torchvision":
+            assert path.split(".")[-1] == layer.name
+    assert ("lrn1" in [r.name for r in rows]) == lrn
+    conv_acts = [p for layer, p in model.layers if layer.kind == "act" and p.startswith("features.")]
+    assert len(conv_acts) == (0 if activation == "relu" and variant != "torchvision" else 5)  # fused, or a module
+
+
+def test_perf_shapes_come_from_the_table():
+    """perf/shapes.py's layers, as written out by hand before they were read off the table."""
+    from perf.shapes import CONV, LRN, LRN_ARGS, POOL, ConvShape
+
+    assert CONV == [
+        ConvShape("conv1", 3, 227, 96, 11, 4, 0, 1), ConvShape("conv2", 96, 27, 256, 5, 1, 2, 1),
+        ConvShape("conv3", 256, 13, 384, 3, 1, 1, 1), ConvShape("conv4", 384, 13, 384, 3, 1, 1, 1),
+        ConvShape("conv5", 384, 13, 256, 3, 1, 1, 1), ConvShape("conv2-g2", 96, 27, 256, 5, 1, 2, 2),
+        ConvShape("conv4-g2", 384, 13, 384, 3, 1, 1, 2), ConvShape("conv5-g2", 384, 13, 256, 3, 1, 1, 2)]
+    assert [s.out_size for s in CONV] == [55, 27, 13, 13, 13, 27, 13, 13]
+    assert LRN == [("lrn1", 96, 55), ("lrn2", 256, 27)]
+    assert POOL == [("pool1", 96, 55), ("pool2", 256, 27), ("pool5", 256, 13)]
+    assert LRN_ARGS == dict(size=5, alpha=5e-4, beta=0.75, k=2.0)
+
+
+@pytest.mark.parametrize("variant,pool,smallest", [("paper", (3, 2), 67), ("single", (2, 2), 39),
+                                                   ("torchvision", (3, 2), 63)])
+def test_smallest_image_size_from_the_table(variant, pool, smallest):
+    from fastalex.model import feature_size, smallest_image_size
+
+    assert smallest_image_size(variant, pool) == smallest
+    assert feature_size(variant, smallest, pool) == 1 and feature_size(variant, smallest - 1, pool) == 0
+    assert feature_size(variant, 227 if variant != "torchvision" else 224) == 6

@@ -36,6 +36,7 @@ from fastalex import checkpoint as ckpt
 from fastalex import distributed as fdist
 from fastalex import strategy as fstrategy
 from fastalex._backend import backend_info
+from fastalex._seeds import item_seed, order_seed, rank_seed
 
 __all__ = ["Trainer", "TrainingDiverged", "Callback", "StepOutput", "RunState", "TensorBoard",
            "use_deterministic_algorithms"]
@@ -160,7 +161,7 @@ class _Seeded(Dataset):
         # (The default generator directly: torch.manual_seed costs ~25x more per call.)
         gen = torch.default_generator
         state = gen.get_state()
-        gen.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+        gen.manual_seed(item_seed(self.seed, epoch, index))
         try:
             return self.data[index]
         finally:
@@ -193,7 +194,7 @@ class _EpochBatches(Sampler):
         return max(0, self.steps() - self.start)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        g = torch.Generator().manual_seed(order_seed(self.seed, self.epoch))
         order = torch.randperm(self.n, generator=g).tolist()
         gb = self.batch_size * self.world_size
         for b in range(self.start, self.steps()):
@@ -438,7 +439,7 @@ class Trainer:
     def _seed_rank(self) -> None:
         # Dropout's stream (torch's global RNG, every device) from (seed, rank): each rank its own, the same
         # for the same seed; then saved in every checkpoint and restored on resume.
-        torch.manual_seed((self.seed * 1_000_003 + self.dist.rank) * 7919 + 17)
+        torch.manual_seed(rank_seed(self.seed, self.dist.rank))
 
     # -- training ------------------------------------------------------------------------------
 

@@ -376,3 +376,15 @@ def test_compiled_training_step_matches_eager(tmp_path):
         torch.testing.assert_close(runs[True][1][k], v, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="compile must be"):
         _trainer(tmp_path, compile="fast")
+
+
+def test_any_seed_the_cli_accepts_trains(tmp_path):
+    """Seeds up to 2**63 - 1 (the CLI's range): the derived seeds stay valid torch seeds (a seed of
+    2**63 - 1 overflowed the per-item seed); small seeds keep their old streams."""
+    from fastalex import _seeds
+
+    assert _seeds.item_seed(7, 2, 5) == (7 * 1_000_003 + 2) * 10_000_019 + 5
+    for seed in (10**6, 2**63 - 1):
+        t = _trainer(tmp_path / str(seed), epochs=1, seed=seed, checkpoint_every=0)
+        t.fit(Blobs(16), None)  # noqa: F821
+        assert t.step == 2

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
+from fastalex import _seeds
 from fastalex.data import transforms as T
 from fastalex.data.errors import DataError, DatasetNotFoundError
 from fastalex.data.folder import UnreadableImageError, find_images, load_image
@@ -533,8 +534,8 @@ class Draws(NamedTuple):
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one item's draws: fastalex.trainer._Seeded's formula (tests/test_store.py checks they agree)."""
-    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+    """The seed of one item's draws: the Trainer's (fastalex._seeds)."""
+    return _seeds.item_seed(seed, epoch, index)
 
 
 def draw_augmentation(seed: int, epoch: int, indices: Sequence[int], image_size, src_size: int = 256, *,
@@ -714,7 +715,7 @@ class StoreLoader:
         """This epoch's item indices in batch order (positions in `indices` permuted, as the Trainer does)."""
         if not self.train:
             return list(self.indices)
-        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        g = torch.Generator().manual_seed(_seeds.order_seed(self.seed, self.epoch))
         return [self.indices[i] for i in torch.randperm(len(self.indices), generator=g).tolist()]
 
     def __len__(self) -> int:

@@ -42,6 +42,7 @@ __all__ = ["Trainer", "TrainingDiverged", "Callback", "StepOutput", "RunState", 
            "use_deterministic_algorithms"]
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+_AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 SCHEDULES = ("plateau", "cosine", "constant")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -284,9 +285,6 @@ class Trainer:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {lr_schedule!r}")
-        if precision == "16-mixed" and not (torch.cuda.is_available() and device != "cpu"
-                                            and not str(device).startswith("cpu")):
-            raise ValueError("precision '16-mixed' needs a CUDA device (use '32' or 'bf16-mixed' on the CPU)")
         if compile is not False and compile is not True and compile not in COMPILE_MODES:
             raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
         for cb in callbacks:
@@ -620,8 +618,7 @@ class Trainer:
                 forward = flops.count(self.module, batch_size=1).macs * 2
             except (TypeError, ValueError):  # not an AlexNet: no formula
                 forward = 0
-            dtype = torch.bfloat16 if self.precision == "bf16-mixed" else (
-                torch.float16 if self.precision == "16-mixed" else torch.float32)
+            dtype = _AUTOCAST_DTYPES.get(self.precision, torch.float32)
             self._flops_per_image, self._peak = 3.0 * forward, _matmul_rate(self.device, dtype)
         if not self._flops_per_image or not images_per_second:
             return None
@@ -667,7 +664,7 @@ class Trainer:
         tmp.replace(self.out_dir / "metrics.jsonl")
 
     def _autocast(self):
-        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.precision)
+        dtype = _AUTOCAST_DTYPES.get(self.precision)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def _loader(self, data: Dataset, batches: Sampler) -> DataLoader:

@@ -203,6 +203,15 @@ def _lrn_bwd_kernel(
 # Launchers
 
 
+def _channel_block(C: int) -> int:
+    """Channels a tile on a GPU: at most 64, halved while the padded last channel block would waste
+    more than 1/8 of the work (C = 48 -> 16, C = 96 -> 32, C = 128 -> 64)."""
+    block_c = min(_common.next_pow2(C), 64)
+    while block_c > 8 and triton.cdiv(C, block_c) * block_c - C > C // 8:
+        block_c //= 2
+    return block_c
+
+
 def _block_sizes(C: int, S: int, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_S, num_warps): powers of two (tl.arange needs them)."""
     if _common.is_interpreting():
@@ -210,11 +219,7 @@ def _block_sizes(C: int, S: int, backward: bool = False) -> tuple[int, int, int]
         block_c = min(_common.next_pow2(C), 256)
         block_s = min(_common.next_pow2(S), max(2**16 // block_c, 1))
         return block_c, block_s, 4
-    # At most 64 channels a tile, halved while the padded last channel block would waste more
-    # than 1/8 of the work (C = 48 -> 16, C = 96 -> 32, C = 128 -> 64).
-    block_c = min(_common.next_pow2(C), 64)
-    while block_c > 8 and triton.cdiv(C, block_c) * block_c - C > C // 8:
-        block_c //= 2
+    block_c = _channel_block(C)
     # Tile and elements per thread from ptxas's register counts on sm_90 (size 5): forward 8 a
     # thread ~60 registers; backward (SIZE^2 + SIZE loads in flight) 4 a thread ~125 registers,
     # 8 a thread ~210, 16 a thread spills.

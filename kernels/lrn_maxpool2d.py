@@ -42,30 +42,10 @@ import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
 from fastalex.kernels import _common
-from fastalex.kernels.lrn import MAX_UNROLL, _neg_sign, _pow, _scalar, _window_sumsq
+from fastalex.kernels.lrn import MAX_UNROLL, _channel_block, _neg_sign, _pow, _scalar, _tile, _window_sumsq
 from fastalex.ops._checks import argmax_dtype
 
 __all__ = ["lrn_maxpool2d_forward", "lrn_maxpool2d_backward", "output_size"]
-
-
-@triton.jit
-def _tile(N, C, P, CG, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """This program's sample n, channels [BLOCK_C, 1], positions [1, BLOCK_P], their masks and each
-    channel's group [lo, hi). One flat grid axis: positions fastest, then channel blocks, then samples.
-
-    hi is clamped to C, so the padded channels of a last channel block (c >= C) have an empty group
-    and their window loads are all masked off (no reads past the tensor).
-    """
-    pid = tl.program_id(0)
-    num_p = tl.cdiv(P, BLOCK_P)
-    num_c = tl.cdiv(C, BLOCK_C)
-    pid_p = pid % num_p
-    pid_c = (pid // num_p) % num_c
-    n = pid // (num_p * num_c)
-    c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C))[:, None]
-    p = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P))[None, :]
-    lo = (c // CG) * CG
-    return n, c, p, c < C, p < P, lo, tl.minimum(lo + CG, C)
 
 
 @triton.jit
@@ -227,10 +207,7 @@ def _block_sizes(C: int, P: int, backward: bool = False) -> tuple[int, int, int]
         block_c = min(_common.next_pow2(C), 256)
         block_p = min(_common.next_pow2(P), max(2**15 // block_c, 1))
         return block_c, block_p, 4
-    # Channel blocks as kernels/lrn.py: at most 64, halved while the padded last block wastes > 1/8.
-    block_c = min(_common.next_pow2(C), 64)
-    while block_c > 8 and triton.cdiv(C, block_c) * block_c - C > C // 8:
-        block_c //= 2
+    block_c = _channel_block(C)  # as kernels/lrn.py
     # Elements a thread from ptxas on sm_90 (size 5, 3x3/2): registers grow with them (ptxas keeps
     # every tap's loads in flight): forward 1 / 2 / 4 a thread ~40 / 80-90 / 130-165 registers,
     # backward 1 / 2 a thread ~65 / 100-190. 2 and 1 keep 16-24 warps a SM resident for the loads.

@@ -18,8 +18,7 @@ other run changes one thing:
 
 Training: fastalex.Trainer (max_steps=steps, drop_last, no files), with a callback that keeps each
 step's batch loss and error on the device: SGD with momentum and weight decay (0.9, 5e-4) and the
-Trainer's lr schedule (linear warm-up then cosine to 0 over the run's steps, or constant; `lr_at`
-is its formula, for the report). Batches are drawn in the Trainer's random order per epoch from
+Trainer's lr schedule (linear warm-up then cosine to 0 over the run's steps, or constant). Batches are drawn in the Trainer's random order per epoch from
 (seed, epoch), the same for every run (an epoch's incomplete last batch is left out). The training and test images are transformed once up front (what
 load_for_training's datasets give: Fashion-MNIST's normalisation and the bilinear resize, no
 augmentation) and kept on the device, so a step costs only the model's work.
@@ -55,7 +54,6 @@ import contextlib
 import copy
 import datetime as dt
 import json
-import math
 import platform
 import sys
 import time
@@ -119,15 +117,6 @@ class UsageError(Exception):
 
 
 # -- definitions (unit-tested) -------------------------------------------------------------------
-
-
-def lr_at(step: int, total_steps: int, lr: float, schedule: str = "cosine", warmup_steps: int = 0) -> float:
-    """The lr of `step` (0-based) of `total_steps`: Trainer.current_lr's formula (no plateau drops)."""
-    if schedule == "cosine":
-        lr = lr * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
-    if warmup_steps and step < warmup_steps:
-        lr *= (step + 1) / warmup_steps
-    return lr
 
 
 def running_mean(values, window: int) -> list[float]:

@@ -18,8 +18,10 @@ Per layer, in forward order:
   pool{i}, act{i}; the j-th linear layer is fc{5+j}, the dropout before it drop{5+j}, the activation
   after it act{5+j}. They equal the module names of the "paper" and "single" nets, and give the
   torchvision net (whose modules are features.0, classifier.1, ...) the same names; `module` keeps
-  the qualified module name. A ReLU fused into the convolution is not a layer of its own (the
-  torchvision net's nn.Identity placeholders are skipped): its work is part of the conv.
+  the qualified module name (features.lrn1.pool for pool1: AlexNet fuses each LRN and the pool after
+  it into one module, whose children are the two layers). A ReLU fused into the convolution is not a
+  layer of its own (the torchvision net's nn.Identity placeholders are skipped): its work is part of
+  the conv.
 - kind: conv, fc, lrn, pool, avgpool, relu, tanh, dropout.
 - macs: conv N*C_out*H_out*W_out*(C_in/groups)*K_h*K_w; fc N*in*out; 0 for every other kind
   (bias adds, ReLU, LRN and pooling are not counted, as in the paper's "computation units").
@@ -155,10 +157,13 @@ class Call(NamedTuple):
 
 
 def trace(model: nn.Module, x: torch.Tensor, keep_inputs: bool = False) -> list[Call]:
-    """Run `model(x)` once and return every leaf-module call in forward order, named as in `count`.
+    """Run `model(x)` once on torch's ops and return every leaf-module call in forward order, named as
+    in `count`.
 
-    nn.Identity placeholders are left out. keep_inputs: keep each call's positional inputs (else
-    `args` is empty), e.g. to time each layer again on its real input.
+    On torch's ops a fused module runs its parts: AlexNet's LRNMaxPool2d (features.lrn1) is seen as
+    its children, lrn1 (features.lrn1.lrn) and pool1 (features.lrn1.pool). nn.Identity placeholders
+    are left out. keep_inputs: keep each call's positional inputs (else `args` is empty), e.g. to time
+    each layer again on its real input.
     """
     seen: list[tuple[str, nn.Module, tuple, Any]] = []
 
@@ -170,7 +175,8 @@ def trace(model: nn.Module, x: torch.Tensor, keep_inputs: bool = False) -> list[
     handles = [m.register_forward_hook(hook(q)) for q, m in model.named_modules()
                if not any(True for _ in m.children())]
     try:
-        model(x)
+        with backend("torch"):
+            model(x)
     finally:
         for h in handles:
             h.remove()

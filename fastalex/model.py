@@ -9,7 +9,9 @@ The tables PAPER and TORCHVISION below are the only place the architecture is wr
 from them: the three variants, the paper net's two towers, the hybrid net (fastalex.hybrid),
 explore's hidden features (AlexNet.hidden) and perf/shapes.py (feature_shapes). Layer order in the
 first two stages is conv -> ReLU -> LRN -> max-pool; with activation="relu" the ReLU after a conv is
-fused into the conv's epilogue, so it gets no module of its own.
+fused into the conv's epilogue, so it gets no module of its own, and each LRN and the max-pool after
+it are one fastalex.nn.LRNMaxPool2d named after the LRN (features.lrn1, whose children `lrn` and
+`pool` are the two layers), so the pool gets no module of its own either.
 """
 
 from __future__ import annotations
@@ -166,8 +168,9 @@ def _build(variant: str, num_classes: int, dropout: float, activation: str, lrn:
     def part(n: int) -> int:  # a tower's share of n outputs (the first tower takes the odd one)
         return n if tower is None else (n - n // 2, n // 2)[tower]
 
-    built, c, stage = [], 3, "features"  # c: the whole net's channels (then features) so far
-    for layer in table(variant):
+    rows = table(variant)
+    built, c, stage, pooled = [], 3, "features", False  # c: the whole net's channels (then features) so far
+    for i, layer in enumerate(rows):
         if _STAGE.get(layer.kind, stage) != stage:
             stage = _STAGE[layer.kind]
             c = fc_in if stage == "classifier" else c  # the classifier reads the flattened features
@@ -184,9 +187,15 @@ def _build(variant: str, num_classes: int, dropout: float, activation: str, lrn:
                 m = nn.Tanh()
             elif variant == "torchvision":
                 m = nn.Identity()  # the ReLU is fused into the conv; the placeholder keeps torchvision's positions
-        elif layer.kind == "lrn" and lrn:  # (with the pool after it, one fused LRNMaxPool2d could go here:
-            # neither has parameters, so the state_dict would not change)
-            m = fnn.LocalResponseNorm(**LRN_ARGS, groups=groups if layer.grouped else 1)
+        elif layer.kind == "lrn" and lrn:
+            g = groups if layer.grouped else 1
+            pooled = i + 1 < len(rows) and rows[i + 1].kind == "pool"
+            # LRN then the max-pool: one fused module (one pass over the conv's output each way) under
+            # the LRN's name; neither has parameters, so the state_dict is the unfused net's.
+            m = (fnn.LRNMaxPool2d(**LRN_ARGS, kernel_size=pool[0], stride=pool[1], groups=g) if pooled
+                 else fnn.LocalResponseNorm(**LRN_ARGS, groups=g))
+        elif layer.kind == "pool" and pooled:
+            pooled = False  # done by the LRNMaxPool2d before it
         elif layer.kind == "pool":
             m = fnn.MaxPool2d(*pool)
         elif layer.kind == "avgpool":
@@ -245,7 +254,9 @@ class AlexNet(nn.Module):
     from torch's global RNG, as torch's layers do.
 
     Modules: `features` (conv1 ... pool5), `avgpool` (torchvision only), `classifier` (drop6 ... fc8),
-    named after the table's rows (torchvision: by position, as torchvision names them); with devices,
+    named after the table's rows (torchvision: by position, as torchvision names them; lrn1 and lrn2
+    are LRNMaxPool2d modules holding the pool after them as well, so pool1 and pool2 are not modules
+    of their own but features.lrn1.pool and features.lrn2.pool); with devices,
     `towers` holds two such nets, each with half of every conv and fc. `layers`: (Layer, module path)
     for each module, in forward order (paths inside each tower for the towers).
     """

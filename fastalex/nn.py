@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from fastalex import functional as F
+from fastalex._backend import use_triton
 
 __all__ = ["Conv2d", "LRNMaxPool2d", "LocalResponseNorm", "MaxPool2d"]
 
@@ -67,22 +68,25 @@ class LRNMaxPool2d(torch.nn.Module):
     """LocalResponseNorm(size, alpha, beta, k, groups=groups) then MaxPool2d(kernel_size, stride), fused.
 
     Input (N, C, H, W); output (N, C, OH, OW), OH = (H - kernel_size) // stride + 1. No padding,
-    dilation or ceil mode. No parameters: a model can swap its lrn + pool pair for this module.
+    dilation or ceil mode. No parameters, so a model can swap its lrn + pool pair for this module
+    without changing its state_dict (AlexNet does: lrn1 -> pool1 and lrn2 -> pool2).
+
+    The two layers are its children `lrn` and `pool`, so what inspects a model layer by layer
+    (fastalex.flops, forward hooks on leaf modules) still sees both: on the Triton kernels forward is
+    one fused pass each way (fastalex.functional.lrn_max_pool2d); on torch's ops it calls the children.
     """
 
     def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, kernel_size=3,
                  stride=2, *, groups: int = 1):
         super().__init__()
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-            raise ValueError(f"groups must be a positive int, got {groups!r}")
-        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
-        self.kernel_size, self.stride, self.groups = kernel_size, stride, groups
-
-    def extra_repr(self) -> str:
-        s = (f"{self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}")
-        return s + (f", groups={self.groups}" if self.groups > 1 else "")
+        self.lrn = LocalResponseNorm(size, alpha, beta, k, groups=groups)
+        self.pool = MaxPool2d(kernel_size, stride)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.lrn_max_pool2d(input, self.size, self.alpha, self.beta, self.k, self.kernel_size, self.stride,
-                                groups=self.groups)
+        if not isinstance(input, torch.Tensor) or input.dim() != 4:  # (the fused kernel's rule on every backend)
+            raise ValueError(f"LRNMaxPool2d: input must be 4-D (N, C, H, W), got "
+                             f"{tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__}")
+        if not use_triton(input.device):
+            return self.pool(self.lrn(input))
+        n, p = self.lrn, self.pool
+        return F.lrn_max_pool2d(input, n.size, n.alpha, n.beta, n.k, p.kernel_size, p.stride, groups=n.groups)

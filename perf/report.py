@@ -8,7 +8,9 @@ Counts come from fastalex.flops.count (MACs of conv and FC layers; FLOPs = 2 x M
 forward pass (torch backend, eval mode, no grad) captures every layer's real input; then each layer
 alone runs on that input, `warmup` times untimed and `repeats` times timed, and the median counts
 (CUDA events around each call on a GPU, with cudnn.benchmark on; wall clock on the CPU). The
-whole forward pass is timed the same way for comparison with the sum of the layers. GFLOP/s =
+whole forward pass is timed the same way for comparison with the sum of the layers. On the Triton
+backend, each LRN and the max-pool after it run as one fused op (fastalex.nn.LRNMaxPool2d), timed as
+one on the LRN's row (the pool's row shows 0; both rows carry "fused": "lrn1+pool1"). GFLOP/s =
 2 x MACs / time. With two backends the speed-up is torch time / triton time (> 1: Triton faster).
 Defaults: batch 128 on a GPU, 8 on the CPU; backend "both" where Triton can run (CUDA, or the CPU
 with TRITON_INTERPRET=1), else "torch". Prints a table; --json, --markdown, --plot write files.
@@ -93,6 +95,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _fused_pairs(model: torch.nn.Module, calls: list) -> dict:
+    """Index of each traced call made inside a fastalex.nn.LRNMaxPool2d -> (is it the pair's first, the
+    LRNMaxPool2d). On torch's ops the module runs its two children; on the Triton kernels, one fused op."""
+    out = {}
+    for i, c in enumerate(calls):
+        parent = model.get_submodule(c.qualname.rpartition(".")[0])
+        if isinstance(parent, fastalex.nn.LRNMaxPool2d):
+            out[i] = (c.module is parent.lrn, parent)
+    return out
+
+
 def time_ms(fn, device: torch.device, warmup: int, repeats: int) -> float:
     """Median milliseconds of `fn()` over `repeats` calls after `warmup` untimed ones."""
     for _ in range(warmup):
@@ -158,12 +171,20 @@ def measure(args: argparse.Namespace) -> dict:
         names = [c.name for c in calls]
         if names != [l.name for l in counts.layers]:  # the counted and the timed net must be the same
             raise RuntimeError(f"layers differ: counted {[l.name for l in counts.layers]}, ran {names}")
+        fused = _fused_pairs(model, calls)
         times = {b: [] for b in args.backends}
         forward_ms, outputs = {}, {}
         for b in args.backends:
             with fastalex.backend(b):
-                for c in calls:
-                    times[b].append(time_ms(lambda c=c: c.module(*c.args), device, args.warmup, args.repeats))
+                for i, c in enumerate(calls):
+                    fn = lambda c=c: c.module(*c.args)  # noqa: E731
+                    if b == "triton" and i in fused:  # what the model runs: the pair in one module
+                        first, parent = fused[i]
+                        if not first:
+                            times[b].append(0.0)  # timed with the layer before it
+                            continue
+                        fn = lambda c=c, parent=parent: parent(*c.args)  # noqa: E731
+                    times[b].append(time_ms(fn, device, args.warmup, args.repeats))
                 forward_ms[b] = time_ms(lambda: model(x), device, args.warmup, args.repeats)
                 if len(args.backends) == 2:
                     outputs[b] = model(x).double()
@@ -180,6 +201,9 @@ def measure(args: argparse.Namespace) -> dict:
                    gflops={b: (l.flops / t[b] / 1e6 if l.macs and t[b] > 0 else None) for b in t})
         if len(args.backends) == 2:
             row["speedup"] = _share(t["torch"], t["triton"]) or None
+        # On the Triton kernels, "lrn1+pool1": one fused pass, timed on the pair's first row.
+        row["fused"] = "+".join(counts.layers[j].name for j in sorted(fused) if fused[j][1] is fused[i][1]) \
+            if i in fused else None
         layers.append(row)
 
     def time_share(kind: str) -> dict:

@@ -1,13 +1,13 @@
 """Static performance model of fastalex's Triton kernels on Hopper (sm_90): no GPU needed.
 
     python -m perf.static [--batch 128] [--dtype fp32,bf16] [--nets single,paper] [--layouts nhwc,nchw]
-                          [--kinds conv-fwd,conv-dgrad,conv-wgrad,lrn-fwd,lrn-bwd,pool-fwd,pool-bwd]
-                          [--layers conv2,lrn1,...] [--limit N] [--json PATH] [--markdown PATH]
+                          [--kinds conv-fwd,conv-dgrad,conv-wgrad,lrn_pool-fwd,lrn_pool-bwd,pool-fwd,pool-bwd]
+                          [--layers conv2,lrn_pool1,...] [--limit N] [--json PATH] [--markdown PATH]
 
-Emulates the training step of the single and paper nets (forward, input and weight gradients, LRN
-and max-pool both ways) by calling fastalex's launchers on meta tensors with kernel launches
-intercepted, so every launch has the arguments, grid and memory layouts a real step gives it (the
-layouts propagate: until 2026-12-03 the paper net's grouped LRN was a reshape, which turned
+Emulates the training step of the single and paper nets (forward, input and weight gradients, the
+fused LRN + max-pool of lrn1 -> pool1 and lrn2 -> pool2 and pool5's max-pool, both ways) by calling
+fastalex's launchers on meta tensors with kernel launches intercepted, so every launch has the
+arguments, grid and memory layouts a real step gives it (the layouts propagate: until 2026-12-03 the paper net's grouped LRN was a reshape, which turned
 channels_last activations into NCHW; now it is one pass that keeps them). Each distinct launch is
 compiled for sm_90 with Triton's real compiler, specialized exactly as JITFunction.run would
 specialize it at that launch (specialize()), then:
@@ -60,7 +60,7 @@ DRAM_BYTES_PER_S = 3.35e12
 # Dense tensor-core FMAs per clock per SM, by operand type (the SASS suffix of HGMMA/HMMA).
 MMA_FMA_PER_CLK = {"TF32": 1024, "BF16": 2048, "F16": 2048, "E4M3": 4096, "E5M2": 4096}
 
-KINDS = ("conv-fwd", "conv-dgrad", "conv-wgrad", "lrn-fwd", "lrn-bwd", "pool-fwd", "pool-bwd")
+KINDS = ("conv-fwd", "conv-dgrad", "conv-wgrad", "lrn_pool-fwd", "lrn_pool-bwd", "pool-fwd", "pool-bwd")
 NETS = ("single", "paper")
 LAYOUTS = ("nhwc", "nchw")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -231,12 +231,13 @@ def _jsonable(v):
 
 
 def _nets() -> dict:
-    """Each net's feature layers in order: ("conv", ConvShape), ("lrn", name) or ("pool", name)."""
+    """Each net's feature layers in order: ("conv", ConvShape), ("lrn_pool", name) (AlexNet's fused
+    LRNMaxPool2d: lrn1 -> pool1, lrn2 -> pool2) or ("pool", name)."""
     from perf.shapes import CONV
 
     by = {s.name: s for s in CONV}
-    single = ["conv1", "lrn1", "pool1", "conv2", "lrn2", "pool2", "conv3", "conv4", "conv5", "pool5"]
-    paper = ["conv1", "lrn1", "pool1", "conv2-g2", "lrn2", "pool2", "conv3", "conv4-g2", "conv5-g2", "pool5"]
+    single = ["conv1", "lrn_pool1", "conv2", "lrn_pool2", "conv3", "conv4", "conv5", "pool5"]
+    paper = ["conv1", "lrn_pool1", "conv2-g2", "lrn_pool2", "conv3", "conv4-g2", "conv5-g2", "pool5"]
     return {net: [("conv", by[n]) if n in by else (n.rstrip("0123456789"), n) for n in layers]
             for net, layers in (("single", single), ("paper", paper))}
 
@@ -256,13 +257,13 @@ def _train_step(net: str, batch: int, dtype: torch.dtype, start: str) -> None:
     Mirrors the ops' autograd (fastalex/ops/*.py) and the modules (fastalex/nn.py, fastalex/model.py):
     the fused conv+ReLU forward; its backward applies the ReLU mask with threshold_backward first, so
     the gradient kernels take the masked dy (no input gradient for conv1, whose input is the image);
-    LRN with groups=2 runs in one pass over (N, C, H, W), keeping the layout; max-pool without
-    indices. The image starts in `start` layout (nhwc: what AlexNet feeds the kernels on a
+    LRN and the max-pool after it fused (fastalex.nn.LRNMaxPool2d; groups=2 in the paper net, one pass
+    over (N, C, H, W) keeping the layout); pool5's max-pool without indices. The image starts in `start` layout (nhwc: what AlexNet feeds the kernels on a
     GPU); every later layout is whatever the launchers and torch's reshapes return. The classifier is
     torch's (cuBLAS), so pool5's output gradient arrives NCHW-contiguous (flatten's backward).
     """
     from fastalex.kernels import conv2d as conv
-    from fastalex.kernels import lrn, maxpool2d
+    from fastalex.kernels import lrn_maxpool2d, maxpool2d
     from perf.shapes import LRN_ARGS
 
     meta = dict(device="meta", dtype=dtype)
@@ -283,11 +284,11 @@ def _train_step(net: str, batch: int, dtype: torch.dtype, start: str) -> None:
                     y = conv.conv2d_forward(x, w, b, *geometry, (s.out_size,) * 2, relu=True,
                                             channels_last=_is_channels_last(x), allow_tf32=True)
                 saved.append((kind, name, (x, w, y, geometry)))
-            elif kind == "lrn":
+            elif kind == "lrn_pool":
                 g = 2 if net == "paper" else 1  # per-tower LRN in the two-tower net: one pass, groups=2
                 with _at(op="fwd"):
-                    y = lrn.lrn_forward(x, **LRN_ARGS, groups=g)
-                saved.append((kind, name, (x, g)))
+                    y, arg = lrn_maxpool2d.lrn_maxpool2d_forward(x, **LRN_ARGS, groups=g)
+                saved.append((kind, name, (x, arg, g)))
             else:
                 with _at(op="fwd"):
                     y, arg, _ = maxpool2d.maxpool2d_forward(x, *pool_args, ceil_mode=False, return_indices=False)
@@ -300,10 +301,10 @@ def _train_step(net: str, batch: int, dtype: torch.dtype, start: str) -> None:
                 x, arg = t
                 with _at(layout=_layout(x)):
                     dy = maxpool2d.maxpool2d_backward(dy, arg, x.shape, *pool_args, channels_last=_is_channels_last(x))
-            elif kind == "lrn":
-                x, g = t
+            elif kind == "lrn_pool":
+                x, arg, g = t
                 with _at(layout=_layout(x)):
-                    dy = lrn.lrn_backward(dy, x, **LRN_ARGS, groups=g)
+                    dy = lrn_maxpool2d.lrn_maxpool2d_backward(dy, x, arg, **LRN_ARGS, groups=g)
             else:
                 x, w, y, geometry = t
                 dy = torch.ops.aten.threshold_backward(dy, y, 0)
@@ -336,7 +337,7 @@ def collect(batch: int = 128, dtypes=("fp32", "bf16"), nets=NETS, layouts=LAYOUT
         conv._num_sms = num_sms
     for launch in launches:
         c = launch.context
-        c["kind"] = f"{re.match('[a-z]+', c['layer']).group(0)}-{c['op']}"  # conv2-g2 wgrad -> conv-wgrad
+        c["kind"] = f"{re.match('[a-z_]+', c['layer']).group(0)}-{c['op']}"  # conv2-g2 wgrad -> conv-wgrad
     return launches
 
 
@@ -800,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layouts", type=_csv(LAYOUTS), default=list(LAYOUTS),
                    help="the image's layout at the start of the step (nhwc: as AlexNet feeds the kernels on GPUs)")
     p.add_argument("--kinds", type=_csv(KINDS), default=list(KINDS))
-    p.add_argument("--layers", type=_csv(None), default=None, help="e.g. conv2,conv2-g2,lrn1,pool5 (default: all)")
+    p.add_argument("--layers", type=_csv(None), default=None, help="e.g. conv2,conv2-g2,lrn_pool1,pool5 (default: all)")
     p.add_argument("--limit", type=positive_int, default=None, help="analyse at most N distinct launches")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--markdown", type=Path, default=None)

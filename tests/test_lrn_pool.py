@@ -296,13 +296,19 @@ def test_torch_compile_fullgraph(device):
 
 def test_module(device):
     m = fnn.LRNMaxPool2d(5, alpha=5e-4, beta=0.75, k=2.0, groups=2)
-    assert repr(m) == "LRNMaxPool2d(5, alpha=0.0005, beta=0.75, k=2.0, kernel_size=3, stride=2, groups=2)"
+    # Its two layers are its children (what layer-by-layer tools such as fastalex.flops see).
+    assert repr(m.lrn) == "LocalResponseNorm(5, alpha=0.0005, beta=0.75, k=2.0, groups=2)"
+    assert (m.pool.kernel_size, m.pool.stride, m.pool.padding) == (3, 2, 0)
     assert not list(m.parameters()) and not m.state_dict()
     x = make_input((2, 8, 9, 9), torch.float32, device, requires_grad=False)
     with fastalex.backend("triton"):
         torch.testing.assert_close(m(x), F.lrn_max_pool2d(x, **PAPER, groups=2), rtol=0, atol=0)
+    with fastalex.backend("torch"):  # torch's ops: the children, one after the other
+        torch.testing.assert_close(m(x), TF.max_pool2d(m.lrn(x), 3, 2), rtol=0, atol=0)
     with pytest.raises(ValueError, match="groups"):
         fnn.LRNMaxPool2d(5, groups=0)
+    with pytest.raises(ValueError, match=r"4-D \(N, C, H, W\)"):
+        m(x[0])
 
 
 def test_functional_exported():

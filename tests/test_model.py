@@ -215,6 +215,54 @@ def test_ablation_options_change_the_net_as_asked():
         assert tanh.eval()(torch.randn(1, 3, 67, 67)).shape == (1, 1000)
 
 
+@pytest.mark.parametrize("pool", [(3, 2), (2, 2)])
+def test_lrn_and_pool_are_one_fused_module(pool):
+    """lrn1 -> pool1 and lrn2 -> pool2 are LRNMaxPool2d modules under the LRN's name: the paper's
+    constants, the towers' groups, the net's pool; no parameters, so the state_dict is the unfused net's."""
+    model = AlexNet(variant="paper", image_size=67, pool=pool, activation="tanh")
+    for name in ("lrn1", "lrn2"):
+        m = model.features.get_submodule(name)
+        assert isinstance(m, fastalex.nn.LRNMaxPool2d)
+        assert (m.lrn.size, m.lrn.alpha, m.lrn.beta, m.lrn.k, m.lrn.groups) == (5, 5e-4, 0.75, 2.0, 2)
+        assert (m.pool.kernel_size, m.pool.stride) == pool
+    assert not hasattr(model.features, "pool1") and isinstance(model.features.pool5, fastalex.nn.MaxPool2d)
+    assert isinstance(model.features.act1, torch.nn.Tanh)  # conv -> tanh -> (LRN + pool)
+    assert not any(k.startswith(("features.lrn", "features.pool")) for k in model.state_dict())
+    towers = model.to_towers(("cpu", "cpu"))
+    assert towers.towers[1].features.lrn2.lrn.groups == 1  # a tower normalises its own channels only
+
+
+def test_the_model_runs_the_fused_kernel_and_equals_the_unfused_ops(monkeypatch):
+    """On the Triton kernels the model calls fastalex::lrn_max_pool2d (not local_response_norm and
+    max_pool2d) for lrn1/pool1 and lrn2/pool2, and gives the unfused layers' output and gradients."""
+    torch.manual_seed(0)
+    model = AlexNet(num_classes=5, variant="paper", image_size=67, dropout=0.0, init="kaiming", seed=3)
+    x = torch.randn(2, 3, 67, 67)
+    calls = []
+    for op in ("lrn_max_pool2d", "local_response_norm", "max_pool2d"):
+        real = getattr(torch.ops.fastalex, op)
+        monkeypatch.setattr(torch.ops.fastalex, op, lambda *a, _op=op, _real=real, **k: calls.append(_op) or _real(*a, **k))
+    with fastalex.backend("triton"):
+        y = model(x)
+        y.square().sum().backward()
+    assert calls == ["lrn_max_pool2d", "lrn_max_pool2d", "max_pool2d"]  # pool5 stays a plain max-pool
+    fused_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    def unfused(m, inp, out):  # the same two layers as separate ops (fastalex's kernels)
+        return m.pool(m.lrn(inp[0]))
+
+    hooks = [m.register_forward_hook(unfused) for m in model.modules() if isinstance(m, fastalex.nn.LRNMaxPool2d)]
+    with fastalex.backend("triton"):
+        y2 = model(x)
+        y2.square().sum().backward()
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-6)
+    for a, p in zip(fused_grads, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
 # -- the layer table builds every variant, the towers and perf/shapes.py ----------------------------
 
 @pytest.mark.parametrize("variant", ["paper", "single", "torchvision"])
@@ -273,9 +321,12 @@ def test_modules_follow_the_layer_table(variant, activation, lrn):
     rows = [layer for layer, _ in model.layers]
     order = [layer.name for layer in table(variant)]
     assert [r.name for r in rows] == [n for n in order if n in {r.name for r in rows}]
-    modules = [m for m in model.modules() if not isinstance(m, (AlexNet, torch.nn.Sequential))]
+    fused = [m for m in model.modules() if isinstance(m, fastalex.nn.LRNMaxPool2d)]
+    parts = {id(c) for m in fused for c in m.children()}  # an LRNMaxPool2d's lrn and pool
+    modules = [m for m in model.modules() if not isinstance(m, (AlexNet, torch.nn.Sequential)) and id(m) not in parts]
     assert [model.get_submodule(p) for _, p in model.layers] == modules
-    kinds = {"conv": torch.nn.Conv2d, "lrn": torch.nn.LocalResponseNorm, "pool": torch.nn.MaxPool2d,
+    assert len(fused) == (2 if lrn else 0)  # each LRN with the pool after it: one fused module
+    kinds = {"conv": torch.nn.Conv2d, "lrn": fastalex.nn.LRNMaxPool2d, "pool": torch.nn.MaxPool2d,
              "avgpool": torch.nn.AdaptiveAvgPool2d, "dropout": torch.nn.Dropout, "fc": torch.nn.Linear,
              "act": (torch.nn.ReLU, torch.nn.Tanh, torch.nn.Identity)}
     for layer, path in model.layers:
@@ -288,6 +339,7 @@ def test_modules_follow_the_layer_table(variant, activation, lrn):
         if variant != "torchvision":
             assert path.split(".")[-1] == layer.name
     assert ("lrn1" in [r.name for r in rows]) == lrn
+    assert ("pool1" in [r.name for r in rows]) != lrn  # fused into lrn1: no module of its own
     conv_acts = [p for layer, p in model.layers if layer.kind == "act" and p.startswith("features.")]
     assert len(conv_acts) == (0 if activation == "relu" and variant != "torchvision" else 5)  # fused, or a module
 

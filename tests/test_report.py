@@ -10,7 +10,7 @@ from fastalex import flops
 from perf import report
 
 LAYER_KEYS = {"name", "module", "kind", "output_shape", "params", "macs", "flops", "activation_bytes", "param_share",
-              "mac_share", "time_ms", "time_share", "gflops"}
+              "mac_share", "time_ms", "time_share", "gflops", "fused"}
 TOP_KEYS = {"variant", "image_size", "batch_size", "device", "backend", "backends", "dtype", "warmup", "repeats",
             "params_total", "macs_total", "flops_total", "conv_param_share", "fc_param_share", "conv_mac_share",
             "fc_mac_share", "conv_time_share", "fc_time_share", "total_time_ms", "forward_time_ms", "gflops",
@@ -120,6 +120,23 @@ def test_two_backends_schema(tmp_path, monkeypatch):
     text = md.read_text()
     assert "| torch ms | triton ms | speed-up |" in text and "triton % time" in text
     check_png(png)
+
+
+def test_fused_lrn_and_pool_are_timed_as_one_on_triton(tmp_path, monkeypatch):
+    """The model runs lrn1 -> pool1 as one LRNMaxPool2d: on the Triton backend that module is timed on
+    lrn1's row and pool1's row holds 0; torch's ops time the two layers apart."""
+    monkeypatch.setattr(report.fastalex, "backend", _torch_for_both)
+    monkeypatch.setattr(report, "triton_can_run", lambda device: True)
+    path = tmp_path / "r.json"
+    assert report.main(["--variant", "single", "--image-size", "67", "--batch-size", "1", "--device", "cpu",
+                        "--backend", "both", "--warmup", "0", "--repeats", "1", "--json", str(path)]) == 0
+    rows = {r["name"]: r for r in json.loads(path.read_text())["layers"]}
+    for i in (1, 2):
+        lrn, pool = rows[f"lrn{i}"], rows[f"pool{i}"]
+        assert lrn["fused"] == pool["fused"] == f"lrn{i}+pool{i}"
+        assert lrn["time_ms"]["triton"] > 0 and pool["time_ms"]["triton"] == 0.0 and pool["speedup"] is None
+        assert lrn["time_ms"]["torch"] > 0 and pool["time_ms"]["torch"] > 0
+    assert rows["pool5"]["fused"] is None and rows["conv1"]["fused"] is None
 
 
 def test_defaults(monkeypatch):

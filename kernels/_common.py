@@ -1,20 +1,23 @@
-"""Helpers shared by the launchers: input checks, output allocation, precision choices.
+"""Helpers shared by the launchers: their asserts, the int32 limit, output allocation, precision choices.
 
-Nothing here touches CUDA at import time.
+The ops check arguments and raise clear errors; the launchers (internal) assert what they rely on,
+and raise only for a limit of the kernels themselves (int32 offsets). Nothing here touches CUDA at
+import time.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from fastalex.ops._checks import FLOAT_DTYPES, check_same  # noqa: F401 (the one definition, re-exported)
+from fastalex.kernels._geometry import FLOAT_DTYPES
 
-# Offsets inside the kernels are int32: every tensor must have fewer elements than this.
-MAX_NUMEL = 2**31 - 1
+# Offsets inside the kernels are int32: no element of a tensor may lie further than this from its first.
+MAX_OFFSET = 2**31 - 1
 
 # Tests set this to True: outputs are then filled with NaN (or the dtype's most negative value for
 # integer tensors) before launch, so an element a kernel forgot to write fails the comparison.
@@ -42,17 +45,30 @@ def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     return _poison(torch.empty_like(t, dtype=dtype))
 
 
-def check_tensor(t, name: str, *, ndim: int | None = None, dtypes=FLOAT_DTYPES) -> None:
-    """Raise a clear TypeError/ValueError if `t` is not a tensor the kernels take."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if t.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
-    if t.numel() > MAX_NUMEL:
-        raise NotImplementedError(f"{name} has {t.numel()} elements; the kernels support at most 2**31 - 1")
+def takes(t, ndim: int | None = None, dtypes=FLOAT_DTYPES) -> bool:
+    """Whether `t` is a tensor of `ndim` dims and a dtype in `dtypes` (for the launchers' asserts)."""
+    return isinstance(t, torch.Tensor) and t.dtype in dtypes and (ndim is None or t.dim() == ndim)
+
+
+def same(a: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether `others` share `a`'s dtype and device (for the launchers' asserts)."""
+    return all(b.dtype == a.dtype and b.device == a.device for b in others)
+
+
+def max_offset(t: torch.Tensor) -> int:
+    """The offset of t's furthest element from its first, through its strides."""
+    return sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)
+
+
+def check_int32(name: str, t) -> None:
+    """Raise NotImplementedError where the kernels' int32 offsets cannot reach every element of `t`:
+    a tensor (read through its strides) or the shape of a dense output about to be allocated. A limit
+    of the Triton kernels (torch's ops have none), not a wrong argument: so the launchers raise it,
+    and it reaches the op's caller as it is."""
+    last = max_offset(t) if isinstance(t, torch.Tensor) else math.prod(t) - 1
+    if last > MAX_OFFSET:
+        raise NotImplementedError(f"{name} spans {last + 1} elements of memory; the Triton kernels use int32 "
+                                  f"offsets (at most 2**31 - 1): use fastalex.backend('torch') for it")
 
 
 def acc_dtype(dtype: torch.dtype) -> tl.dtype:

@@ -28,13 +28,14 @@ import triton.language as tl
 
 from fastalex.kernels._common import (
     acc_dtype,
-    check_same,
-    check_tensor,
+    check_int32,
     dot_precision,
     dot_upcast,
     empty,
     is_interpreting,
     next_pow2,
+    same,
+    takes,
 )
 
 # Hopper's shared memory per block; a config's pipelined tiles must fit in it.
@@ -482,17 +483,11 @@ def _split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
 # Launchers
 
 
-def _check_conv_args(x, weight, stride, padding, dilation, groups):
-    check_tensor(x, "input", ndim=4)
-    check_tensor(weight, "weight", ndim=4)
-    check_same("input", x, "weight", weight)
-    if groups < 1 or x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:
-        raise ValueError(f"input channels {x.shape[1]}, weight {tuple(weight.shape)} and groups={groups} do not match")
-    for name, v in (("stride", stride), ("dilation", dilation)):
-        if len(v) != 2 or min(v) < 1:
-            raise ValueError(f"{name} must be two positive ints, got {v}")
-    if len(padding) != 2 or min(padding) < 0:
-        raise ValueError(f"padding must be two non-negative ints, got {padding}")
+def _assert_geometry(stride, padding, dilation, groups, C_out: int) -> None:
+    """The launchers' preconditions on the geometry: (h, w) pairs and groups dividing C_out
+    (fastalex.ops.conv2d checks them for users and raises)."""
+    assert len(stride) == len(padding) == len(dilation) == 2 and min(*stride, *dilation) >= 1 and min(padding) >= 0
+    assert isinstance(groups, int) and groups >= 1 and C_out % groups == 0, f"groups={groups}, C_out={C_out}"
 
 
 def _row_blocks(x, weight, dilation, tap_blocks: bool, cfg: dict, widen: bool) -> tuple[bool, dict]:
@@ -533,13 +528,16 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
     channels_last picks y's memory format. allow_tf32: fp32 products in tf32 on the GPU.
     config: block sizes, num_warps and num_stages instead of the heuristic's (for tuning).
     """
-    _check_conv_args(x, weight, stride, padding, dilation, groups)
-    if bias is not None:
-        check_tensor(bias, "bias", ndim=1)
-        check_same("input", x, "bias", bias)
+    assert takes(x, 4) and takes(weight, 4) and same(x, weight), "input and weight: 4-D, one dtype and device"
+    assert x.shape[1] == weight.shape[1] * groups, f"input {tuple(x.shape)}, weight {tuple(weight.shape)}"
+    assert bias is None or (takes(bias, 1) and same(x, bias) and bias.shape[0] == weight.shape[0])
+    _assert_geometry(stride, padding, dilation, groups, weight.shape[0])
+    check_int32("input", x)
+    check_int32("weight", weight)
     N, _, H, W = x.shape
     C_out, Cig, KH, KW = weight.shape
     OH, OW = output_size
+    check_int32("output", (N, C_out, OH, OW))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     y = empty((N, C_out, OH, OW), dtype=x.dtype, device=x.device, memory_format=fmt)
     M = N * OH * OW
@@ -574,9 +572,13 @@ def conv2d_input_grad(grad_output, weight, input_shape, stride, padding, dilatio
 
     A fused ReLU's mask is the caller's to apply first (the ops do, once, with threshold_backward).
     """
-    check_tensor(grad_output, "grad_output", ndim=4)
-    check_tensor(weight, "weight", ndim=4)
-    check_same("grad_output", grad_output, "weight", weight)
+    assert takes(grad_output, 4) and takes(weight, 4) and same(grad_output, weight), \
+        "grad_output and weight: 4-D, one dtype and device"
+    assert grad_output.shape[1] == weight.shape[0] and input_shape[1] == weight.shape[1] * groups
+    _assert_geometry(stride, padding, dilation, groups, weight.shape[0])
+    check_int32("grad_output", grad_output)
+    check_int32("weight", weight)
+    check_int32("grad_input", input_shape)
     N, C_in, H, W = input_shape
     C_out, Cig, KH, KW = weight.shape
     _, _, OH, OW = grad_output.shape
@@ -620,6 +622,13 @@ def _input_grad_as_forward(grad_output, weight, input_shape, padding, dilation, 
                           channels_last=channels_last, allow_tf32=allow_tf32, config=config)
 
 
+def default_taps(x, weight_shape) -> bool:
+    """Whether conv2d_weight_grad runs the per-tap kernel when not told (as autograd calls it):
+    channels-contiguous x, at least 16 input channels a group, more than one tap."""
+    _, Cig, KH, KW = weight_shape
+    return x.stride(1) == 1 and Cig >= 16 and KH * KW > 1
+
+
 def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, groups, allow_tf32=True,
                        split_k=None, config=None, taps=None):
     """(dw (C_out, C_in/groups, KH, KW), db (C_out,)) from grad_output (N, C_out, OH, OW) and x.
@@ -629,14 +638,17 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
     that a second kernel sums in a fixed order: deterministic. dw is contiguous in the weight's
     layout whatever x's; for channels-contiguous x the partials are in (co, kh, kw, ci) order and
     the sum permutes them.
-    taps: run the per-tap kernel (columns: one tap's input channels; default for channels-contiguous
-    x with Cig >= 16) rather than the flat one (columns: all of (ci, kh, kw)).
+    taps: run the per-tap kernel (columns: one tap's input channels) rather than the flat one
+    (columns: all of (ci, kh, kw)); None: default_taps(x, weight_shape).
     """
-    check_tensor(grad_output, "grad_output", ndim=4)
-    check_tensor(x, "input", ndim=4)
-    check_same("grad_output", grad_output, "input", x)
-    N, C_in, H, W = x.shape
+    assert takes(grad_output, 4) and takes(x, 4) and same(grad_output, x), \
+        "grad_output and input: 4-D, one dtype and device"
     C_out, Cig, KH, KW = weight_shape
+    assert grad_output.shape[:2] == (x.shape[0], C_out) and x.shape[1] == Cig * groups
+    _assert_geometry(stride, padding, dilation, groups, C_out)
+    check_int32("grad_output", grad_output)
+    check_int32("input", x)
+    N, C_in, H, W = x.shape
     _, _, OH, OW = grad_output.shape
     Cog = C_out // groups
     CKK = Cig * KH * KW
@@ -646,7 +658,7 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
     acc_t = torch.float64 if dtype == torch.float64 else torch.float32
     channels_fast = x.stride(1) == 1 and Cig > 1
     if taps is None:
-        taps = channels_fast and Cig >= 16 and T > 1
+        taps = default_taps(x, weight_shape)
     if taps:
         cfg = _pick(config, "wgrad_taps", dtype, Cog, Cig)
         tiles = triton.cdiv(Cog, cfg["BLOCK_M"]) * T * triton.cdiv(Cig, cfg["BLOCK_N"])

@@ -236,8 +236,7 @@ def _view3d(t: torch.Tensor) -> torch.Tensor | None:
         v = t.view(t.shape[0], t.shape[1], -1)
     except RuntimeError:
         return None
-    extent = sum((n - 1) * st for n, st in zip(v.shape, v.stride()))
-    return v if extent <= _common.MAX_NUMEL else None
+    return v if _common.max_offset(v) <= _common.MAX_OFFSET else None
 
 
 def _input3d(t: torch.Tensor) -> torch.Tensor:
@@ -255,14 +254,14 @@ def _neg_sign(e: float) -> float:
     return -1.0 if e % 2 == 1 else 1.0
 
 
-def _check_args(x: torch.Tensor, size: int, name: str = "x", groups: int = 1) -> None:
-    _common.check_tensor(x, name)
-    if x.dim() < 3:
-        raise ValueError(f"{name} must be (N, C, *) with at least 3 dims, got shape {tuple(x.shape)}")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or x.shape[1] % groups:
-        raise ValueError(f"groups must be a positive int dividing {name}'s {x.shape[1]} channels, got {groups!r}")
+def _assert_args(x: torch.Tensor, size: int, groups: int) -> None:
+    """The launchers' preconditions (fastalex.ops.lrn checks them for users and raises), and the
+    int32 limit (raised)."""
+    assert _common.takes(x) and x.dim() >= 3, "x: a float tensor (N, C, *)"
+    assert isinstance(size, int) and size >= 1, f"size={size!r}"
+    assert isinstance(groups, int) and groups >= 1 and x.shape[1] % groups == 0, f"groups={groups!r}"
+    # Layouts the kernels' int32 offsets cannot reach are copied (_input3d): the limit is the element count.
+    _common.check_int32("x", x.shape)
 
 
 def _launch(kernel, out: torch.Tensor, tensors, size, alpha, beta, k, groups: int, backward: bool) -> torch.Tensor:
@@ -294,7 +293,7 @@ def lrn_forward(x: torch.Tensor, size: int, alpha: float, beta: float, k: float,
     """y = local_response_norm(x, size, alpha, beta, k), each of `groups` equal channel blocks on its
     own (the paper's towers). x: (N, C, *) float, C divisible by groups; y: like x (same strides as
     torch.empty_like(x): channels_last stays channels_last, no copy for the groups)."""
-    _check_args(x, size, groups=groups)
+    _assert_args(x, size, groups)
     y = _common.empty_like(x)
     return _launch(_lrn_fwd_kernel, y, (x,), size, alpha, beta, k, groups, backward=False)
 
@@ -302,10 +301,7 @@ def lrn_forward(x: torch.Tensor, size: int, alpha: float, beta: float, k: float,
 def lrn_backward(dy: torch.Tensor, x: torch.Tensor, size: int, alpha: float, beta: float, k: float,
                  groups: int = 1) -> torch.Tensor:
     """dx of lrn_forward. dy, x: (N, C, *) of one shape, dtype and device; dx: like x."""
-    _check_args(x, size, groups=groups)
-    _common.check_tensor(dy, "dy")
-    _common.check_same("x", x, "dy", dy)
-    if dy.shape != x.shape:
-        raise ValueError(f"dy must have the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
+    _assert_args(x, size, groups)
+    assert _common.takes(dy) and _common.same(x, dy) and dy.shape == x.shape, "dy: x's shape, dtype and device"
     dx = _common.empty_like(x)
     return _launch(_lrn_bwd_kernel, dx, (dy, x), size, alpha, beta, k, groups, backward=True)

@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
-from fastalex.kernels._common import MAX_NUMEL, acc_dtype, check_tensor, empty, is_interpreting, next_pow2
-from fastalex.ops._checks import argmax_dtype, output_length
+from fastalex.kernels._common import acc_dtype, check_int32, empty, is_interpreting, next_pow2, takes
+from fastalex.kernels._geometry import argmax_dtype, output_size
 
 __all__ = ["argmax_dtype", "output_size", "maxpool2d_forward", "maxpool2d_backward"]
 
@@ -139,23 +139,11 @@ def _maxpool2d_bwd_kernel(
     tl.store(dx_ptr + n * sxn + c * sxc + ih * sxh + iw * sxw, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def output_size(H: int, W: int, kernel_size, stride, padding, dilation, ceil_mode: bool) -> tuple[int, int]:
-    """(OH, OW) exactly as torch computes them (arguments are (h, w) pairs)."""
-    return (output_length(H, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode),
-            output_length(W, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode))
-
-
-def _check_pairs(kernel_size, stride, padding, dilation) -> None:
-    for name, v, lo in (("kernel_size", kernel_size, 1), ("stride", stride, 1),
-                        ("padding", padding, 0), ("dilation", dilation, 1)):
-        if len(v) != 2 or any(int(e) < lo for e in v):
-            raise ValueError(f"{name} must be two ints >= {lo}, got {tuple(v)}")
-    if padding[0] > kernel_size[0] // 2 or padding[1] > kernel_size[1] // 2:
-        raise ValueError(f"padding {tuple(padding)} must be at most half of kernel_size {tuple(kernel_size)}")
-
-
-def _max_offset(t: torch.Tensor) -> int:
-    return sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)
+def _assert_pairs(kernel_size, stride, padding, dilation) -> None:
+    """The launchers' preconditions on the window (fastalex.ops.maxpool2d checks them for users and raises)."""
+    assert all(len(v) == 2 for v in (kernel_size, stride, padding, dilation))
+    assert min(*kernel_size, *stride, *dilation) >= 1 and min(padding) >= 0
+    assert padding[0] <= kernel_size[0] // 2 and padding[1] <= kernel_size[1] // 2, "padding <= kernel_size // 2"
 
 
 def _as4d(t: torch.Tensor) -> torch.Tensor:
@@ -172,12 +160,6 @@ def _block(total: int) -> tuple[int, int]:
     return block, 4
 
 
-def _check_offsets(*tensors: torch.Tensor) -> None:
-    for t in tensors:
-        if _max_offset(t) > MAX_NUMEL:
-            raise NotImplementedError("a tensor's strides reach past 2**31 - 1 elements; the kernels use int32 offsets")
-
-
 def maxpool2d_forward(x: torch.Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool = False,
                       return_indices: bool = False):
     """x (N, C, H, W) or (C, H, W) -> (y, argmax, indices) of shape (N, C, OH, OW) or (C, OH, OW).
@@ -185,19 +167,15 @@ def maxpool2d_forward(x: torch.Tensor, kernel_size, stride, padding, dilation, c
     argmax holds window offsets kh * KW + kw (dtype argmax_dtype(kernel_size)); indices is torch's
     int64 ih * W + iw when return_indices, else an empty int64 tensor. Outputs take x's memory format.
     """
-    check_tensor(x, "input")
-    if x.dim() not in (3, 4):
-        raise ValueError(f"input must be (N, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
-    _check_pairs(kernel_size, stride, padding, dilation)
+    assert takes(x) and x.dim() in (3, 4) and min(x.shape[-3:]) > 0, f"input {tuple(x.shape)}"
+    _assert_pairs(kernel_size, stride, padding, dilation)
     C, H, W = x.shape[-3:]
-    if C == 0 or H == 0 or W == 0:
-        raise ValueError(f"input must have non-zero C, H, W, got shape {tuple(x.shape)}")
     OH, OW = output_size(H, W, kernel_size, stride, padding, dilation, ceil_mode)
-    if OH < 1 or OW < 1:
-        raise ValueError(f"output size ({OH}, {OW}) is too small for input of shape {tuple(x.shape)}")
-    _check_offsets(x)
-    fmt = suggest_memory_format(x)
+    assert OH >= 1 and OW >= 1, f"output size ({OH}, {OW})"
     shape = (*x.shape[:-2], OH, OW)
+    check_int32("input", x)
+    check_int32("output", shape)
+    fmt = suggest_memory_format(x)
     y = empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     arg = empty(shape, dtype=argmax_dtype(kernel_size), device=x.device, memory_format=fmt)
     if return_indices:
@@ -226,25 +204,17 @@ def maxpool2d_backward(dy: torch.Tensor, argmax: torch.Tensor, input_size, kerne
 
     dx[n, c, ih, iw] = sum of dy over the outputs whose argmax is (ih, iw), added in a fixed order.
     """
-    check_tensor(dy, "grad_output")
-    check_tensor(argmax, "argmax", dtypes=(torch.int8, torch.int16, torch.int32))
-    _check_pairs(kernel_size, stride, padding, dilation)
     input_size = tuple(int(s) for s in input_size)
-    if len(input_size) not in (3, 4) or dy.dim() != len(input_size):
-        raise ValueError(f"input_size {input_size} and grad_output of shape {tuple(dy.shape)} must both be 3-D or 4-D")
-    if dy.shape != argmax.shape:
-        raise ValueError(f"grad_output {tuple(dy.shape)} and argmax {tuple(argmax.shape)} must have the same shape")
-    if dy.shape[:-2] != input_size[:-2]:
-        raise ValueError(f"grad_output {tuple(dy.shape)} and input_size {input_size} differ in batch or channels")
-    if dy.device != argmax.device:
-        raise ValueError(f"argmax must be on grad_output's device ({dy.device}), got {argmax.device}")
-    if argmax.dtype != argmax_dtype(kernel_size):
-        raise TypeError(f"argmax must be {argmax_dtype(kernel_size)} for kernel_size {tuple(kernel_size)}")
-    if channels_last and len(input_size) != 4:
-        raise ValueError("channels_last needs a 4-D input_size")
+    assert takes(dy) and len(input_size) in (3, 4) and dy.dim() == len(input_size) and dy.shape[:-2] == input_size[:-2], \
+        f"grad_output {tuple(dy.shape)}, input_size {input_size}"
+    assert takes(argmax, dtypes=(argmax_dtype(kernel_size),)) and argmax.shape == dy.shape
+    assert argmax.device == dy.device and (len(input_size) == 4 or not channels_last)
+    _assert_pairs(kernel_size, stride, padding, dilation)
     C, H, W = input_size[-3:]
     OH, OW = dy.shape[-2:]
-    _check_offsets(dy, argmax)
+    check_int32("grad_output", dy)
+    check_int32("argmax", argmax)
+    check_int32("grad_input", input_size)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     dx = empty(input_size, dtype=dy.dtype, device=dy.device, memory_format=fmt)
     total = dx.numel()

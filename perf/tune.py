@@ -8,7 +8,11 @@ For each layer, kind (fwd: conv + bias + ReLU; dgrad: input gradient, at stride 
 the flipped weight as autograd runs it; all with dy already under the ReLU mask; wgrad: weight and bias
 gradients with the flat kernel, wgrad_taps: with the per-tap kernel), dtype and layout, every
 config in CONFIGS[kind] (and, for the weight gradients, three split-K factors) is timed with triton.testing.do_bench (median) next to the heuristic's choice and
-cuDNN's own kernel for the same GEMM (aten.convolution_backward for the gradients). Compilation
+cuDNN's own kernel for the same GEMM (aten.convolution_backward for the gradients). The launches
+take the flags fastalex.ops.conv2d gives them (memory format, tf32). Autograd runs one of the two
+weight-gradient kernels per case (kernels.conv2d.default_taps); a row's `autograd` says whether it is
+that one (the other is timed as the alternative; the per-tap kernel is not swept on NCHW inputs,
+where its channel reads are strided and autograd never picks it). Compilation
 runs first in --compile-workers processes (Triton's on-disk cache is shared), so the timing pass,
 in one process, only times. Writes tune.json and prints the best config per case.
 """
@@ -60,6 +64,8 @@ def _cases(args) -> list[tuple]:
                 continue
             for dtype in args.dtypes:
                 for layout in args.layouts:
+                    if kind == "wgrad_taps" and layout == "nchw":
+                        continue
                     out.append((s, kind, dtype, layout))
     return out
 
@@ -77,13 +83,15 @@ def _tensors(s, dtype: str, layout: str, batch: int):
     return x, w, b, y, dy
 
 
-def _calls(s, kind, x, w, b, y, dy, layout):
-    """(fastalex(config, split) callable, cuDNN callable) for one GEMM."""
+def _calls(s, kind, x, w, b, y, dy):
+    """(fastalex(config, split) callable, cuDNN callable, whether autograd makes this launch) for one GEMM."""
     from fastalex.kernels import conv2d as K
+    from fastalex.ops.conv2d import _channels_last
 
     st, pad, dil = (s.stride,) * 2, (s.padding,) * 2, (1, 1)
-    cl = layout == "nhwc"
+    cl = _channels_last(x)  # the output's (and the input gradient's) memory format, as the op picks it
     tf32 = torch.backends.cudnn.allow_tf32
+    autograd = not kind.startswith("wgrad") or (kind == "wgrad_taps") == K.default_taps(x, w.shape)
     if kind == "fwd":
         def fast(cfg, split=None):
             return K.conv2d_forward(x, w, b, st, pad, dil, s.groups, y.shape[2:], True, cl, tf32, config=cfg)
@@ -105,7 +113,7 @@ def _calls(s, kind, x, w, b, y, dy, layout):
         def ref():
             return torch.ops.aten.convolution_backward(dy, x, w, [s.c_out], st, pad, dil, False, [0, 0], s.groups,
                                                        [False, True, True])
-    return fast, ref
+    return fast, ref, autograd
 
 
 def _splits(s, cfg, batch, kind="wgrad") -> list[int | None]:
@@ -128,7 +136,7 @@ def _compile_worker(args, shard: int, nshards: int) -> None:
         if i % nshards != shard:
             continue
         x, w, b, y, dy = _tensors(s, dtype, layout, args.batch)
-        fast, _ = _calls(s, kind, x, w, b, y, dy, layout)
+        fast, _, _ = _calls(s, kind, x, w, b, y, dy)
         for t in CONFIGS[kind]:
             try:
                 fast(_cfg(t))
@@ -179,9 +187,9 @@ def main(argv=None) -> int:
     rows = []
     for s, kind, dtype, layout in _cases(args):
         x, w, b, y, dy = _tensors(s, dtype, layout, args.batch)
-        fast, ref = _calls(s, kind, x, w, b, y, dy, layout)
+        fast, ref, autograd = _calls(s, kind, x, w, b, y, dy)
         cudnn_ms = bench(ref)
-        case = dict(layer=s.name, kind=kind, dtype=dtype, layout=layout, cudnn_ms=cudnn_ms)
+        case = dict(layer=s.name, kind=kind, dtype=dtype, layout=layout, autograd=autograd, cudnn_ms=cudnn_ms)
         heur_ms = bench(lambda: fast(None))
         results = []
         for t in configs[kind]:
@@ -198,7 +206,8 @@ def main(argv=None) -> int:
         row = dict(case, heuristic_ms=heur_ms, results=results, best=top,
                    best_vs_cudnn=cudnn_ms / top["ms"] if top else None, heuristic_vs_cudnn=cudnn_ms / heur_ms)
         rows.append(row)
-        print(f"{s.name:9} {kind:5} {dtype:8} {layout}: cuDNN {cudnn_ms:.3f} ms, heuristic {heur_ms:.3f} "
+        label = kind if autograd else f"{kind} (alternative)"
+        print(f"{s.name:9} {label:5} {dtype:8} {layout}: cuDNN {cudnn_ms:.3f} ms, heuristic {heur_ms:.3f} "
               f"({cudnn_ms / heur_ms:.2f}x), best {top['ms'] if top else float('nan'):.3f} "
               f"({row['best_vs_cudnn'] or 0:.2f}x) {top['config'] if top else ''} split={top and top['split']}",
               flush=True)

@@ -8,7 +8,9 @@ import torch.nn.functional as TF
 
 import fastalex
 import fastalex.functional as F
+from fastalex.kernels import _common
 from fastalex.kernels import conv2d as K
+from fastalex.kernels._geometry import output_size
 from reference import assert_close, make_input, ref_inputs
 
 # AlexNet's five convolutions with channels, batch and image scaled down:
@@ -339,7 +341,7 @@ def test_forward_tap_blocks(device, case, monkeypatch):
     x = make_input((N, C, H, W), dtype, device, layout=layout, requires_grad=False)
     w = make_input((Co, C // g, *k), dtype, device, layout=layout, requires_grad=False, scale=0.3)
     b = make_input((Co,), dtype, device, requires_grad=False)
-    out = tuple((n + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for n, pp, dd, kk, ss in zip((H, W), p, d, k, s))
+    out = output_size(H, W, k, s, p, d)
     spy = _LaunchSpy(K._conv2d_fwd_kernel)
     monkeypatch.setattr(K, "_conv2d_fwd_kernel", spy)
     cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=bk, num_warps=4, num_stages=1)
@@ -487,6 +489,24 @@ def test_errors(args, exc, msg, backend, monkeypatch):
         F.conv2d(**args)
 
 
+def test_int32_limit_reaches_the_caller(device, monkeypatch):
+    """The launchers raise only for the kernels' own limit (int32 offsets; the ops check the rest):
+    it reaches the op's caller, forward and backward, naming the tensor. The limit is lowered to these
+    tensors' sizes rather than building 2**31-element ones."""
+    x = make_input((2, 4, 6, 6), torch.float32, device)  # 288 elements; output (2, 6, 6, 6): 432
+    w = make_input((6, 4, 3, 3), torch.float32, device)
+    with fastalex.backend("triton"):
+        y = F.conv2d_relu(x, w, None, padding=1)
+        monkeypatch.setattr(_common, "MAX_OFFSET", 300)
+        with pytest.raises(NotImplementedError, match="^grad_output spans 432 elements.*int32"):
+            y.sum().backward()
+        with pytest.raises(NotImplementedError, match="^output spans 432 elements.*int32"):
+            F.conv2d_relu(x, w, None, padding=1)
+        monkeypatch.setattr(_common, "MAX_OFFSET", 200)
+        with pytest.raises(NotImplementedError, match="^input spans 288 elements.*int32"):
+            F.conv2d_relu(x, w, None, padding=1)
+
+
 def test_device_mismatch_message():
     meta_w = torch.randn(6, 4, 3, 3, device="meta")
     with pytest.raises(ValueError, match=re.escape("weight must be on the device of input (cpu)")):
@@ -553,3 +573,40 @@ def test_row_blocks_gpu_config_widens_block_k_within_shared_memory():
     w = torch.empty(8, 16, 11, 11, device="meta").contiguous(memory_format=torch.channels_last)
     assert K._row_blocks(x, w, (1, 1), False, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
                          widen=True)[0] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# perf.tune times the launches autograd makes
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_tune_times_the_launches_autograd_makes(layout, monkeypatch):
+    """perf.tune's heuristic launches (fwd, dgrad, and the weight-gradient kind it marks autograd's)
+    are those a training step's conv2d_relu forward and backward make: same kernels, launch options,
+    constexprs, scalars, grids and tensor shapes, strides and dtypes. Launches are recorded, not run."""
+    from perf import static, tune
+    from perf.shapes import ConvShape
+
+    def signature(launches):
+        def arg(a):
+            return (tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
+        return sorted(repr((la.kernel.__name__, [arg(a) for a in la.args], sorted(la.kwargs.items()), la.grid))
+                      for la in launches)
+
+    monkeypatch.setattr(tune, "DEVICE", "cpu")
+    s = ConvShape("conv3", 32, 6, 16, 3, 1, 1, 1)  # 32 input channels: NHWC takes the per-tap weight gradient
+    x, w, b, y, dy = tune._tensors(s, "float32", layout, 2)
+    marked = []
+    with static.intercept() as tuned:
+        for kind in ("fwd", "dgrad", "wgrad", "wgrad_taps"):
+            if kind == "wgrad_taps" and layout == "nchw":
+                continue  # (not swept: autograd never runs it on NCHW)
+            fast, _ref, autograd = tune._calls(s, kind, x, w, b, y, dy)
+            if autograd:
+                marked.append(kind)
+                fast(None)
+    assert marked == ["fwd", "dgrad", "wgrad_taps" if layout == "nhwc" else "wgrad"]
+    xa, wa, ba = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    with static.intercept() as trained, fastalex.backend("triton"):
+        F.conv2d_relu(xa, wa, ba, s.stride, s.padding).backward(dy)
+    assert signature(tuned) == signature(trained)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fastalex._backend import use_triton
 from fastalex.ops import _flops
-from fastalex.ops._checks import check_float_tensor, check_same, output_length, pair
+from fastalex.ops._checks import check_float_tensor, check_groups, check_same, output_length, pair
 
 __all__ = ["conv2d", "conv2d_relu"]
 
@@ -158,8 +158,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
         check_same("input", input, "bias", bias)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    groups = check_groups(groups)
     stride_ = pair(stride, "stride", minimum=1)
     dilation_ = pair(dilation, "dilation", minimum=1)
 
@@ -178,13 +177,13 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     if bias is not None and bias.shape[0] != C_out:
         raise ValueError(f"bias must have shape ({C_out},) to match weight, got {tuple(bias.shape)}")
     front, back = _padding(padding, (KH, KW), dilation_, stride_)
-    span = [d * (k - 1) + 1 for d, k in zip(dilation_, (KH, KW))]
     padded = [s + f + b for s, f, b in zip((H, W), front, back)]
-    if padded[0] < span[0] or padded[1] < span[1]:
-        raise ValueError(f"input {H}x{W} padded to {padded[0]}x{padded[1]} is smaller than the dilated kernel "
-                         f"{span[0]}x{span[1]}")
     # (the padding may be asymmetric ('same'): the padded length with no further padding)
     output_size = [output_length(p, k, st, 0, d) for p, k, st, d in zip(padded, (KH, KW), stride_, dilation_)]
+    if min(output_size) < 1:
+        span = [d * (k - 1) + 1 for d, k in zip(dilation_, (KH, KW))]
+        raise ValueError(f"input {H}x{W} padded to {padded[0]}x{padded[1]} is smaller than the dilated kernel "
+                         f"{span[0]}x{span[1]}")
 
     if not use_triton(x.device):
         y = torch.nn.functional.conv2d(input, weight, bias, stride_, padding if isinstance(padding, str) else front,

@@ -8,12 +8,10 @@ torch.export trace the forward and the backward without graph breaks.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from fastalex._backend import use_triton
-from fastalex.ops._checks import FLOAT_DTYPES
+from fastalex.ops._checks import check_float_tensor, check_groups, check_positive_int, check_real
 
 __all__ = ["local_response_norm"]
 
@@ -59,12 +57,6 @@ def _backward(ctx, grad_output):
 _lrn.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_float(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"local_response_norm: {name} must be a float, got {type(value).__name__}")
-    return float(value)
-
-
 def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75,
                         k: float = 1.0, *, groups: int = 1) -> torch.Tensor:
     """Local response normalization across channels, as torch.nn.functional.local_response_norm.
@@ -87,26 +79,11 @@ def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, bet
     Differences from torch: integer inputs raise TypeError (torch returns float32), and an empty
     input gives a new empty tensor on the Triton path (torch returns the input itself).
     """
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"local_response_norm: input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dim() < 3:
-        raise ValueError(f"local_response_norm: input must have at least 3 dimensions (N, C, *), "
-                         f"got shape {tuple(input.shape)}")
-    if input.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"local_response_norm: input must be float16, bfloat16, float32 or float64, got {input.dtype}")
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral):
-        raise TypeError(f"local_response_norm: size must be an int, got {type(size).__name__}")
-    size = int(size)
-    if size < 1:
-        raise ValueError(f"local_response_norm: size must be a positive int, got {size}")
-    alpha = _check_float(alpha, "alpha")
-    beta = _check_float(beta, "beta")
-    k = _check_float(k, "k")
-    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
-        raise ValueError(f"local_response_norm: groups must be a positive int, got {groups!r}")
-    groups = int(groups)
-    if input.shape[1] % groups:
-        raise ValueError(f"local_response_norm: input's {input.shape[1]} channels are not divisible by groups={groups}")
+    op = "local_response_norm"
+    check_float_tensor(input, f"{op}: input", min_dim=3)
+    size = check_positive_int(size, f"{op}: size")
+    alpha, beta, k = check_real(alpha, f"{op}: alpha"), check_real(beta, f"{op}: beta"), check_real(k, f"{op}: k")
+    groups = check_groups(groups, op, channels=input.shape[1])
 
     if not use_triton(input.device):
         if groups == 1:

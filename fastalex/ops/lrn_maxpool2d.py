@@ -12,7 +12,6 @@ does it, then max_pool2d).
 
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 import torch
@@ -20,14 +19,17 @@ import torch.nn.functional as TF
 from torch._prims_common import suggest_memory_format
 
 from fastalex._backend import use_triton
-from fastalex.ops._checks import FLOAT_DTYPES, argmax_dtype, pair
+from fastalex.ops._checks import (
+    argmax_dtype,
+    check_float_tensor,
+    check_groups,
+    check_positive_int,
+    check_real,
+    output_size,
+    pair,
+)
 
 __all__ = ["lrn_max_pool2d"]
-
-
-def _pooled_shape(x: torch.Tensor, kernel_size, stride) -> tuple[int, int, int, int]:
-    N, C, H, W = x.shape
-    return N, C, (H - kernel_size[0]) // stride[0] + 1, (W - kernel_size[1]) // stride[1] + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,7 +46,7 @@ def _lrn_max_pool2d_op(x: torch.Tensor, size: int, alpha: float, beta: float, k:
 
 @_lrn_max_pool2d_op.register_fake
 def _(x, size, alpha, beta, k, groups, kernel_size, stride):
-    shape = _pooled_shape(x, kernel_size, stride)
+    shape = (*x.shape[:2], *output_size(x.shape[2], x.shape[3], kernel_size, stride))
     fmt = suggest_memory_format(x)  # torch's max_pool2d output format (the LRN keeps x's)
     return (torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt),
             torch.empty(shape, dtype=argmax_dtype(kernel_size), device=x.device, memory_format=fmt))
@@ -86,35 +88,21 @@ _lrn_max_pool2d_op.register_autograd(_backward, setup_context=_setup_context)
 # Public function
 
 
-def _float(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"lrn_max_pool2d: {name} must be a float, got {type(value).__name__}")
-    return float(value)
-
-
 def _check_args(input, size, alpha, beta, k, kernel_size, stride, groups):
     """Validate; return (size, alpha, beta, k, groups, (KH, KW), (SH, SW))."""
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"lrn_max_pool2d: input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"lrn_max_pool2d: input must be float16, bfloat16, float32 or float64, got {input.dtype}")
-    if input.dim() != 4:
-        raise ValueError(f"lrn_max_pool2d: input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral):
-        raise TypeError(f"lrn_max_pool2d: size must be an int, got {type(size).__name__}")
-    if size < 1:
-        raise ValueError(f"lrn_max_pool2d: size must be a positive int, got {size}")
-    alpha, beta, k = _float(alpha, "alpha"), _float(beta, "beta"), _float(k, "k")
-    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
-        raise ValueError(f"lrn_max_pool2d: groups must be a positive int, got {groups!r}")
+    op = "lrn_max_pool2d"
+    check_float_tensor(input, f"{op}: input", dims=(4,))
+    size = check_positive_int(size, f"{op}: size")
+    alpha, beta, k = check_real(alpha, f"{op}: alpha"), check_real(beta, f"{op}: beta"), check_real(k, f"{op}: k")
     N, C, H, W = input.shape
-    if C == 0 or C % groups:
-        raise ValueError(f"lrn_max_pool2d: input's {C} channels are not divisible by groups={groups}")
-    ks = pair(kernel_size, "lrn_max_pool2d: kernel_size", minimum=1)
-    st = ks if stride is None else pair(stride, "lrn_max_pool2d: stride", minimum=1)
+    groups = check_groups(groups, op, channels=C)
+    if C == 0:
+        raise ValueError(f"{op}: input must have channels, got shape {tuple(input.shape)}")
+    ks = pair(kernel_size, f"{op}: kernel_size", minimum=1)
+    st = ks if stride is None else pair(stride, f"{op}: stride", minimum=1)
     if H < ks[0] or W < ks[1]:
-        raise ValueError(f"lrn_max_pool2d: kernel_size {ks} is larger than the input plane ({H}, {W})")
-    return int(size), alpha, beta, k, int(groups), ks, st
+        raise ValueError(f"{op}: kernel_size {ks} is larger than the input plane ({H}, {W})")
+    return size, alpha, beta, k, groups, ks, st
 
 
 def _torch_lrn_max_pool2d(input, size, alpha, beta, k, groups, kernel_size, stride):

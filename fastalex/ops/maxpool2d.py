@@ -11,14 +11,13 @@ Custom ops (run under torch.compile(fullgraph=True) and torch.export, backward i
 
 from __future__ import annotations
 
-import operator
 from typing import Sequence
 
 import torch
 from torch._prims_common import suggest_memory_format
 
 from fastalex._backend import use_triton
-from fastalex.ops._checks import FLOAT_DTYPES, argmax_dtype, output_length
+from fastalex.ops._checks import argmax_dtype, check_float_tensor, output_size, pair
 
 __all__ = ["max_pool2d"]
 
@@ -42,9 +41,7 @@ def _max_pool2d_op(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence
 
 @_max_pool2d_op.register_fake
 def _(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
-    OH = output_length(x.shape[-2], kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
-    OW = output_length(x.shape[-1], kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
-    shape = (*x.shape[:-2], OH, OW)
+    shape = (*x.shape[:-2], *output_size(*x.shape[-2:], kernel_size, stride, padding, dilation, ceil_mode))
     fmt = _memory_format(x)
     y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     arg = torch.empty(shape, dtype=argmax_dtype(kernel_size), device=x.device, memory_format=fmt)
@@ -119,63 +116,36 @@ _max_pool2d_backward_op.register_autograd(_backward_bwd, setup_context=_setup_co
 # Public function
 
 
-def _int(name: str, v) -> int:
-    if isinstance(v, bool):
-        raise TypeError(f"max_pool2d: {name} must be an int or a pair of ints, got bool {v!r}")
-    try:
-        return operator.index(v)
-    except TypeError:
-        raise TypeError(f"max_pool2d: {name} must be an int or a pair of ints, got {type(v).__name__} {v!r}") from None
-
-
-def _pair(name: str, v) -> tuple[int, int]:
-    if isinstance(v, (tuple, list, torch.Size)):
-        if len(v) not in (1, 2):
-            raise ValueError(f"max_pool2d: {name} must be a single int or a pair of ints, got {tuple(v)!r}")
-        h, w = _int(name, v[0]), _int(name, v[-1])
-        return h, w
-    v = _int(name, v)
-    return v, v
+def _pair(name: str, value, minimum: int) -> tuple[int, int]:
+    # A sequence of another length is a ValueError, as torch's max_pool2d has it (a RuntimeError there).
+    if isinstance(value, (tuple, list)) and len(value) not in (1, 2):
+        raise ValueError(f"max_pool2d: {name} must be a single int or a pair of ints, got {tuple(value)!r}")
+    return pair(value, f"max_pool2d: {name}", minimum)
 
 
 def _check_args(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
-    """Validate like torch; return ((kh, kw), (sh, sw), (ph, pw), (dh, dw), (OH, OW))."""
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"max_pool2d: input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"max_pool2d: input must be float16, bfloat16, float32 or float64, got {input.dtype}")
-    if input.dim() not in (3, 4):
-        raise ValueError(f"max_pool2d: input must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape {tuple(input.shape)}")
-    if any(s == 0 for s in input.shape[-3:]):
+    """Validate like torch; return ((kh, kw), (sh, sw), (ph, pw), (dh, dw))."""
+    check_float_tensor(input, "max_pool2d: input", dims=(3, 4))
+    if 0 in input.shape[-3:]:
         raise ValueError(f"max_pool2d: input must have non-zero channels, height and width (only the batch "
                          f"may be empty), got shape {tuple(input.shape)}")
     for name, v in (("ceil_mode", ceil_mode), ("return_indices", return_indices)):
         if not isinstance(v, bool):
             raise TypeError(f"max_pool2d: {name} must be a bool, got {type(v).__name__} {v!r}")
-    k = _pair("kernel_size", kernel_size)
-    if stride is None or (isinstance(stride, (tuple, list, torch.Size)) and len(stride) == 0):
-        s = k
-    else:
-        s = _pair("stride", stride)
-    p = _pair("padding", padding)
-    d = _pair("dilation", dilation)
-    if min(k) <= 0:
-        raise ValueError(f"max_pool2d: kernel_size must be greater than zero, got {k}")
-    if min(s) <= 0:
-        raise ValueError(f"max_pool2d: stride must be greater than zero, got {s}")
-    if min(d) <= 0:
-        raise ValueError(f"max_pool2d: dilation must be greater than zero, got {d}")
-    if min(p) < 0:
-        raise ValueError(f"max_pool2d: padding must be non-negative, got {p}")
+    k = _pair("kernel_size", kernel_size, 1)
+    empty = isinstance(stride, (tuple, list)) and len(stride) == 0
+    s = k if stride is None or empty else _pair("stride", stride, 1)  # torch: no stride means kernel_size
+    p = _pair("padding", padding, 0)
+    d = _pair("dilation", dilation, 1)
     if p[0] > k[0] // 2 or p[1] > k[1] // 2:
         raise ValueError(f"max_pool2d: padding should be at most half of kernel_size (padding <= kernel_size // 2 "
                          f"in each dimension), got padding={p}, kernel_size={k}")
     H, W = input.shape[-2:]
-    out = (output_length(H, k[0], s[0], p[0], d[0], ceil_mode), output_length(W, k[1], s[1], p[1], d[1], ceil_mode))
-    if out[0] < 1 or out[1] < 1:
+    out = output_size(H, W, k, s, p, d, ceil_mode)
+    if min(out) < 1:
         raise ValueError(f"max_pool2d: output size {out} is too small: input of size ({H}, {W}) with kernel_size={k}, "
                          f"stride={s}, padding={p}, dilation={d}, ceil_mode={ceil_mode}")
-    return k, s, p, d, out
+    return k, s, p, d
 
 
 def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
@@ -185,7 +155,7 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     With return_indices, also torch's int64 indices (ih * W + iw within each plane). The output
     keeps the input's memory format. The backward is deterministic (a gather, no atomics).
     """
-    k, s, p, d, _out = _check_args(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+    k, s, p, d = _check_args(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     if not use_triton(input.device):
         return torch.nn.functional.max_pool2d(input, k, s, p, d, ceil_mode=ceil_mode, return_indices=return_indices)
     y, _argmax, indices = torch.ops.fastalex.max_pool2d(input, list(k), list(s), list(p), list(d), ceil_mode,

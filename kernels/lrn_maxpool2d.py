@@ -43,9 +43,25 @@ from torch._prims_common import suggest_memory_format
 
 from fastalex.kernels import _common
 from fastalex.kernels.lrn import MAX_UNROLL, _channel_block, _neg_sign, _pow, _scalar, _tile, _window_sumsq
-from fastalex.ops._checks import argmax_dtype
+from fastalex.kernels._geometry import argmax_dtype, output_size
 
-__all__ = ["lrn_maxpool2d_forward", "lrn_maxpool2d_backward", "output_size"]
+__all__ = ["lrn_maxpool2d_forward", "lrn_maxpool2d_backward"]
+
+
+@triton.jit
+def _tap_lrn(ptr, c, lo, hi, sx_c, a, k_, neg_beta, sign, SIZE: tl.constexpr, BLOCK_C: tl.constexpr,
+             BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+    """The LRN value at `ptr` (channels c [BLOCK_C, 1] of one tap): kernels.lrn's window sum and
+    expression, op for op (so bit for bit), with the centre load reused as x."""
+    acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+    x = acc
+    for d in tl.static_range(SIZE):
+        j = c + (d - SIZE // 2)
+        v = tl.load(ptr + (d - SIZE // 2) * sx_c, mask=(j >= lo) & (j < hi), other=0.0).to(ACC)
+        acc += v * v
+        if d == SIZE // 2:
+            x = v  # masked exactly where c >= C (lo <= c < lo + CG always)
+    return x * _pow(k_ + a * acc, neg_beta, sign)
 
 
 @triton.jit
@@ -74,16 +90,25 @@ def _lrn_maxpool2d_fwd_kernel(
     oh = p // OW
     ow = p % OW
     x_base = x_ptr + n * sx_n
+    # Loads read clamped positions (padded lanes repeat the last output: in bounds, never stored), so
+    # their masks depend on the channel row only and are shared by every tap; one pointer per element,
+    # each tap and window channel a scalar (or, for a unit stride, an immediate) offset from it.
+    pc = tl.minimum(p, OH * OW - 1)
+    x_row = x_base + c * sx_c + ((pc // OW) * SH) * sx_h + ((pc % OW) * SW) * sx_w
     best = tl.full([BLOCK_C, BLOCK_P], float("-inf"), ACC)
     arg = tl.zeros([BLOCK_C, BLOCK_P], tl.int32)  # an all -inf window reports offset 0, as torch
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
             # No padding, floor mode: every tap of a valid output lies inside the input.
-            s_off = (oh * SH + kh) * sx_h + (ow * SW + kw) * sx_w
-            sumsq = _window_sumsq(x_base, c, s_off, p_mask, lo, hi, sx_c, -(SIZE // 2), SIZE,
-                                  BLOCK_C, BLOCK_P, ACC, UNROLL)
-            x = tl.load(x_base + c * sx_c + s_off, mask=mask, other=0.0).to(ACC)
-            z = x * _pow(k_ + a * sumsq, neg_beta, sign)
+            if UNROLL:
+                z = _tap_lrn(x_row + (kh * sx_h + kw * sx_w), c, lo, hi, sx_c, a, k_, neg_beta, sign,
+                             SIZE, BLOCK_C, BLOCK_P, ACC)
+            else:
+                s_off = (oh * SH + kh) * sx_h + (ow * SW + kw) * sx_w
+                sumsq = _window_sumsq(x_base, c, s_off, p_mask, lo, hi, sx_c, -(SIZE // 2), SIZE,
+                                      BLOCK_C, BLOCK_P, ACC, UNROLL)
+                x = tl.load(x_base + c * sx_c + s_off, mask=mask, other=0.0).to(ACC)
+                z = x * _pow(k_ + a * sumsq, neg_beta, sign)
             # Rounded as the unfused LRN stores it, so ties (and the argmax) are the unfused ops'.
             v = z.to(y_ptr.dtype.element_ty).to(ACC)
             take = (v > best) | (v != v)
@@ -140,6 +165,149 @@ def _mirror_terms(x_base, dy_base, arg_base, c, x_i, h, w, x_soff, s_mask, lo, h
 
 
 @triton.jit
+def _xload(x_row, cb, C, sx_c, J: tl.constexpr, ACC: tl.constexpr):
+    """x at channels cb + J (0 outside [0, C)): one expression per J, so the compiler loads it once for
+    every window and mirror term that needs it."""
+    j = cb + J
+    return tl.load(x_row + J * sx_c, mask=(j >= 0) & (j < C), other=0.0).to(ACC)
+
+
+@triton.jit
+def _channel_quantities(x_row, arg_w, dy_w, cb, h, w, C, CG, OH, OW, sx_c, sd_c, sd_h, sd_w, sa_c, sa_h, sa_w,
+                        a, k_, neg_beta, sign, J: tl.constexpr, SIZE: tl.constexpr,
+                        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """For the LRN outputs cc = cb + J: (s_cc, dz_cc * (x_cc * r_cc), dz_cc * r_cc), r = s^(-beta), each
+    computed once and shared by the (up to SIZE) inputs of the tile whose mirror window holds cc.
+
+    s_cc is kernels.lrn's window sum over cc's own group (for the inputs that use it, their group),
+    in its order; dz_cc maxpool2d's gather in its order (see _routed_grad)."""
+    cc = cb + J
+    g_lo = (tl.maximum(cc, 0) // CG) * CG  # cc's group (clamped: channels < 0 are never used)
+    g_hi = tl.minimum(g_lo + CG, C)
+    acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
+    x_c = acc
+    for d in tl.static_range(SIZE):
+        v = _xload(x_row, cb, C, sx_c, J + d - SIZE // 2, ACC)
+        jj = cc + (d - SIZE // 2)
+        vm = tl.where((jj >= g_lo) & (jj < g_hi), v, 0.0)
+        acc += vm * vm
+        if d == SIZE // 2:
+            x_c = v
+    s_c = k_ + a * acc
+    ch_ok = (cc >= 0) & (cc < C)
+    dz = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    for th in tl.static_range((KH + SH - 1) // SH):
+        oh = h // SH - th
+        kh = h - oh * SH
+        h_ok = (oh >= 0) & (oh < OH) & (kh < KH)
+        for tw in tl.static_range((KW + SW - 1) // SW):
+            ow = w // SW - tw
+            kw = w - ow * SW
+            ok = ch_ok & h_ok & (ow >= 0) & (ow < OW) & (kw < KW)
+            # Masked lanes read -1, which matches no offset.
+            a_ = tl.load(arg_w + (J * sa_c - th * sa_h - tw * sa_w), mask=ok, other=-1)
+            hit = ok & (a_.to(tl.int32) == kh * KW + kw)
+            dz += tl.load(dy_w + (J * sd_c - th * sd_h - tw * sd_w), mask=hit, other=0.0).to(ACC)
+    r_c = _pow(s_c, neg_beta, sign)
+    return s_c, dz * (x_c * r_c), dz * r_c
+
+
+@triton.jit
+def _add_term(acc, x_v, s_j, w_j, cb, V: tl.constexpr, J: tl.constexpr, lo_v, hi_v):
+    """acc + (x_v / s_cc) * (dz_cc * z_cc) for cc = cb + J in the group [lo_v, hi_v) of the input channel
+    cb + V (kernels.lrn._mirror_term's expression; 0 added otherwise, as there)."""
+    cc = cb + J
+    return acc + tl.where((cc >= lo_v) & (cc < hi_v), (x_v / s_j) * w_j, 0.0)
+
+
+@triton.jit
+def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
+                sd_n, sd_c, sd_h, sd_w, sa_n, sa_c, sa_h, sa_w, sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w,
+                a, k_, neg_beta, sign, SIZE: tl.constexpr,
+                KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """The unrolled backward: each thread holds 4 consecutive channels cb + v (v < 4) at one position, so
+    the SIZE + 3 LRN outputs their mirror windows cover get their s, pow and pool gather once (not
+    4 * SIZE times); every dx is the same expression, in the same order, as the per-input form."""
+    BC: tl.constexpr = (BLOCK_C + 3) // 4
+    pid = tl.program_id(0)
+    S = H * W
+    num_s = tl.cdiv(S, BLOCK_S)
+    num_c = tl.cdiv(C, BLOCK_C)
+    pid_s = pid % num_s
+    c0 = ((pid // num_s) % num_c) * BLOCK_C
+    n = pid // (num_s * num_c)
+    q = tl.arange(0, BC)[:, None]
+    cb = c0 + 4 * q
+    c_end = tl.minimum(c0 + BLOCK_C, C)
+    s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S))[None, :]
+    s_ok = s < S
+    sc = tl.minimum(s, S - 1)  # loads at clamped positions: in bounds, never stored
+    h = sc // W
+    w = sc % W
+    x_row = x_ptr + n * sx_n + cb * sx_c + h * sx_h + w * sx_w
+    # The candidate windows (oh, ow) = (h // SH, w // SW) - (th, tw) as offsets from the first one.
+    arg_w = arg_ptr + n * sa_n + cb * sa_c + (h // SH) * sa_h + (w // SW) * sa_w
+    dy_w = dy_ptr + n * sd_n + cb * sd_c + (h // SH) * sd_h + (w // SW) * sd_w
+    lo0 = (cb // CG) * CG
+    lo1 = ((cb + 1) // CG) * CG
+    lo2 = ((cb + 2) // CG) * CG
+    lo3 = ((cb + 3) // CG) * CG
+    hi0 = tl.minimum(lo0 + CG, C)
+    hi1 = tl.minimum(lo1 + CG, C)
+    hi2 = tl.minimum(lo2 + CG, C)
+    hi3 = tl.minimum(lo3 + CG, C)
+    x0 = _xload(x_row, cb, C, sx_c, 0, ACC)
+    x1 = _xload(x_row, cb, C, sx_c, 1, ACC)
+    x2 = _xload(x_row, cb, C, sx_c, 2, ACC)
+    x3 = _xload(x_row, cb, C, sx_c, 3, ACC)
+    acc0 = tl.zeros([BC, BLOCK_S], dtype=ACC)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    d0 = acc0
+    d1 = acc0
+    d2 = acc0
+    d3 = acc0
+    OFF_LO: tl.constexpr = -((SIZE - 1) // 2)
+    OFF_HI: tl.constexpr = SIZE // 2
+    # Mirror outputs cb + J in ascending J: each input's terms arrive in ascending offset, as there.
+    for J in tl.static_range(OFF_LO, OFF_HI + 4):
+        s_j, w_j, dr_j = _channel_quantities(x_row, arg_w, dy_w, cb, h, w, C, CG, OH, OW, sx_c, sd_c, sd_h, sd_w,
+                                             sa_c, sa_h, sa_w, a, k_, neg_beta, sign, J, SIZE, KH, KW, SH, SW,
+                                             BC, BLOCK_S, ACC)
+        if J <= OFF_HI:
+            acc0 = _add_term(acc0, x0, s_j, w_j, cb, 0, J, lo0, hi0)
+        if J - 1 >= OFF_LO:
+            if J - 1 <= OFF_HI:
+                acc1 = _add_term(acc1, x1, s_j, w_j, cb, 1, J, lo1, hi1)
+        if J - 2 >= OFF_LO:
+            if J - 2 <= OFF_HI:
+                acc2 = _add_term(acc2, x2, s_j, w_j, cb, 2, J, lo2, hi2)
+        if J - 3 >= OFF_LO:
+            acc3 = _add_term(acc3, x3, s_j, w_j, cb, 3, J, lo3, hi3)
+        if J == 0:
+            d0 = dr_j
+        if J == 1:
+            d1 = dr_j
+        if J == 2:
+            d2 = dr_j
+        if J == 3:
+            d3 = dr_j
+    scale = 2.0 * neg_beta * a
+    g_row = dx_ptr + n * sg_n + cb * sg_c + h * sg_h + w * sg_w
+    ty = dx_ptr.dtype.element_ty
+    # beta = 0: no window gradient (as kernels.lrn; acc's inf/inf NaN must not leak in).
+    tl.store(g_row, (d0 + tl.where(neg_beta == 0, x0 * 0.0, scale * acc0)).to(ty), mask=(cb < c_end) & s_ok)
+    tl.store(g_row + sg_c, (d1 + tl.where(neg_beta == 0, x1 * 0.0, scale * acc1)).to(ty), mask=(cb + 1 < c_end) & s_ok)
+    tl.store(g_row + 2 * sg_c, (d2 + tl.where(neg_beta == 0, x2 * 0.0, scale * acc2)).to(ty),
+             mask=(cb + 2 < c_end) & s_ok)
+    tl.store(g_row + 3 * sg_c, (d3 + tl.where(neg_beta == 0, x3 * 0.0, scale * acc3)).to(ty),
+             mask=(cb + 3 < c_end) & s_ok)
+
+
+@triton.jit
 def _lrn_maxpool2d_bwd_kernel(
     dy_ptr,  # (N, C, OH, OW) pooled-output gradient, strides sd_*
     arg_ptr,  # (N, C, OH, OW) int8 argmax of the forward, strides sa_*
@@ -157,32 +325,29 @@ def _lrn_maxpool2d_bwd_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ACC: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    n, c, s, c_mask, s_mask, lo, hi = _tile(N, C, H * W, CG, BLOCK_C, BLOCK_S)
-    mask = c_mask & s_mask
     a = _scalar(alpha_over_size, ACC)
     neg_beta = -_scalar(beta, ACC)
     k_ = _scalar(k, ACC)
     sign = _scalar(neg_sign, ACC)
-    h = s // W
-    w = s % W
-    x_base = x_ptr + n * sx_n
-    dy_base = dy_ptr + n * sd_n
-    arg_base = arg_ptr + n * sa_n
-    x_soff = h * sx_h + w * sx_w
-    x_i = tl.load(x_base + c * sx_c + x_soff, mask=mask, other=0.0).to(ACC)
-    # The outputs cc = i + off in M(i); the one with off = 0 also gives the direct term dz_i * s_i^(-beta)
-    # (SIZE window sums and SIZE gathers in all, for one uniform loop).
-    acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
-    direct = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
     if UNROLL:
-        for m in tl.static_range(SIZE):
-            term, d = _mirror_terms(x_base, dy_base, arg_base, c, x_i, h, w, x_soff, s_mask, lo, hi, OH, OW,
-                                    sx_c, sd_c, sd_h, sd_w, sa_c, sa_h, sa_w, m - (SIZE - 1) // 2,
-                                    a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC, UNROLL)
-            acc += term
-            if m == (SIZE - 1) // 2:  # compile-time: off = 0
-                direct = d
-    else:  # a loop, not SIZE copies: compile time stays flat for large windows
+        _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
+                    sd_n, sd_c, sd_h, sd_w, sa_n, sa_c, sa_h, sa_w, sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w,
+                    a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC)
+    else:
+        n, c, s, c_mask, s_mask, lo, hi = _tile(N, C, H * W, CG, BLOCK_C, BLOCK_S)
+        mask = c_mask & s_mask
+        h = s // W
+        w = s % W
+        x_base = x_ptr + n * sx_n
+        dy_base = dy_ptr + n * sd_n
+        arg_base = arg_ptr + n * sa_n
+        x_soff = h * sx_h + w * sx_w
+        x_i = tl.load(x_base + c * sx_c + x_soff, mask=mask, other=0.0).to(ACC)
+        # The outputs cc = i + off in M(i); the one with off = 0 also gives the direct term dz_i * s_i^(-beta)
+        # (SIZE window sums and SIZE gathers in all, for one uniform loop).
+        acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
+        direct = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
+        # A loop, not SIZE copies (large windows): compile time stays flat.
         for m in range(SIZE):
             off = m - (SIZE - 1) // 2
             term, d = _mirror_terms(x_base, dy_base, arg_base, c, x_i, h, w, x_soff, s_mask, lo, hi, OH, OW,
@@ -190,10 +355,10 @@ def _lrn_maxpool2d_bwd_kernel(
                                     a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC, UNROLL)
             acc += term
             direct += tl.where(off == 0, d, 0.0)
-    # beta = 0: no window gradient (as kernels.lrn; acc's inf/inf NaN must not leak in).
-    cross = tl.where(neg_beta == 0, x_i * 0.0, (2.0 * neg_beta * a) * acc)
-    dx = direct + cross
-    tl.store(dx_ptr + n * sg_n + c * sg_c + h * sg_h + w * sg_w, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        # beta = 0: no window gradient (as kernels.lrn; acc's inf/inf NaN must not leak in).
+        cross = tl.where(neg_beta == 0, x_i * 0.0, (2.0 * neg_beta * a) * acc)
+        dx = direct + cross
+        tl.store(dx_ptr + n * sg_n + c * sg_c + h * sg_h + w * sg_w, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,39 +374,26 @@ def _block_sizes(C: int, P: int, backward: bool = False) -> tuple[int, int, int]
         return block_c, block_p, 4
     block_c = _channel_block(C)  # as kernels/lrn.py
     # Elements a thread from ptxas on sm_90 (size 5, 3x3/2): registers grow with them (ptxas keeps
-    # every tap's loads in flight): forward 1 / 2 / 4 a thread ~40 / 80-90 / 130-165 registers,
-    # backward 1 / 2 a thread ~65 / 100-190. 2 and 1 keep 16-24 warps a SM resident for the loads.
-    tile, per_thread = (256, 1) if backward else (512, 2)
+    # every tap's loads in flight): forward 1 / 2 / 4 a thread ~40 / 80-90 / 130-165 registers. The
+    # unrolled backward gives each thread 4 consecutive channels of one position (_bwd_shared), ~105
+    # registers; fewer threads than tile / 4 would replicate its work.
+    tile, per_thread = (1024, 4) if backward else (512, 2)
     block_c = min(block_c, tile // 16)  # at least 16 positions a tile (coalesced NCHW rows)
     block_p = min(_common.next_pow2(P), max(tile // block_c, 16))
     num_warps = max(1, min(8, block_c * block_p // (32 * per_thread)))
     return block_c, block_p, num_warps
 
 
-def output_size(H: int, W: int, kernel_size, stride) -> tuple[int, int]:
-    """(OH, OW) of the pool: floor((H - KH) / SH) + 1, as torch without padding, dilation or ceil mode."""
-    return (H - kernel_size[0]) // stride[0] + 1, (W - kernel_size[1]) // stride[1] + 1
-
-
-def _max_offset(t: torch.Tensor) -> int:
-    return sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)
-
-
-def _check_args(x: torch.Tensor, size, groups, kernel_size, stride, name: str = "x") -> None:
-    _common.check_tensor(x, name, ndim=4)
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
+def _assert_args(x: torch.Tensor, size, groups, kernel_size, stride) -> None:
+    """The launchers' preconditions (fastalex.ops.lrn_maxpool2d checks them for users and raises), and
+    the int32 limit on x (raised)."""
+    assert _common.takes(x, 4), "x: a 4-D float tensor"
+    assert isinstance(size, int) and size >= 1, f"size={size!r}"
     C, H, W = x.shape[1:]
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or C % groups:
-        raise ValueError(f"groups must be a positive int dividing {name}'s {C} channels, got {groups!r}")
-    for arg, v in (("kernel_size", kernel_size), ("stride", stride)):
-        if len(v) != 2 or any(not isinstance(e, int) or isinstance(e, bool) or e < 1 for e in v):
-            raise ValueError(f"{arg} must be two ints >= 1, got {tuple(v)!r}")
-    if C == 0 or H < kernel_size[0] or W < kernel_size[1]:
-        raise ValueError(f"{name} of shape {tuple(x.shape)} needs channels and a plane of at least "
-                         f"kernel_size {tuple(kernel_size)}")
-    if _max_offset(x) > _common.MAX_NUMEL:
-        raise NotImplementedError(f"{name}'s strides reach past 2**31 - 1 elements; the kernels use int32 offsets")
+    assert isinstance(groups, int) and groups >= 1 and C % groups == 0, f"groups={groups!r}, {C} channels"
+    assert len(kernel_size) == len(stride) == 2 and min(*kernel_size, *stride) >= 1
+    assert C > 0 and H >= kernel_size[0] and W >= kernel_size[1], f"x {tuple(x.shape)}, kernel_size {kernel_size}"
+    _common.check_int32("x", x)
 
 
 def _lrn_consts(size: int, alpha: float, beta: float, k: float) -> tuple[float, float, float, float]:
@@ -254,7 +406,7 @@ def lrn_maxpool2d_forward(x: torch.Tensor, size: int, alpha: float, beta: float,
     y = max_pool2d(local_response_norm(x, size, alpha, beta, k, groups), kernel_size, stride), argmax the
     window offset kh * KW + kw of each maximum (int8)."""
     kernel_size, stride = tuple(kernel_size), tuple(stride)
-    _check_args(x, size, groups, kernel_size, stride)
+    _assert_args(x, size, groups, kernel_size, stride)
     N, C, H, W = x.shape
     OH, OW = output_size(H, W, kernel_size, stride)
     fmt = suggest_memory_format(x)
@@ -280,19 +432,15 @@ def lrn_maxpool2d_backward(dy: torch.Tensor, x: torch.Tensor, argmax: torch.Tens
     """dx of lrn_maxpool2d_forward. dy, argmax: (N, C, OH, OW), any strides; x: (N, C, H, W); dx: like
     x (torch.empty_like's layout)."""
     kernel_size, stride = tuple(kernel_size), tuple(stride)
-    _check_args(x, size, groups, kernel_size, stride)
-    _common.check_tensor(dy, "dy", ndim=4)
-    _common.check_same("x", x, "dy", dy)
-    _common.check_tensor(argmax, "argmax", ndim=4, dtypes=(argmax_dtype(kernel_size),))
+    _assert_args(x, size, groups, kernel_size, stride)
     N, C, H, W = x.shape
     OH, OW = output_size(H, W, kernel_size, stride)
-    for name, t in (("dy", dy), ("argmax", argmax)):
-        if tuple(t.shape) != (N, C, OH, OW):
-            raise ValueError(f"{name} must have the pooled shape {(N, C, OH, OW)}, got {tuple(t.shape)}")
-        if _max_offset(t) > _common.MAX_NUMEL:
-            raise NotImplementedError(f"{name}'s strides reach past 2**31 - 1 elements; the kernels use int32 offsets")
-    if argmax.device != x.device:
-        raise ValueError(f"argmax must be on the device of x ({x.device}), got {argmax.device}")
+    pooled = (N, C, OH, OW)
+    assert _common.takes(dy, 4) and _common.same(x, dy) and tuple(dy.shape) == pooled, f"dy: pooled shape {pooled}"
+    assert _common.takes(argmax, 4, dtypes=(argmax_dtype(kernel_size),)) and tuple(argmax.shape) == pooled
+    assert argmax.device == x.device
+    _common.check_int32("dy", dy)
+    _common.check_int32("argmax", argmax)
     dx = _common.empty_like(x)
     if dx.numel() == 0:
         return dx

@@ -68,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                         "data parallel / convs data parallel and FC layers split (one weird trick)")
     t.add_argument("--devices", default=None, help="two devices for --strategy towers, e.g. cuda:0,cuda:1")
     t.add_argument("--backend", choices=("auto", "triton", "torch"), default=None)
-    t.add_argument("-j", "--workers", type=int, default=0)
+    t.add_argument("-j", "--workers", type=int, default=None,
+                   help="DataLoader processes (default: 0 for fashion-mnist, which is in memory and measured slower "
+                        "with workers on a 2-core machine; else the cores, at most 8)")
     t.add_argument("--seed", type=int, default=0, help="decides everything random in the run: initial weights, "
                                                         "dropout, data order, augmentation (default 0)")
     t.add_argument("--deterministic", action="store_true",
@@ -95,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--ten-crop", action="store_true")
     e.add_argument("--device", default="auto")
     e.add_argument("-b", "--batch-size", type=int, default=256)
-    e.add_argument("-j", "--workers", type=int, default=0)
+    e.add_argument("-j", "--workers", type=int, default=None, help="DataLoader processes (default: as for train)")
     e.add_argument("--json", default=None, help="also write the result here")
 
     pr = sub.add_parser("predict", help="top classes of image files (the paper's Figure 4, left)")
@@ -117,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     nb.add_argument("--json", default=None, help="also write indices and distances here")
     nb.add_argument("--tile", type=int, default=96, help="pixels per image in the picture")
     nb.add_argument("-b", "--batch-size", type=int, default=256)
-    nb.add_argument("-j", "--workers", type=int, default=0)
+    nb.add_argument("-j", "--workers", type=int, default=None, help="DataLoader processes (default: as for train)")
     nb.add_argument("--device", default="auto")
     nb.add_argument("--backend", choices=("auto", "triton", "torch"), default=None)
     nb.add_argument("--no-progress", action="store_true")
@@ -140,6 +142,27 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--overwrite", action="store_true", help="replace a finished store in DST")
     pp.add_argument("--no-progress", action="store_true")
     return p
+
+
+def default_workers(dataset: str) -> int:
+    """--workers when not given. fashion-mnist: 0; it is in memory and its batches are one indexing
+    op, so workers only compete with the training step for the cores (the quick preset measured
+    54-64 instead of 81-82 images/s with 2 workers on the shared 2-core machine). Otherwise the cores
+    this process may use, shared among torchrun's processes on the machine, at most 8 (each worker
+    holds a copy of the dataset and its prefetched batches): decoding JPEGs (imagefolder) or
+    evaluating a store's items needs them; a store's training batches are read on a thread."""
+    if dataset == "fashion-mnist":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))))
+
+
+def _workers(args, dataset: str) -> int:
+    """args.workers, or default_workers(dataset) when not given; checked."""
+    if args.workers is None:
+        return default_workers(dataset)
+    _at_least(args.workers, "--workers", 0)
+    return args.workers
 
 
 def _settings(args) -> dict:
@@ -221,6 +244,7 @@ def train(args) -> int:
             and not args.overwrite):
         raise UsageError(f"{out} already holds a run (checkpoint.pt): pass --resume to continue it, --out for a "
                          f"new folder, or --overwrite to start afresh there")
+    args.workers = _workers(args, args.dataset)
     train_set, val_set, test_set, classes = _datasets(args.dataset, args.data, s["image_size"], args.subset,
                                                       s["ten_crop"], s["augment"])
     model = _model_from(s, len(classes), seed=args.seed)  # the seed decides the initial weights too
@@ -315,7 +339,8 @@ def evaluate(args) -> int:
                                         a["image_size"], None, args.ten_crop)
     model = _model_from(a, len(classes))
     model.load_state_dict(state["model"])
-    trainer = Trainer(model, epochs=1, batch_size=args.batch_size, device=args.device, workers=args.workers,
+    trainer = Trainer(model, epochs=1, batch_size=args.batch_size, device=args.device,
+                      workers=_workers(args, a.get("dataset", "fashion-mnist")),
                       progress=False, out_dir=Path(args.checkpoint).parent)
     res = trainer.evaluate(test_set, ten_crop=args.ten_crop)
     print(json.dumps(res))
@@ -455,9 +480,9 @@ def neighbors(args) -> int:
     _at_least(args.k, "-k")
     _at_least(args.batch_size, "--batch-size")
     _at_least(args.tile, "--tile")
-    _at_least(args.workers, "--workers", 0)
     _files_exist(args.checkpoint, args.query)
     state, a = _load_run(args.checkpoint)
+    args.workers = _workers(args, a.get("dataset", "fashion-mnist"))
     queries = _queries(args.query, a)
     train_set = _datasets(a.get("dataset", "fashion-mnist"), args.data or a.get("data"), a["image_size"], None,
                           False, augment=False)[0]

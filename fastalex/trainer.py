@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import signal
 import sys
 import threading
@@ -203,6 +204,56 @@ class _EpochBatches(Sampler):
             yield [(self.epoch, i) for i in mine]
 
 
+def _prefetch(items, depth: int = 2):
+    """Iterate `items` on a background thread, at most `depth` items ahead, in order. An exception
+    there is raised here, after the items before it; closing this generator (or dropping it, as a
+    loop that breaks does) stops the thread and waits for it."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+
+    def run():
+        try:
+            it = iter(items)
+            while not stop.is_set():
+                item = next(it, end)
+                q.put([item, None])
+                if item is end:
+                    return
+        except BaseException as e:  # (handed to the consumer, raised there)
+            q.put([None, e])
+
+    t = threading.Thread(target=run, daemon=True, name="fastalex-prefetch")
+    t.start()
+    try:
+        while True:
+            got = q.get()  # [item, exception]
+            if got[1] is not None:
+                raise got[1]
+            if got[0] is end:
+                return
+            yield got.pop(0)  # (no reference kept here meanwhile: an item may hold a buffer its maker reuses)
+    finally:
+        stop.set()
+        while t.is_alive():  # a reader blocked on the full queue: make room until it sees the stop
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            t.join(timeout=0.01)
+
+
+def _device_batches(data: Dataset, batches, seed: int, device: torch.device):
+    """(images on `device`, labels) of a load_batch / augment_batch dataset (see Trainer) over `batches`
+    (lists of (epoch, index)): each read on the reader thread (_prefetch), pinned for a GPU, copied
+    without blocking, then augmented on the device."""
+    pin = device.type == "cuda"
+    raw = _prefetch(data.load_batch(seed, keys[0][0], [i for _, i in keys], pin) for keys in batches)
+    for images, labels, draws in raw:
+        x = data.augment_batch(images.to(device, non_blocking=True), draws)
+        del images  # (a CPU buffer the reader may reuse while the step runs)
+        yield x, labels
+
+
 _STATE_KEYS = ("model", "optimizer", "lr_scheduler", "epoch", "step", "step_in_epoch", "history", "rng")
 
 
@@ -260,9 +311,13 @@ class Trainer:
     compile: torch.compile the training forward (True: mode "default"; or a mode: "reduce-overhead"
     captures CUDA graphs on GPUs, "max-autotune"); fastalex's custom ops compile without graph
     breaks. Evaluation and checkpoints use the model itself.
-    Datasets with a `get_batch(epoch, indices) -> (images, labels)` method (e.g. images already on
-    the device) are read a batch at a time, without a DataLoader; the draws of their augmentation,
-    if any, are theirs to derive from (epoch, index).
+    Batch datasets are read a batch at a time, without a DataLoader: with `get_batch(epoch, indices)
+    -> (images, labels)` (e.g. images already on the device; the draws of their augmentation, if
+    any, are theirs to derive from (epoch, index)), called in the training loop; or with
+    `load_batch(seed, epoch, indices, pin_memory) -> (raw images, labels, draws)` and
+    `augment_batch(raw images, draws) -> images` (fastalex.data.store.BatchedStore: uint8 in): the
+    first on a reader thread, two batches ahead (CPU work only, no global RNG: pinned when the
+    device is a GPU), the second after the copy to the device, on the device.
     """
 
     def __init__(self, model: torch.nn.Module, *, epochs: int, batch_size: int = 128, lr: float = 0.01,
@@ -547,8 +602,11 @@ class Trainer:
 
     def _batches(self, data: Dataset, batches: Sampler):
         """This rank's batches as (images, labels, readable rows): every batch of the epoch's size, with
-        unreadable images as stand-in rows at the end; the time spent waiting for each goes to the meter."""
-        if hasattr(data.data, "get_batch"):
+        unreadable images as stand-in rows at the end; the time spent waiting for each goes to the meter
+        (for a load_batch dataset that includes the copy to the device and the augmentation there)."""
+        if hasattr(data.data, "load_batch"):
+            it = ((x, y, 0) for x, y in _device_batches(data.data, batches, self.seed, self.device))
+        elif hasattr(data.data, "get_batch"):
             it = ((*data.data.get_batch(self.state.epoch, [i for _, i in keys]), 0) for keys in batches)
         else:
             it = iter(self._loader(data, batches))

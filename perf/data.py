@@ -3,11 +3,12 @@
     python -m perf.data --data /data/imagenet-256 --json store.json     # a prepared store (fastalex prepare)
     python -m perf.data --data /data/imagenet --json folder.json        # an ImageNet-style folder
 
-Store (DATA has index.json), the batched path: `read` (PreparedStore.read_batch: fancy indexing of
-the memory-mapped shards into a uint8 batch), `augment` (draw_augmentation + augment_batch: crop,
-flip, PCA noise, normalise, batched on --device), `copy` (the uint8 batch to the GPU, pinned;
-n/a without CUDA) and `loader` (StoreLoader: ready, augmented batches on --device, its reader
-thread overlapping the next read).
+Store (DATA has index.json), the Trainer's path (BatchedStore): `read` (load_batch, the reader
+thread's work: fancy indexing of the memory-mapped shards into a uint8 batch, pinned with CUDA, and
+the batch's draws), `augment` (augment_batch on a batch already on --device: crop, flip, PCA noise,
+normalise, batched), `copy` (the pinned uint8 batch to the GPU; n/a without CUDA) and `loader`
+(ready, augmented batches on --device exactly as Trainer.fit gets them: the epoch's order, the
+reader thread two batches ahead, the copy, the augmentation).
 Folder (DATA/train/<class>/<image>), the Dataset path: `decode` (Pillow decode, short side 256,
 centre 256 crop: per image, in this process), `augment` (the paper transform's tensor steps per
 image), `copy` (a float32 batch to the GPU) and `loader` (ImageFolder + DataLoader with --workers
@@ -95,31 +96,24 @@ def _cycle(make_iter):
 
 
 def measure_store(args) -> dict:
-    data = store.PreparedStore(args.data, "train")
+    from fastalex.trainer import _device_batches, _EpochBatches
+
+    data = store.BatchedStore(store.PreparedStore(args.data, "train", "train", args.image_size))
     n, b = len(data), min(args.batch_size, len(data))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
     batches = [order[(k * b) % (n - b + 1):(k * b) % (n - b + 1) + b] for k in range(args.batches + args.warmup)]
     it = iter(range(10 ** 9))
     stages = {}
     cuda = args.device.type == "cuda"
-    stages["read"] = _time(lambda: data.read_batch(batches[next(it) % len(batches)], pin_memory=cuda)[0].shape[0],
+    stages["read"] = _time(lambda: data.load_batch(0, 0, batches[next(it) % len(batches)], cuda)[0].shape[0],
                            args.batches, args.warmup, torch.device("cpu"))
-    images, _ = data.read_batch(batches[0], pin_memory=cuda)
-    out = {"buf": None}
-
-    def augment():
-        draws = store.draw_augmentation(0, 0, batches[0], args.image_size, data.size)
-        out["buf"] = store.augment_batch(images, draws, args.image_size, device=args.device, out=out["buf"])
-        return images.shape[0]
-    stages["augment"] = _time(augment, args.batches, args.warmup, args.device)
+    images, _, draws = data.load_batch(0, 0, batches[0], cuda)
+    on_device = images.to(args.device)
+    stages["augment"] = _time(lambda: data.augment_batch(on_device, draws).shape[0], args.batches, args.warmup,
+                              args.device)
     stages["copy"] = (_time(lambda: images.to(args.device, non_blocking=True).shape[0], args.batches, args.warmup,
                             args.device) if cuda else None)
-    loader = store.StoreLoader(data, b, image_size=args.image_size, device=args.device)
-
-    def epochs(e):
-        loader.set_epoch(e)
-        return iter(loader)
-    src = _cycle(epochs)
+    src = _cycle(lambda e: _device_batches(data, _EpochBatches(n, b, 0, e), 0, args.device))
     stages["loader"] = _time(lambda: next(src)[0].shape[0], args.batches, args.warmup, args.device)
     return stages
 
@@ -190,7 +184,7 @@ def print_table(res: dict) -> None:
             "centre 256, one process", "augment": f"crop {res['image_size']} + flip + PCA + normalise" +
             (", batched" if res["kind"] == "store" else ", per image"),
             "copy": "batch to the GPU", "loader": "ready augmented batches" +
-            (" (StoreLoader)" if res["kind"] == "store" else f" (DataLoader, {res['workers']} workers)")}
+            (" (the Trainer's: reader thread + augment_batch)" if res["kind"] == "store" else f" (DataLoader, {res['workers']} workers)")}
     table = Table(title=f"{res['kind']} {res['data']} on {res['device']}, batch {res['batch_size']}")
     for col in ("stage", "images/s", "what"):
         table.add_column(col, justify="right" if col == "images/s" else "left")

@@ -19,9 +19,9 @@ from fastalex import cli
 from fastalex.data import DataError, ImageFolder, load_for_training, load_image, store
 from fastalex.data import transforms as T
 from fastalex.data.store import (
+    BatchedStore,
     PreparedStore,
     StoreExistsError,
-    StoreLoader,
     augment_batch,
     draw_augmentation,
 )
@@ -290,34 +290,60 @@ def test_batched_path_on_cuda_equals_the_cpu(prepared):
     assert torch.equal(augment_batch(images, None, 32, device="cuda").cpu(), augment_batch(images, None, 32))
 
 
-def test_loader_is_deterministic(prepared):
-    def batches(seed, epoch=0, train=True):
-        loader = StoreLoader(prepared, 6, image_size=32, seed=seed, epoch=epoch, device="cpu", train=train)
-        return [(x.clone(), y) for x, y in loader]
+def _trainer_batches(data, seed: int = 0, epoch: int = 0, batch_size: int = 6, start: int = 0):
+    """One epoch of a BatchedStore as the Trainer reads it: its order, the reader thread, augment_batch."""
+    from fastalex.trainer import _device_batches, _EpochBatches
+
+    batches = _EpochBatches(len(data), batch_size, seed, epoch, start)
+    return list(_device_batches(data, batches, seed, torch.device("cpu")))
+
+
+def test_trainer_batches_are_deterministic_and_equal_the_items(prepared):
+    from fastalex.trainer import _EpochBatches
+
+    data = store.load_for_training(prepared, image_size=32)[0]
+    assert isinstance(data, BatchedStore) and len(data) == 20
+
+    def batches(seed, epoch=0):
+        return [(x.clone(), y) for x, y in _trainer_batches(data, seed, epoch)]
 
     a, b, c, d = batches(0), batches(0), batches(1), batches(0, epoch=1)
     assert [x.shape[0] for x, _ in a] == [6, 6, 6, 2]
     assert all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in zip(a, b))
     for other in (c, d):
         assert not all(torch.equal(x, x2) for (x, _), (x2, _) in zip(a, other))
-    # the Trainer's batches: its order, each image as PreparedStore(mode="train") under its seeding
-    from fastalex import trainer
-
-    loader = StoreLoader(prepared, 6, image_size=32, seed=0, device="cpu")
-    if hasattr(trainer, "_EpochBatches"):
-        want = [[i for _, i in bat] for bat in trainer._EpochBatches(len(loader.store), 6, 0, 0)]
-        assert [loader.order()[k:k + 6] for k in range(0, 20, 6)] == want
+    # the Trainer's order, each image as PreparedStore(mode="train") under its seeding
     train = PreparedStore(prepared, "train", "train", 32)
-    order = loader.order()
-    assert torch.equal(a[1][0], torch.stack([_seeded(train, 0, 0, i)[0] for i in order[6:12]]))
-    assert a[1][1].tolist() == [int(train.targets[i]) for i in order[6:12]]
-    ev = batches(0, train=False)
-    assert torch.equal(torch.cat([x for x, _ in ev]), torch.stack([PreparedStore(prepared, "train", "eval", 32)[i][0]
-                                                                  for i in range(20)]))
+    for (x, y), keys in zip(a, _EpochBatches(20, 6, 0, 0)):
+        order = [i for _, i in keys]
+        assert torch.equal(x, torch.stack([_seeded(train, 0, 0, i)[0] for i in order]))
+        assert y.tolist() == [int(train.targets[i]) for i in order]
+    # from a step on (a resumed epoch): the same batches
+    assert all(torch.equal(x, x2) for (x, _), (x2, _) in zip(a[2:], _trainer_batches(data, 0, 0, start=2)))
+    # without augmentation: the centre crops
+    plain = store.load_for_training(prepared, image_size=32, augment=False)[0]
+    ev = PreparedStore(prepared, "train", "eval", 32)
+    for (x, _), keys in zip(_trainer_batches(plain), _EpochBatches(20, 6, 0, 0)):
+        assert torch.equal(x, torch.stack([ev[i][0] for _, i in keys]))
     # a batch the caller keeps is never overwritten by the reused buffers
-    loader.set_epoch(0)
-    kept = [x for x, _ in loader]
+    kept = [x for x, _ in _trainer_batches(data)]
     assert all(torch.equal(k, x) for k, (x, _) in zip(kept, a))
+
+
+def test_a_subset_reads_its_items_with_draws_by_position(prepared):
+    data = store.load_for_training(prepared, image_size=(32, 40), subset=7)[0]
+    items = torch.utils.data.Subset(PreparedStore(prepared, "train", "train", (32, 40)), data.indices)
+    assert len(data) == 7 and data.indices == sorted(data.indices) and len(set(data.indices)) == 7
+    assert list(data.targets) == [int(items.dataset.targets[i]) for i in data.indices]
+    images, labels, draws = data.load_batch(3, 1, [6, 0, 2])
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, 256, 256) and not images.is_pinned()
+    x = data.augment_batch(images, draws)
+    assert x.dtype == torch.float32 and x.shape == (3, 3, 32, 40)
+    assert torch.equal(x, torch.stack([_seeded(items, 3, 1, p)[0] for p in (6, 0, 2)]))
+    assert labels.tolist() == [_seeded(items, 3, 1, p)[1] for p in (6, 0, 2)]
+    assert torch.equal(_seeded(data, 3, 1, 6)[0], x[0]) and _seeded(data, 3, 1, 6)[1] == labels[0]  # (its items)
+    with pytest.raises(ValueError, match="items must be a PreparedStore of mode 'train' or 'eval'"):
+        BatchedStore(PreparedStore(prepared, "train"))
 
 
 def test_dataset_pickles_without_its_memory_maps(prepared):
@@ -332,17 +358,99 @@ def test_dataset_pickles_without_its_memory_maps(prepared):
 
 # ---------------------------------------------------------------------------------------------- training, perf
 
+def _net():
+    torch.manual_seed(3)  # dropout: the reader thread must leave its random stream alone
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Dropout(0.3), torch.nn.Linear(4 * 8 * 8, 3))
+
+
+def _fit(data, out=None, resume=False, **kw):
+    from fastalex import Trainer
+
+    t = Trainer(_net(), **dict(dict(epochs=2, batch_size=4, lr=0.05, out_dir=out, progress=False, seed=5), **kw))
+    if resume:
+        t.resume()
+    t.fit(data)
+    return t
+
+
+def _prefetch_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "fastalex-prefetch"]
+
+
+def test_trainer_on_the_batched_store_equals_the_per_item_path_and_resumes_exactly(prepared, tmp_path):
+    batched = store.load_for_training(prepared, image_size=32, subset=14)[0]
+    items = torch.utils.data.Subset(PreparedStore(prepared, "train", "train", 32), batched.indices)
+    a, b = _fit(batched), _fit(items)
+    assert a.step == b.step == 8
+    wa, wb = a.module.state_dict(), b.module.state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # stopped mid-epoch (a checkpoint at step 5, the prefetch thread left running ahead), then resumed
+    stopped = _fit(batched, tmp_path, max_steps=5)
+    assert stopped.step == 5 and not _prefetch_threads()
+    resumed = _fit(batched, tmp_path, resume=True)
+    assert resumed.step == 8
+    wr = resumed.module.state_dict()
+    assert all(torch.equal(wa[k], wr[k]) for k in wa)
+
+
+def test_the_step_gets_uint8_batches_read_on_the_reader_thread(prepared):
+    import threading
+
+    seen = []
+
+    class Recorded(BatchedStore):
+        def load_batch(self, seed, epoch, positions, pin_memory=False):
+            out = super().load_batch(seed, epoch, positions, pin_memory)
+            seen.append(("load", threading.current_thread().name, out[0].dtype, tuple(out[0].shape)))
+            return out
+
+        def augment_batch(self, images, draws):
+            seen.append(("augment", threading.current_thread().name, images.dtype, tuple(images.shape)))
+            return super().augment_batch(images, draws)
+
+    data = Recorded(PreparedStore(prepared, "train", "train", 32))
+    _fit(data, epochs=1)
+    assert [k for k, *_ in seen].count("load") == [k for k, *_ in seen].count("augment") == 5
+    for kind, thread, dtype, shape in seen:
+        assert dtype == torch.uint8 and shape[1:] == (3, 256, 256)
+        assert thread == ("fastalex-prefetch" if kind == "load" else "MainThread"), (kind, thread)
+
+
+def test_a_read_error_on_the_reader_thread_reaches_fit(prepared):
+    data = store.load_for_training(prepared, image_size=32)[0]
+    read, calls = data.items.read_batch, []
+
+    def failing(indices, **kw):
+        calls.append(len(indices))
+        if len(calls) == 3:
+            raise OSError("disk gone")
+        return read(indices, **kw)
+
+    data.items.read_batch = failing
+    from fastalex import Trainer
+
+    t = Trainer(_net(), epochs=1, batch_size=4, lr=0.05, out_dir=None, progress=False, seed=5)
+    with pytest.raises(OSError, match="disk gone"):
+        t.fit(data)
+    assert t.step == 2 and len(calls) == 3 and not _prefetch_threads()
+
+
 def test_train_from_the_store_through_the_command(prepared, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fastalex", "train", "--dataset", "imagefolder", "--data", str(prepared), "--out",
            str(out), "--variant", "single", "--image-size", "67", "--epochs", "1", "-b", "4", "--subset", "8",
-           "--workers", "0", "--backend", "torch", "--no-progress", "--init", "kaiming"]
+           "--backend", "torch", "--no-progress", "--init", "kaiming"]
     p = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     final = json.loads((out / "final.json").read_text())
-    assert final["epochs"] == 1 and final["test_images"] == 6 and final["image_size"] == [67, 67]
-    assert 0.0 <= final["test_top1"] <= final["test_top5"] <= 1.0
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["class_names"] == list(CLASSES)
+    assert final["epochs"] == 1 and final["steps"] == 2 and final["test_images"] == 6
+    assert final["image_size"] == [67, 67] and 0.0 <= final["test_top1"] <= final["test_top5"] <= 1.0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["class_names"] == list(CLASSES)
+    assert state["args"]["workers"] == cli.default_workers("imagefolder")  # (the validation's DataLoader)
 
 
 def test_perf_data_smoke(folder, prepared, tmp_path):

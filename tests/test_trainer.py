@@ -388,3 +388,74 @@ def test_any_seed_the_cli_accepts_trains(tmp_path):
         t = _trainer(tmp_path / str(seed), epochs=1, seed=seed, checkpoint_every=0)
         t.fit(Blobs(16), None)  # noqa: F821
         assert t.step == 2
+
+
+def test_prefetch_keeps_order_stays_bounded_raises_in_place_and_stops():
+    import threading
+
+    from fastalex.trainer import _prefetch
+
+    made = []
+
+    def items(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise KeyError(f"item {i} unreadable")
+            made.append(i)
+            yield i
+
+    def threads():
+        return [t for t in threading.enumerate() if t.name == "fastalex-prefetch"]
+
+    assert list(_prefetch(items(7))) == list(range(7)) and not threads()
+    made.clear()
+    it = _prefetch(items(100), depth=2)
+    assert next(it) == 0
+    time.sleep(0.2)
+    assert len(made) <= 1 + 2 + 1, made  # the one taken, a full queue, one waiting to be put
+    it.close()
+    assert not threads() and len(made) < 100
+    got = []
+    with pytest.raises(KeyError, match="item 3 unreadable"):
+        for i in _prefetch(items(10, fail_at=3)):
+            got.append(i)
+    assert got == [0, 1, 2] and not threads()
+    for i in _prefetch(items(100)):  # a loop that breaks drops the generator: the thread stops
+        if i == 1:
+            break
+    assert not threads()
+
+
+class _Bytes(torch.utils.data.Dataset):
+    """uint8 images; items (per-image path, the global RNG under the Trainer's seeding) or batches
+    (load_batch / augment_batch, draws from generators seeded alike): the same floats either way."""
+
+    def __init__(self, n=40):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(n) % 4
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i].float() / 255 + 0.1 * torch.randn(3, 1, 1), self.y[i]
+
+    def load_batch(self, seed, epoch, indices, pin_memory=False):
+        from fastalex._seeds import item_seed
+
+        noise = torch.stack([0.1 * torch.randn(3, 1, 1, generator=torch.Generator().manual_seed(
+            item_seed(seed, epoch, i))) for i in indices])
+        return self.x[indices], self.y[indices], noise
+
+    def augment_batch(self, images, noise):
+        assert images.dtype == torch.uint8
+        return images.float() / 255 + noise.to(images.device)
+
+
+def test_a_load_batch_dataset_trains_as_its_items_do():
+    runs = [_trainer(None, epochs=2, checkpoint_every=0) for _ in range(2)]
+    runs[0].fit(_Bytes(), None)
+    runs[1].fit(torch.utils.data.Subset(_Bytes(), range(40)), None)  # a Subset has no load_batch: per item
+    assert runs[0].step == runs[1].step == 10
+    a, b = runs[0].module.state_dict(), runs[1].module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

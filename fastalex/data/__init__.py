@@ -8,7 +8,7 @@
 fashion_mnist.py  finding / downloading / loading Fashion-MNIST, and its Dataset
 idx.py            the IDX file format
 folder.py         root/<split>/<class>/<image> folders, decoded with Pillow
-store.py          `fastalex prepare`'s store (uint8 256x256 shards, memory-mapped) and its batched GPU path
+store.py          `fastalex prepare`'s store (uint8 256x256 shards, memory-mapped) and BatchedStore, its batches for the Trainer
 transforms.py     short side 256, crops, flips, PCA colour noise, normalisation, ten-crop
 splits.py         load_for_training(name, ...): the train / val / test Datasets of a run
 errors.py         DataError, the base of every error raised here
@@ -23,12 +23,12 @@ from fastalex.data.fashion_mnist import (
 from fastalex.data.folder import IMG_EXTENSIONS, ImageFolder, UnreadableImageError, collate_skip_unreadable, load_image
 from fastalex.data.idx import IDXError, parse_idx, read_idx
 from fastalex.data.splits import DATASETS, load_for_training
-from fastalex.data.store import PreparedStore, StoreLoader, augment_batch, draw_augmentation, is_store
+from fastalex.data.store import BatchedStore, PreparedStore, augment_batch, draw_augmentation, is_store
 
 __all__ = [
     "CLASSES", "ChecksumError", "DATASETS", "DataError", "DatasetNotFoundError", "DownloadError", "FashionMNIST",
     "IDXError", "IMG_EXTENSIONS", "ImageFolder", "NotAFolderError", "UnreadableImageError", "collate_skip_unreadable",
     "default_cache_dir", "download_fashion_mnist", "find_fashion_mnist", "load_fashion_mnist", "load_for_training",
     "load_image", "parse_idx", "read_idx", "transforms",
-    "store", "PreparedStore", "StoreLoader", "augment_batch", "draw_augmentation", "is_store",
+    "store", "BatchedStore", "PreparedStore", "augment_batch", "draw_augmentation", "is_store",
 ]

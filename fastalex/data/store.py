@@ -7,6 +7,7 @@
     images, labels = store.read_batch([5, 17, 3])                         # uint8 (3, 3, 256, 256), pinned on CUDA
     draws = draw_augmentation(seed, epoch, [5, 17, 3], 224, store.size)   # a function of (seed, epoch, index)
     x = augment_batch(images, draws, 224, device="cuda")                  # float (3, 3, 224, 224) on the GPU
+    train = BatchedStore(PreparedStore("/data/imagenet-256", "train", "train", 224))   # what Trainer.fit reads
 
 Format (version 1), in DST:
     index.json           {"format": "fastalex-store", "version": 1, "size": 256, "layout": "NCHW uint8",
@@ -48,16 +49,14 @@ import json
 import math
 import os
 import signal
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
-from queue import Queue
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from fastalex import _seeds
 from fastalex.data import transforms as T
@@ -65,7 +64,7 @@ from fastalex.data.errors import DataError, DatasetNotFoundError
 from fastalex.data.folder import UnreadableImageError, find_images, load_image
 
 __all__ = ["FORMAT", "VERSION", "INDEX", "StoreError", "StoreExistsError", "is_store", "prepare", "preprocess",
-           "verify_store", "PreparedStore", "Draws", "item_seed", "draw_augmentation", "augment_batch", "StoreLoader",
+           "verify_store", "PreparedStore", "Draws", "item_seed", "draw_augmentation", "augment_batch", "BatchedStore",
            "load_for_training"]
 
 FORMAT, VERSION, INDEX = "fastalex-store", 1, "index.json"
@@ -429,7 +428,7 @@ class PreparedStore(Dataset):
     def __init__(self, root, split: str = "train", mode: str = "raw", image_size=224, *, pca_sigma: float = 0.1):
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
-        self.root, self.split, self.mode = str(root), split, mode
+        self.root, self.split, self.mode, self.pca_sigma = str(root), split, mode, pca_sigma
         index = _read_index(root)
         if split not in index["splits"]:
             raise DatasetNotFoundError(f"store {root} has no {split!r} split (it has {sorted(index['splits'])}; "
@@ -684,91 +683,59 @@ class _Buffers:
         return torch.empty(shape, dtype=dtype, device=device)
 
 
-class StoreLoader:
-    """Ready batches (images float (B, 3, h, w) on `device`, labels int64 (B,)) of one epoch of a store.
+class BatchedStore(Dataset):
+    """A split of a store as the Trainer reads it a batch at a time: uint8 batches read (and their
+    draws made) on its reader thread, then copied to the device and augmented there in one go.
 
-    The order is the Trainer's (a permutation seeded by seed * 7919 + epoch, batches of batch_size, the
-    last one short), each training image's draws a function of (seed, epoch, index) (draw_augmentation),
-    so the batches are those the Trainer would make from PreparedStore(mode="train"). A thread reads
-    (and pins) the next `prefetch` batches while this one is augmented on `device`.
-    train False: the store's order, centre crops (ten_crop: the 10 test crops). On the CPU the
-    batches are views of reused buffers (_Buffers), never overwritten while the caller holds one.
+    items: a PreparedStore of mode "train" (random crop, flip, PCA noise) or "eval" (centre crop);
+    indices: the store items this set holds (a subset; default all). Item i is items[indices[i]],
+    and under the Trainer's seeding the batch of positions p is bit for bit the stack of those items
+    (the draws are keyed by position, as _Seeded keys an item of a Subset). The Trainer's protocol:
+    load_batch on the reader thread (no global RNG), augment_batch after the copy to the device.
     """
 
-    def __init__(self, store: PreparedStore | str | os.PathLike, batch_size: int = 128, *, split: str = "train",
-                 image_size=224, seed: int = 0, epoch: int = 0, train: bool = True, ten_crop: bool = False,
-                 device=None, prefetch: int = 2, indices: Sequence[int] | None = None):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.store = store if isinstance(store, PreparedStore) else PreparedStore(store, split)
-        self.batch_size, self.image_size, self.seed, self.epoch = batch_size, image_size, seed, epoch
-        self.train, self.ten_crop, self.prefetch = train, ten_crop, max(1, prefetch)
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.indices = list(range(len(self.store))) if indices is None else [int(i) for i in indices]
-        self._raw, self._out = _Buffers(self.prefetch + 2), _Buffers(4)
-
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch the next iteration makes (its order and draws); the buffers are kept."""
-        self.epoch = epoch
-
-    def order(self) -> list[int]:
-        """This epoch's item indices in batch order (positions in `indices` permuted, as the Trainer does)."""
-        if not self.train:
-            return list(self.indices)
-        g = torch.Generator().manual_seed(_seeds.order_seed(self.seed, self.epoch))
-        return [self.indices[i] for i in torch.randperm(len(self.indices), generator=g).tolist()]
+    def __init__(self, items: PreparedStore, indices: Sequence[int] | None = None):
+        if not isinstance(items, PreparedStore) or items.mode not in ("train", "eval"):
+            raise ValueError(f"items must be a PreparedStore of mode 'train' or 'eval', got {items!r}")
+        self.items = items
+        self.indices = list(range(len(items))) if indices is None else [int(i) for i in indices]
+        self.classes, self.class_to_idx = items.classes, items.class_to_idx
+        self.targets = items.targets[np.asarray(self.indices, dtype=np.int64)]
+        self._raw, self._out = _Buffers(), _Buffers()  # CPU batches (pinned ones: torch's caching allocator)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.indices) / self.batch_size)
+        return len(self.indices)
 
-    def _read(self, idx: list[int]):
-        images, labels = self.store.read_batch(idx, pin_memory=self.device.type == "cuda",
-                                               out=self._raw.get((len(idx), 3, self.store.size, self.store.size),
-                                                                 torch.uint8, torch.device("cpu"))
-                                               if self.device.type == "cpu" else None)
-        draws = (draw_augmentation(self.seed, self.epoch, idx, self.image_size, self.store.size)
-                 if self.train else None)
-        return images, labels, draws
+    def __repr__(self) -> str:
+        return f"BatchedStore({self.items!r}, {len(self)} images)"
 
-    def __iter__(self):
-        order = self.order()
-        chunks = [order[a:a + self.batch_size] for a in range(0, len(order), self.batch_size)]
-        q: Queue = Queue(maxsize=self.prefetch)
-        stop = threading.Event()
+    def __getitem__(self, i: int):
+        return self.items[self.indices[i]]
 
-        def reader():
-            try:
-                for idx in chunks:
-                    if stop.is_set():
-                        return
-                    q.put(self._read(idx))
-                q.put(None)
-            except BaseException as e:  # handed to the consumer, raised there
-                q.put(e)
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_raw"], state["_out"] = _Buffers(), _Buffers()  # (a DataLoader worker needs none of ours)
+        return state
 
-        t = threading.Thread(target=reader, daemon=True, name="StoreLoader-reader")
-        t.start()
-        try:
-            while True:
-                item = q.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                images, labels, draws = item
-                out = None
-                if not self.ten_crop:
-                    h, w = T._size(self.image_size, "image_size")
-                    out = self._out.get((images.shape[0], 3, h, w), torch.float32, self.device)
-                x = augment_batch(images, draws, self.image_size, device=self.device, ten_crop=self.ten_crop, out=out)
-                del images, item  # (its buffer is free for the reader again)
-                yield x, labels.to(self.device, non_blocking=True)
-        finally:
-            stop.set()
-            while t.is_alive():  # unblock a reader waiting on a full queue
-                while not q.empty():
-                    q.get_nowait()
-                t.join(timeout=0.05)
+    def load_batch(self, seed: int, epoch: int, positions: Sequence[int], pin_memory: bool = False):
+        """(uint8 (B, 3, S, S) images, int64 (B,) labels, Draws or None) of these positions: the CPU
+        half, safe on another thread. pin_memory: page-locked, for an asynchronous copy to a GPU
+        (new tensors, which torch's pinned allocator reuses only once their copies are done); else
+        reused buffers (never one a caller still holds)."""
+        idx = [self.indices[p] for p in positions]
+        s = self.items.size
+        out = None if pin_memory else self._raw.get((len(idx), 3, s, s), torch.uint8, torch.device("cpu"))
+        images, labels = self.items.read_batch(idx, pin_memory=pin_memory, out=out)
+        draws = (draw_augmentation(seed, epoch, positions, self.items.image_size, s, pca_sigma=self.items.pca_sigma)
+                 if self.items.mode == "train" else None)
+        return images, (labels.pin_memory() if pin_memory else labels), draws
+
+    def augment_batch(self, images: torch.Tensor, draws: Draws | None) -> torch.Tensor:
+        """uint8 (B, 3, S, S) -> float32 (B, 3, h, w) on the images' device: augment_batch with
+        these draws (None: the centre crop), into a reused buffer on the CPU."""
+        h, w = self.items.image_size
+        out = self._out.get((images.shape[0], 3, h, w), torch.float32, images.device)
+        return augment_batch(images, draws, (h, w), out=out)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -776,20 +743,22 @@ class StoreLoader:
 def load_for_training(root, *, image_size=227, subset: int | None = None, ten_crop: bool = False,
                       augment: bool = True) -> tuple[Dataset, Dataset, Dataset, list[str]]:
     """(train, val, test, classes) from a store, with load_for_training("imagefolder")'s semantics:
-    train with the paper's training transform (or the centre crop without augment), `subset` a random
-    N (seed 0), val the centre crop of the val split, test the val split again (ten crops if ten_crop)."""
-    train = PreparedStore(root, "train", "train" if augment else "eval", image_size)
+    train a BatchedStore (the Trainer reads it a batch at a time, augmenting on the device) with the
+    paper's training transform (or the centre crop without augment), `subset` a random N (seed 0);
+    val the centre crop of the val split, test the val split again (ten crops if ten_crop), both
+    PreparedStores read item by item."""
+    items = PreparedStore(root, "train", "train" if augment else "eval", image_size)
     index = _read_index(root)
     if "val" not in index["splits"]:
         raise DatasetNotFoundError(f"store {root} has no val split (its source had no val/ folder): training "
                                    f"validates on it; prepare from a folder with val/<class>/<image>")
     val = PreparedStore(root, "val", "eval", image_size)
     test = PreparedStore(root, "val", "ten_crop", image_size) if ten_crop else val
+    keep = None
     if subset is not None:
         if isinstance(subset, bool) or not isinstance(subset, int) or subset < 1:
             raise DataError(f"subset must be a positive number of images, got {subset!r}")
-        if subset > len(train):
-            raise DataError(f"subset {subset} is larger than the store's training split ({len(train)} images)")
-        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:subset]
-        train = Subset(train, sorted(keep.tolist()))
-    return train, val, test, list(val.classes)
+        if subset > len(items):
+            raise DataError(f"subset {subset} is larger than the store's training split ({len(items)} images)")
+        keep = sorted(torch.randperm(len(items), generator=torch.Generator().manual_seed(0))[:subset].tolist())
+    return BatchedStore(items, keep), val, test, list(val.classes)

@@ -398,6 +398,53 @@ def test_dataset_values(tmp_path, size, mean, std):
     assert yb.tolist() == [arrays["t10k"][1][i] for i in (4, 0, 2)] and yb.dtype == torch.int64
 
 
+@pytest.mark.parametrize("size", [67, 227, 28, 20])
+def test_get_batch_is_the_per_image_path_bit_for_bit(size):
+    images = np.random.default_rng(3).integers(0, 256, (37, 28, 28), dtype=np.uint8)
+    ds = FashionMNIST.from_arrays(images, np.arange(37) % 10, image_size=size)
+    order = [int(i) for i in torch.randperm(37)]
+    x, y = ds.get_batch(0, order)
+    assert x.shape == (37, 3, size, size) and x.dtype == torch.float32 and x.is_contiguous()
+    assert y.dtype == torch.int64 and y.tolist() == [i % 10 for i in order]
+    assert torch.equal(x, torch.stack([ds[i][0] for i in order]))  # each image resized alone: the same bits
+    assert torch.equal(ds.get_batch(3, order)[0], x)  # no augmentation: every epoch the same
+    for kwargs in ({"augment": True}, {"ten_crop": True}):  # the Trainer keeps its per-image path for these
+        other = FashionMNIST.from_arrays(images, np.zeros(37, np.int64), image_size=size, **kwargs)
+        assert not hasattr(other, "get_batch")
+        with pytest.raises(AttributeError, match="only without augment and ten_crop"):
+            other.get_batch(0, [0])
+
+
+def test_trainer_trains_the_same_through_get_batch_and_per_image(tmp_path):
+    from fastalex import Trainer
+
+    class PerImage(torch.utils.data.Dataset):  # the dataset without get_batch: the DataLoader path
+        def __init__(self, data):
+            self.data = data
+
+        def __len__(self):
+            return len(self.data)
+
+        def __getitem__(self, i):
+            return self.data[i]
+
+    images = np.random.default_rng(5).integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    ds = FashionMNIST.from_arrays(images, np.arange(20) % 10, image_size=12)
+    sizes, batch = [], ds.batch
+    ds.batch = lambda indices, generator=None: (sizes.append(len(indices)), batch(indices, generator))[1]
+    weights = []
+    for data in (ds, PerImage(ds)):
+        sizes.clear()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 12 * 12, 10))
+        trainer = Trainer(model, epochs=2, batch_size=8, lr=0.1, lr_schedule="cosine", device="cpu", out_dir=None,
+                          progress=False)
+        trainer.fit(data)  # 2 epochs of 3 batches, the last of each 4 images
+        assert trainer.step == 6 and sizes == ([8, 8, 4] * 2 if data is ds else [1] * 40)
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_dataset_augmentation_is_a_shift_and_flip(tmp_path):
     images = np.random.default_rng(2).integers(1, 256, (4, 28, 28), dtype=np.uint8)  # no zeros: padding shows
     ds = FashionMNIST.from_arrays(images, np.arange(4), image_size=28, augment=True, pad=2, mean=0.0, std=1.0)
@@ -497,6 +544,8 @@ def test_dataset_on_the_real_test_set():
     plain = FashionMNIST("test", DEBIAN, image_size=28, subset=1000)
     x, _ = plain.batch(range(1000))
     assert abs(x.mean().item() - 0.0) < 0.1 and abs(x.std().item() - 1.0) < 0.1  # its own mean/std
+    quick = FashionMNIST("test", DEBIAN, image_size=67, subset=128)  # the quick preset's input
+    assert torch.equal(quick.get_batch(0, range(128))[0], torch.stack([quick[i][0] for i in range(128)]))
 
 
 # ---------------------------------------------------------------------------------------------- ImageFolder

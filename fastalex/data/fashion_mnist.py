@@ -268,7 +268,8 @@ class FashionMNIST(Dataset):
     """Fashion-MNIST for AlexNet: items are (image float (3, S, S), label int).
 
     The uint8 images stay in memory (47 MB for the training set); each item (or batch, through
-    `batch` and `__getitems__`, which DataLoader uses) is transformed when asked for:
+    `batch`, `__getitems__`, which DataLoader uses, and `get_batch`, which the Trainer uses when
+    there is no augmentation) is transformed when asked for:
     [augment: shift + flip at 28x28] -> (x / 255 - mean) / std -> bilinear resize to image_size
     -> grey to 3 channels (normalising before the resize gives the same values: bilinear weights sum to 1).
 
@@ -363,6 +364,24 @@ class FashionMNIST(Dataset):
                               antialias=h < x.shape[-2] or w < x.shape[-1])
         x = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
         return (x.view(n, 10, 3, h, w) if self.ten_crop else x), self.targets[idx]
+
+    @property
+    def get_batch(self):
+        """get_batch(epoch, indices) -> (images float (B, 3, H, W), labels int64 (B,)): `batch(indices)`.
+
+        The Trainer reads a dataset that has this a batch at a time, without a DataLoader: one
+        normalise + resize per batch instead of one per image, the same values bit for bit (the
+        resize works on each image's plane alone). Only without augment and ten_crop (else an
+        AttributeError, so `hasattr` is False): the Trainer seeds each image's augmentation from its
+        own seed through the per-image path, which a batch call could not reproduce.
+        """
+        if self.augment or self.ten_crop:
+            raise AttributeError(f"get_batch: only without augment and ten_crop ({self!r}); the Trainer reads this "
+                                 f"dataset an image at a time")
+        return self._get_batch
+
+    def _get_batch(self, epoch: int, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch(indices)  # (without augmentation every epoch reads the same values)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if not -len(self) <= i < len(self):

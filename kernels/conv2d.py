@@ -212,18 +212,26 @@ def _conv2d_dgrad_kernel(
 
 
 @triton.jit
-def _wgrad_dy_tile(dy_ptr, co_off_dy, mask_m, k0, K, OH, OW, sdn, sdh, sdw, BLOCK_K: tl.constexpr):
-    """The weight gradient's A tile: dy' (BLOCK_M channels, BLOCK_K output positions from k0), with
-    the positions' (n, oh, ow) and mask for the x tile."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)  # output positions (n, oh, ow)
-    mask_k = offs_k < K
-    n = offs_k // (OH * OW)
-    ohw = offs_k % (OH * OW)
-    oh = ohw // OW
-    ow = ohw % OW
-    amask = mask_m[:, None] & mask_k[None, :]
-    a = tl.load(dy_ptr + co_off_dy[:, None] + (n * sdn + oh * sdh + ow * sdw)[None, :], mask=amask, other=0.0)
-    return a, n, oh, ow, mask_k
+def _positions(k_start, OH, OW, BLOCK_K: tl.constexpr):
+    """The output positions (n, oh, ow) [BLOCK_K] of the K block at k_start, and BLOCK_K as QN planes +
+    QH rows + RW columns (scalars) for _advance: the only division of the weight-gradient loops."""
+    OHW = OH * OW
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    return (offs_k // OHW, (offs_k % OHW) // OW, offs_k % OW,
+            BLOCK_K // OHW, (BLOCK_K % OHW) // OW, BLOCK_K % OW)
+
+
+@triton.jit
+def _advance(n, oh, ow, OH, OW, QN, QH, RW):
+    """(n, oh, ow) moved on by BLOCK_K positions: columns, the carry into rows, then into planes (RW < OW
+    and QH < OH, so each carry is 0 or 1)."""
+    ow += RW
+    cw = ow >= OW
+    ow = tl.where(cw, ow - OW, ow)
+    oh += QH + cw.to(tl.int32)
+    ch = oh >= OH
+    oh = tl.where(ch, oh - OH, oh)
+    return n + QN + ch.to(tl.int32), oh, ow
 
 
 @triton.jit
@@ -280,13 +288,17 @@ def _conv2d_wgrad_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     dbias = tl.zeros((BLOCK_M,), dtype=ACC)
     k_start = split * K_PER_SPLIT
+    n, oh, ow, QN, QH, RW = _positions(k_start, OH, OW, BLOCK_K)
     for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
-        a, n, oh, ow, mask_k = _wgrad_dy_tile(dy_ptr, co_off_dy, mask_m, k0, K, OH, OW, sdn, sdh, sdw, BLOCK_K)
+        mask_k = (k0 + tl.arange(0, BLOCK_K)) < K
+        a = tl.load(dy_ptr + co_off_dy[:, None] + (n * sdn + oh * sdh + ow * sdw)[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         ih = (oh * stride_h - pad_h)[:, None] + (kh * dil_h)[None, :]
         iw = (ow * stride_w - pad_w)[:, None] + (kw * dil_w)[None, :]
         bmask = mask_k[:, None] & mask_n[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         b = tl.load(x_ptr + (n * sxn)[:, None] + ci_off_x[None, :] + ih * sxh + iw * sxw, mask=bmask, other=0.0)
         acc, dbias = _wgrad_accumulate(acc, dbias, a, b, ACC, PRECISION, UPCAST)
+        n, oh, ow = _advance(n, oh, ow, OH, OW, QN, QH, RW)
 
     dw_ptrs = dw_ptr + split * C_out * CKK + ((g * Cog + offs_m) * CKK)[:, None] + offs_n[None, :]
     tl.store(dw_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
@@ -306,6 +318,7 @@ def _conv2d_wgrad_taps_kernel(
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH, KW, C_out,
+    DY_DENSE: tl.constexpr,  # sdn == OH * sdh and sdh == OW * sdw: position p of dy at p * sdw
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -334,14 +347,24 @@ def _conv2d_wgrad_taps_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     dbias = tl.zeros((BLOCK_M,), dtype=ACC)
     k_start = split * K_PER_SPLIT
+    n, oh, ow, QN, QH, RW = _positions(k_start, OH, OW, BLOCK_K)
+    if DY_DENSE:  # dy's positions are one stride apart (channels_last): position p at p * sdw
+        dy_rows = dy_ptr + co_off_dy[:, None] + (k_start + tl.arange(0, BLOCK_K))[None, :] * sdw
     for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
-        a, n, oh, ow, mask_k = _wgrad_dy_tile(dy_ptr, co_off_dy, mask_m, k0, K, OH, OW, sdn, sdh, sdw, BLOCK_K)
+        mask_k = (k0 + tl.arange(0, BLOCK_K)) < K
+        if DY_DENSE:
+            a = tl.load(dy_rows, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            dy_rows += BLOCK_K * sdw
+        else:
+            a = tl.load(dy_ptr + co_off_dy[:, None] + (n * sdn + oh * sdh + ow * sdw)[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         ih = oh * stride_h - pad_h + kh * dil_h
         iw = ow * stride_w - pad_w + kw * dil_w
         row_ok = mask_k & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         b = tl.load((x_ptr + n * sxn + ih * sxh + iw * sxw)[:, None] + ci_off_x[None, :],
                     mask=row_ok[:, None] & mask_c[None, :], other=0.0)
         acc, dbias = _wgrad_accumulate(acc, dbias, a, b, ACC, PRECISION, UPCAST)
+        n, oh, ow = _advance(n, oh, ow, OH, OW, QN, QH, RW)
 
     T = KH * KW
     dw_ptrs = (dw_ptr + split * C_out * T * Cig + ((g * Cog + offs_m) * T + tap) * Cig)[:, None] + offs_c[None, :]
@@ -429,6 +452,9 @@ def _config(kind: str, dtype: torch.dtype, m: int, n: int) -> dict:
     if kind == "wgrad":
         block_m = 128 if m > 64 else 64
         block_n = 128 if n > 64 else 64
+        # The flat kernel's per-(position, column) im2col indices: at BLOCK_K 64 bf16 spilled inside the
+        # loop (ptxas: ~1-1.7 KB, 190-260 local accesses a trip); 32 keeps the (position) state in registers.
+        block_k = 32
     if kind == "wgrad_taps":
         block_m = 128 if m > 64 else 64
         block_n = _taps_block_n(n)
@@ -686,7 +712,9 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
         common = dict(ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype, allow_tf32),
                       UPCAST=dot_upcast(dtype), **cfg)
         if taps:
-            _conv2d_wgrad_taps_kernel[(tiles, groups, split)](*args, **common)
+            sdn, _, sdh, sdw = grad_output.stride()
+            dense = sdh == OW * sdw and sdn == OH * sdh
+            _conv2d_wgrad_taps_kernel[(tiles, groups, split)](*args, DY_DENSE=dense, **common)
         else:
             _conv2d_wgrad_kernel[(tiles, groups, split)](*args, CI_FAST=ci_fast, **common)
     dw = empty(tuple(weight_shape), dtype=dtype, device=device)

@@ -257,7 +257,33 @@ WGRAD_TAPS = [
     (2, 16, 11, 11, 8, 3, 1, 2, 2, 1, 2, True, torch.float32, "channels_last", None),  # dilation 2
     (2, 24, 9, 8, 8, 3, 2, 1, 1, 1, 2, True, torch.float32, "contiguous", True),  # NCHW, forced
     (2, 24, 6, 6, 8, 1, 1, 0, 1, 1, 1, False, torch.float32, "channels_last", True),  # 1x1: one tap
+    # The positions advance by BLOCK_K (16) with carries: planes smaller than a block (3x3: a block
+    # spans images), rows longer than a block (OW 21), several splits starting mid-plane.
+    (5, 16, 5, 5, 8, 3, 1, 0, 1, 1, 2, False, torch.float32, "channels_last", None),
+    (2, 16, 4, 21, 8, 3, 1, 1, 1, 1, 3, True, torch.float32, "channels_last", None),
+    (9, 16, 3, 4, 8, 2, 1, 0, 1, 1, 4, False, torch.float32, "channels_last", None),  # 2x3 planes
 ]
+
+
+def test_weight_grad_per_tap_with_dy_in_another_layout(device):
+    """channels_last x with an NCHW or strided dy (positions not one stride apart): the per-tap kernel
+    reads dy through its strides, and gives the dense path's result."""
+    x = make_input((3, 16, 7, 6), torch.float32, device, layout="channels_last", requires_grad=False)
+    y_shape = (3, 8, 7, 6)
+    dy_cl = torch.randn(y_shape, device=device).contiguous(memory_format=torch.channels_last)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+    args = ((8, 16, 3, 3), (1, 1), (1, 1), (1, 1), 1)
+    want = K.conv2d_weight_grad(dy_cl, x, *args, split_k=2, config=cfg, taps=True)
+    wide = torch.randn(3, 8, 7, 12, device=device)[..., ::2]  # every other column: sdh != OW * sdw
+    wide.copy_(dy_cl)
+    for dy in (dy_cl.contiguous(), wide):
+        got = K.conv2d_weight_grad(dy, x, *args, split_k=2, config=cfg, taps=True)
+        for g, w in zip(got, want):
+            assert torch.allclose(g, w, rtol=1e-5, atol=1e-5)
+    xr = x.double().cpu().requires_grad_()
+    wr = torch.zeros((8, 16, 3, 3), dtype=torch.float64, requires_grad=True)
+    TF.conv2d(xr, wr, padding=1).backward(dy_cl.double().cpu())
+    assert_close(want[0], wr.grad, torch.float32, device, "grad_weight")
 
 
 @pytest.mark.parametrize("case", WGRAD_TAPS, ids=[f"taps{i}" for i in range(len(WGRAD_TAPS))])

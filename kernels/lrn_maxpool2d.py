@@ -173,17 +173,29 @@ def _xload(x_row, cb, C, sx_c, J: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _group_lo(cb, lo_b, CG, J: tl.constexpr, ONE_STEP: tl.constexpr):
+    """The first channel of the group of channel cb + J, lo_b that of cb, wherever cb + J is in cb's
+    group or a later one; for a channel in an earlier group (J < 0), whose quantities no input of the
+    thread uses (each input's terms stay in its group), any value. ONE_STEP (|J| < CG): from lo_b by
+    one comparison, no division."""
+    if ONE_STEP:
+        return lo_b + tl.where(cb - lo_b + J >= CG, CG, 0)
+    else:
+        return (tl.maximum(cb + J, 0) // CG) * CG
+
+
+@triton.jit
 def _channel_quantities(x_row, arg_w, dy_w, cb, h, w, C, CG, OH, OW, sx_c, sd_c, sd_h, sd_w, sa_c, sa_h, sa_w,
-                        a, k_, neg_beta, sign, J: tl.constexpr, SIZE: tl.constexpr,
+                        a, k_, neg_beta, sign, lo_b, J: tl.constexpr, SIZE: tl.constexpr,
                         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+                        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, ONE_STEP: tl.constexpr):
     """For the LRN outputs cc = cb + J: (s_cc, dz_cc * (x_cc * r_cc), dz_cc * r_cc), r = s^(-beta), each
     computed once and shared by the (up to SIZE) inputs of the tile whose mirror window holds cc.
 
     s_cc is kernels.lrn's window sum over cc's own group (for the inputs that use it, their group),
     in its order; dz_cc maxpool2d's gather in its order (see _routed_grad)."""
     cc = cb + J
-    g_lo = (tl.maximum(cc, 0) // CG) * CG  # cc's group (clamped: channels < 0 are never used)
+    g_lo = _group_lo(cb, lo_b, CG, J, ONE_STEP)  # cc's group (see there for cc before cb's group)
     g_hi = tl.minimum(g_lo + CG, C)
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
     x_c = acc
@@ -226,7 +238,7 @@ def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
                 sd_n, sd_c, sd_h, sd_w, sa_n, sa_c, sa_h, sa_w, sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w,
                 a, k_, neg_beta, sign, SIZE: tl.constexpr,
                 KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+                BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, ONE_STEP: tl.constexpr):
     """The unrolled backward: each thread holds 4 consecutive channels cb + v (v < 4) at one position, so
     the SIZE + 3 LRN outputs their mirror windows cover get their s, pow and pool gather once (not
     4 * SIZE times); every dx is the same expression, in the same order, as the per-input form."""
@@ -250,10 +262,10 @@ def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
     # The candidate windows (oh, ow) = (h // SH, w // SW) - (th, tw) as offsets from the first one.
     arg_w = arg_ptr + n * sa_n + cb * sa_c + (h // SH) * sa_h + (w // SW) * sa_w
     dy_w = dy_ptr + n * sd_n + cb * sd_c + (h // SH) * sd_h + (w // SW) * sd_w
-    lo0 = (cb // CG) * CG
-    lo1 = ((cb + 1) // CG) * CG
-    lo2 = ((cb + 2) // CG) * CG
-    lo3 = ((cb + 3) // CG) * CG
+    lo0 = (cb // CG) * CG  # the one division by CG: the other groups are found from it (_group_lo)
+    lo1 = _group_lo(cb, lo0, CG, 1, ONE_STEP)
+    lo2 = _group_lo(cb, lo0, CG, 2, ONE_STEP)
+    lo3 = _group_lo(cb, lo0, CG, 3, ONE_STEP)
     hi0 = tl.minimum(lo0 + CG, C)
     hi1 = tl.minimum(lo1 + CG, C)
     hi2 = tl.minimum(lo2 + CG, C)
@@ -275,8 +287,8 @@ def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
     # Mirror outputs cb + J in ascending J: each input's terms arrive in ascending offset, as there.
     for J in tl.static_range(OFF_LO, OFF_HI + 4):
         s_j, w_j, dr_j = _channel_quantities(x_row, arg_w, dy_w, cb, h, w, C, CG, OH, OW, sx_c, sd_c, sd_h, sd_w,
-                                             sa_c, sa_h, sa_w, a, k_, neg_beta, sign, J, SIZE, KH, KW, SH, SW,
-                                             BC, BLOCK_S, ACC)
+                                             sa_c, sa_h, sa_w, a, k_, neg_beta, sign, lo0, J, SIZE, KH, KW, SH, SW,
+                                             BC, BLOCK_S, ACC, ONE_STEP)
         if J <= OFF_HI:
             acc0 = _add_term(acc0, x0, s_j, w_j, cb, 0, J, lo0, hi0)
         if J - 1 >= OFF_LO:
@@ -324,6 +336,7 @@ def _lrn_maxpool2d_bwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ACC: tl.constexpr, UNROLL: tl.constexpr,
+    ONE_STEP: tl.constexpr,  # every channel offset a thread's window spans is below CG (_group_lo)
 ):
     a = _scalar(alpha_over_size, ACC)
     neg_beta = -_scalar(beta, ACC)
@@ -332,7 +345,7 @@ def _lrn_maxpool2d_bwd_kernel(
     if UNROLL:
         _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
                     sd_n, sd_c, sd_h, sd_w, sa_n, sa_c, sa_h, sa_w, sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w,
-                    a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC)
+                    a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC, ONE_STEP)
     else:
         n, c, s, c_mask, s_mask, lo, hi = _tile(N, C, H * W, CG, BLOCK_C, BLOCK_S)
         mask = c_mask & s_mask
@@ -453,6 +466,7 @@ def lrn_maxpool2d_backward(dy: torch.Tensor, x: torch.Tensor, argmax: torch.Tens
         *_lrn_consts(size, alpha, beta, k),
         SIZE=size, KH=kernel_size[0], KW=kernel_size[1], SH=stride[0], SW=stride[1],
         BLOCK_C=block_c, BLOCK_S=block_s, ACC=_common.acc_dtype(x.dtype), UNROLL=size <= MAX_UNROLL,
+        ONE_STEP=C // groups > size // 2 + 3,  # the offsets -(size-1)//2 .. size//2 + 3 of _bwd_shared
         num_warps=num_warps,
     )
     return dx

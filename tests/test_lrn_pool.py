@@ -150,6 +150,14 @@ def test_small_blocks(device, monkeypatch):
     check(make_input((2, 12, 5, 7), torch.float32, device, "channels_last"), 2, STRONG)
 
 
+@pytest.mark.parametrize("channels, groups", [(12, 2), (10, 2), (8, 8)])
+def test_group_boundary_one_step(channels, groups, device):
+    """The backward finds each channel's group from the thread's first by one comparison where every
+    offset its window spans is below the group size (6 > 5 // 2 + 3), by division otherwise (5; and 1,
+    where one comparison would give wrong groups)."""
+    check(make_input((1, channels, 7, 7), torch.float32, device, "channels_last"), groups, STRONG)
+
+
 def test_loop_path(device, monkeypatch):
     # The non-unrolled window loops (windows > MAX_UNROLL, or forced here for size 5).
     monkeypatch.setattr(K, "MAX_UNROLL", 0)

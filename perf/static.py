@@ -259,7 +259,9 @@ def _train_step(net: str, batch: int, dtype: torch.dtype, start: str) -> None:
     the gradient kernels take the masked dy (no input gradient for conv1, whose input is the image);
     LRN and the max-pool after it fused (fastalex.nn.LRNMaxPool2d; groups=2 in the paper net, one pass
     over (N, C, H, W) keeping the layout); pool5's max-pool without indices. The image starts in `start` layout (nhwc: what AlexNet feeds the kernels on a
-    GPU); every later layout is whatever the launchers and torch's reshapes return. The classifier is
+    GPU); every later layout is whatever the launchers and torch's reshapes return. The conv op runs
+    any input channels_last on a GPU, so an NCHW start converts the image once (a torch copy, not in
+    the table: 2 x 79 MB at 3.35 TB/s, ~47 us in fp32 at batch 128) and then makes the nhwc launches. The classifier is
     torch's (cuBLAS), so pool5's output gradient arrives NCHW-contiguous (flatten's backward).
     """
     from fastalex.kernels import conv2d as conv
@@ -280,7 +282,9 @@ def _train_step(net: str, batch: int, dtype: torch.dtype, start: str) -> None:
                 w = torch.empty(s.c_out, s.c_in // s.groups, s.kernel, s.kernel, **meta)
                 b = torch.empty(s.c_out, **meta)
                 geometry = ((s.stride,) * 2, (s.padding,) * 2, (1, 1), s.groups)
-                with _at(op="fwd"):
+                if not _is_channels_last(x):  # fastalex.ops.conv2d on a GPU (CHANNELS_LAST_DEVICES)
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with _at(op="fwd", layout=_layout(x)):
                     y = conv.conv2d_forward(x, w, b, *geometry, (s.out_size,) * 2, relu=True,
                                             channels_last=_is_channels_last(x), allow_tf32=True)
                 saved.append((kind, name, (x, w, y, geometry)))

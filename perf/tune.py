@@ -1,6 +1,6 @@
 """Sweep the conv kernels' launch configs at AlexNet's real shapes on a GPU, against cuDNN per GEMM.
 
-    python -m perf.tune [--batch 128] [--dtypes float32,bfloat16] [--layouts nhwc,nchw]
+    python -m perf.tune [--batch 128] [--dtypes float32,bfloat16] [--layouts nhwc[,nchw]]
                         [--kinds fwd,dgrad,wgrad,wgrad_taps] [--layers conv1,...] [--compile-workers 8]
                         [--out DIR]
 
@@ -12,7 +12,8 @@ cuDNN's own kernel for the same GEMM (aten.convolution_backward for the gradient
 take the flags fastalex.ops.conv2d gives them (memory format, tf32). Autograd runs one of the two
 weight-gradient kernels per case (kernels.conv2d.default_taps); a row's `autograd` says whether it is
 that one (the other is timed as the alternative; the per-tap kernel is not swept on NCHW inputs,
-where its channel reads are strided and autograd never picks it). Compilation
+where its channel reads are strided and autograd never picks it; on a GPU no NCHW launch is
+autograd's, since the op runs NCHW input channels_last, so --layouts defaults to nhwc). Compilation
 runs first in --compile-workers processes (Triton's on-disk cache is shared), so the timing pass,
 in one process, only times. Writes tune.json and prints the best config per case.
 """
@@ -86,12 +87,15 @@ def _tensors(s, dtype: str, layout: str, batch: int):
 def _calls(s, kind, x, w, b, y, dy):
     """(fastalex(config, split) callable, cuDNN callable, whether autograd makes this launch) for one GEMM."""
     from fastalex.kernels import conv2d as K
-    from fastalex.ops.conv2d import _channels_last
+    from fastalex.ops.conv2d import CHANNELS_LAST_DEVICES, _channels_last
 
     st, pad, dil = (s.stride,) * 2, (s.padding,) * 2, (1, 1)
     cl = _channels_last(x)  # the output's (and the input gradient's) memory format, as the op picks it
     tf32 = torch.backends.cudnn.allow_tf32
     autograd = not kind.startswith("wgrad") or (kind == "wgrad_taps") == K.default_taps(x, w.shape)
+    # On a GPU the op runs NCHW input channels_last (CHANNELS_LAST_DEVICES): its NCHW launches are
+    # only the alternative there, timed for comparison.
+    autograd = autograd and (cl or torch.device(DEVICE).type not in CHANNELS_LAST_DEVICES)
     if kind == "fwd":
         def fast(cfg, split=None):
             return K.conv2d_forward(x, w, b, st, pad, dil, s.groups, y.shape[2:], True, cl, tf32, config=cfg)
@@ -150,7 +154,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--dtypes", type=lambda t: t.split(","), default="float32,bfloat16")
-    p.add_argument("--layouts", type=lambda t: t.split(","), default="nhwc,nchw")
+    p.add_argument("--layouts", type=lambda t: t.split(","), default="nhwc")  # nchw: what autograd no longer runs on a GPU
     p.add_argument("--kinds", type=lambda t: t.split(","), default="fwd,dgrad,wgrad,wgrad_taps")
     p.add_argument("--layers", type=lambda t: t.split(","), default=None)
     p.add_argument("--compile-workers", type=int, default=8)

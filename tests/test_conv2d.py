@@ -78,6 +78,28 @@ def test_layouts(device, cfg, layout):
         assert x.grad.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
+@pytest.mark.parametrize("cfg", [ALEXNET[0], ALEXNET[3]], ids=["conv1", "conv4"])
+def test_gpu_layout_routes_through_channels_last(device, cfg, layout, monkeypatch):
+    """On a GPU (CHANNELS_LAST_DEVICES) an NCHW or strided input runs on the channels_last kernels:
+    the launches see channels-contiguous x, the output comes back channels_last, and values and
+    gradients (the input's in its own layout) match float64."""
+    import fastalex.ops.conv2d as op
+
+    monkeypatch.setattr(op, "CHANNELS_LAST_DEVICES", (torch.device(device).type,))
+    seen = []
+    forward = K.conv2d_forward
+    monkeypatch.setattr(K, "conv2d_forward", lambda x, *a, **kw: seen.append(x.stride()) or forward(x, *a, **kw))
+    _, N, C, H, W, Co, k, s, p, g, _ = cfg
+    x = make_input((N, C, H, W), torch.float32, device, layout=layout, requires_grad=True)
+    w = make_input((Co, C // g, k, k), torch.float32, device, scale=0.2)
+    b = make_input((Co,), torch.float32, device)
+    y = _check(device, torch.float32, x, w, b, stride=s, padding=p, groups=g)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert seen and seen[0][1] == 1  # the forward launch read channels-contiguous x
+    assert x.grad.shape == x.shape
+
+
 ODD = [
     # (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups, relu, bias)
     (1, 3, 10, 7, 5, (3, 5), 1, 0, 1, 1, True, True),
@@ -632,6 +654,11 @@ def test_tune_times_the_launches_autograd_makes(layout, monkeypatch):
                 marked.append(kind)
                 fast(None)
     assert marked == ["fwd", "dgrad", "wgrad_taps" if layout == "nhwc" else "wgrad"]
+    # On a GPU the op runs NCHW input channels_last: none of the NCHW launches is autograd's there.
+    monkeypatch.setattr(tune, "DEVICE", "cuda")
+    on_gpu = [k for k in ("fwd", "dgrad", "wgrad", "wgrad_taps") if tune._calls(s, k, x, w, b, y, dy)[2]]
+    assert on_gpu == (marked if layout == "nhwc" else [])
+    monkeypatch.setattr(tune, "DEVICE", "cpu")
     xa, wa, ba = (t.detach().clone().requires_grad_() for t in (x, w, b))
     with static.intercept() as trained, fastalex.backend("triton"):
         F.conv2d_relu(xa, wa, ba, s.stride, s.padding).backward(dy)

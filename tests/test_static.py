@@ -142,3 +142,13 @@ def test_refuses_the_interpreter():
     out = subprocess.run([sys.executable, "-m", "perf.static", "--limit", "1"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "TRITON_INTERPRET" in out.stderr
+
+
+def test_nchw_start_runs_the_channels_last_launches():
+    """The conv op runs any input channels_last on a GPU; the model mirrors it, so a step whose image
+    starts NCHW makes the same conv launches as one that starts NHWC (the image converted once)."""
+    launches = static.collect(batch=2, dtypes=("fp32",), nets=("single",))
+    convs = [ln for ln in launches if ln.context["kind"].startswith("conv-")]
+    assert convs and {ln.context["layout"] for ln in convs} == {"nhwc"}
+    by_start = {s: [static._describe(ln.args) for ln in convs if ln.context["start"] == s] for s in ("nhwc", "nchw")}
+    assert by_start["nchw"] == by_start["nhwc"]

@@ -29,6 +29,12 @@ def _channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+# Devices whose other layouts run on the channels_last kernels after one conversion of the input: on
+# a GPU the kernels read channels-contiguous tiles with 16-byte copies, while NCHW strides spill
+# registers and reach a fraction of the issue rate (perf/NOTES.md, "NCHW through channels_last").
+CHANNELS_LAST_DEVICES = ("cuda",)
+
+
 # ---------------------------------------------------------------------------------------------
 # Custom ops
 
@@ -141,7 +147,9 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     """torch.nn.functional.conv2d, with `activation="relu"` fused into the epilogue.
 
     input (N, C_in, H, W) or unbatched (C_in, H, W); weight (C_out, C_in/groups, KH, KW); bias (C_out,).
-    Returns (N, C_out, OH, OW) (or (C_out, OH, OW)), in input's memory format.
+    Returns (N, C_out, OH, OW) (or (C_out, OH, OW)), in input's memory format, except on a GPU with
+    the Triton backend: there any input runs channels_last (one conversion of the input, none of the
+    output), so the output is channels_last, as cuDNN's is for a channels_last input.
     """
     check_float_tensor(input, "input", dims=(3, 4))
     check_float_tensor(weight, "weight", dims=(4,))
@@ -190,6 +198,9 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
                                        dilation_, groups)
         return torch.relu(y) if activation == "relu" else y
 
+    if x.device.type in CHANNELS_LAST_DEVICES and not _channels_last(x):
+        # One conversion here; the output (and so the next layer's input) is channels_last.
+        x = x.contiguous(memory_format=torch.channels_last)
     y = _conv2d_op(x, weight, bias, list(stride_), list(front), list(dilation_), groups, output_size,
                    activation == "relu")
     return y.squeeze(0) if unbatched else y

@@ -65,6 +65,7 @@ def _conv2d_fwd_kernel(
     KH, KW,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, TAP_BLOCKS: tl.constexpr,  # TAP_BLOCKS: Cig % BLOCK_K == 0
     ROW_BLOCKS: tl.constexpr,  # a K block is one kernel row: (kw, c) contiguous in x and w, KW*Cig <= BLOCK_K
+    IN_BOUNDS: tl.constexpr,  # no padding: every tap of every output position lies in x (_in_bounds)
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -102,11 +103,14 @@ def _conv2d_fwd_kernel(
         a_rows = x_rows + iw0 * sxw  # sxw == Cig, sxc == 1
         for kh in range(0, KH):
             ih = ih0 + kh * dil_h
-            row_ok = mask_m & (ih >= 0) & (ih < H)
-            # (recomputed each row: cheaper than holding a BLOCK_M x BLOCK_K mask in registers)
-            col = col0[:, None] + j[None, :]
-            col_ok = (col >= 0) & (col < W * Cig) & j_ok[None, :]
-            a = tl.load((a_rows + ih * sxh)[:, None] + j[None, :], mask=row_ok[:, None] & col_ok, other=0.0)
+            if IN_BOUNDS:  # (conv1: no padding) only the ragged M block and the row's padding to BLOCK_K
+                amask = mask_m[:, None] & j_ok[None, :]
+            else:
+                row_ok = mask_m & (ih >= 0) & (ih < H)
+                # (recomputed each row: cheaper than holding a BLOCK_M x BLOCK_K mask in registers)
+                col = col0[:, None] + j[None, :]
+                amask = row_ok[:, None] & (col >= 0) & (col < W * Cig) & j_ok[None, :]
+            a = tl.load((a_rows + ih * sxh)[:, None] + j[None, :], mask=amask, other=0.0)
             b = tl.load(w_cols[None, :] + (kh * swh + j)[:, None], mask=j_ok[:, None] & mask_n[None, :], other=0.0)
             acc = _dot(acc, a, b, ACC, PRECISION, UPCAST)
     else:
@@ -120,7 +124,10 @@ def _conv2d_fwd_kernel(
                 c = k0 - tap * Cig + tl.arange(0, BLOCK_K)
                 ih = ih0 + kh * dil_h
                 iw = iw0 + kw * dil_w
-                row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                if IN_BOUNDS:
+                    row_ok = mask_m
+                else:
+                    row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 a = tl.load((x_rows + ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :], mask=row_ok[:, None],
                             other=0.0)
                 b = tl.load(w_cols[None, :] + (c * swc + kh * swh + kw * sww)[:, None], mask=mask_n[None, :],
@@ -134,7 +141,9 @@ def _conv2d_fwd_kernel(
                 kw = tap % KW
                 ih = ih0[:, None] + (kh * dil_h)[None, :]
                 iw = iw0[:, None] + (kw * dil_w)[None, :]
-                amask = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                amask = mask_m[:, None] & mask_k[None, :]
+                if not IN_BOUNDS:
+                    amask = amask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 a = tl.load(x_rows[:, None] + (c * sxc)[None, :] + ih * sxh + iw * sxw, mask=amask, other=0.0)
                 b = tl.load(w_cols[None, :] + (c * swc + kh * swh + kw * sww)[:, None],
                             mask=mask_k[:, None] & mask_n[None, :], other=0.0)
@@ -256,6 +265,8 @@ def _conv2d_wgrad_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH, KW, C_out,
     CI_FAST: tl.constexpr,
+    IN_BOUNDS: tl.constexpr,  # no padding: every tap of every output position lies in x (_in_bounds)
+    DY_DENSE: tl.constexpr,  # as in _conv2d_wgrad_taps_kernel
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -283,7 +294,9 @@ def _conv2d_wgrad_kernel(
         kh = (offs_n % (KH * KW)) // KW
         kw = offs_n % KW
     co_off_dy = (g * Cog + offs_m) * sdc
-    ci_off_x = (g * Cig + ci) * sxc
+    # x at (position, column) = x_ptr + row offset (position's window corner) + column offset (the
+    # tap and channel): one add per element, the multiplies 1-D.
+    col_off = (g * Cig + ci) * sxc + (kh * dil_h) * sxh + (kw * dil_w) * sxw
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     dbias = tl.zeros((BLOCK_M,), dtype=ACC)
@@ -291,12 +304,20 @@ def _conv2d_wgrad_kernel(
     n, oh, ow, QN, QH, RW = _positions(k_start, OH, OW, BLOCK_K)
     for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
         mask_k = (k0 + tl.arange(0, BLOCK_K)) < K
-        a = tl.load(dy_ptr + co_off_dy[:, None] + (n * sdn + oh * sdh + ow * sdw)[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        ih = (oh * stride_h - pad_h)[:, None] + (kh * dil_h)[None, :]
-        iw = (ow * stride_w - pad_w)[:, None] + (kw * dil_w)[None, :]
-        bmask = mask_k[:, None] & mask_n[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        b = tl.load(x_ptr + (n * sxn)[:, None] + ci_off_x[None, :] + ih * sxh + iw * sxw, mask=bmask, other=0.0)
+        if DY_DENSE:
+            a = tl.load(dy_ptr + k0 * sdw + (co_off_dy[:, None] + tl.arange(0, BLOCK_K)[None, :] * sdw),
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        else:
+            a = tl.load(dy_ptr + co_off_dy[:, None] + (n * sdn + oh * sdh + ow * sdw)[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        ih0 = oh * stride_h - pad_h
+        iw0 = ow * stride_w - pad_w
+        bmask = mask_k[:, None] & mask_n[None, :]
+        if not IN_BOUNDS:
+            ih = ih0[:, None] + (kh * dil_h)[None, :]
+            iw = iw0[:, None] + (kw * dil_w)[None, :]
+            bmask = bmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        b = tl.load(x_ptr + (n * sxn + ih0 * sxh + iw0 * sxw)[:, None] + col_off[None, :], mask=bmask, other=0.0)
         acc, dbias = _wgrad_accumulate(acc, dbias, a, b, ACC, PRECISION, UPCAST)
         n, oh, ow = _advance(n, oh, ow, OH, OW, QN, QH, RW)
 
@@ -319,6 +340,7 @@ def _conv2d_wgrad_taps_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH, KW, C_out,
     DY_DENSE: tl.constexpr,  # sdn == OH * sdh and sdh == OW * sdw: position p of dy at p * sdw
+    IN_BOUNDS: tl.constexpr,  # no padding: every tap of every output position lies in x (_in_bounds)
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -358,7 +380,9 @@ def _conv2d_wgrad_taps_kernel(
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         ih = oh * stride_h - pad_h + kh * dil_h
         iw = ow * stride_w - pad_w + kw * dil_w
-        row_ok = mask_k & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        row_ok = mask_k
+        if not IN_BOUNDS:
+            row_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         b = tl.load((x_ptr + n * sxn + ih * sxh + iw * sxw)[:, None] + ci_off_x[None, :],
                     mask=row_ok[:, None] & mask_c[None, :], other=0.0)
         acc, dbias = _wgrad_accumulate(acc, dbias, a, b, ACC, PRECISION, UPCAST)
@@ -377,14 +401,18 @@ def _sum_splits_kernel(
     p_ptr,  # (SPLIT, L) partial sums
     out_ptr,  # (L,) contiguous
     L, SPLIT,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # Sums the split-K partials in a fixed order, so the weight gradient is deterministic.
+    # Sums the split-K partials in a fixed order (BLOCK_S splits a step, each step a fixed tree), so the
+    # weight gradient is deterministic; a step's loads are all in flight at once, where one split a
+    # step would wait a memory latency per split (conv1 splits 88 ways).
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < L
-    acc = tl.load(p_ptr + offs, mask=mask, other=0.0)
-    for s in range(1, SPLIT):
-        acc += tl.load(p_ptr + s * L + offs, mask=mask, other=0.0)
+    acc = tl.zeros([BLOCK], dtype=p_ptr.dtype.element_ty)
+    for s0 in range(0, SPLIT, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        t = tl.load(p_ptr + s[:, None] * L + offs[None, :], mask=(s < SPLIT)[:, None] & mask[None, :], other=0.0)
+        acc += tl.sum(t, axis=0)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -393,7 +421,7 @@ def _sum_splits_to_weight_kernel(
     p_ptr,  # (SPLIT, C_out, T, Cig) partials, T = KH*KW taps, ci fastest
     out_ptr,  # (C_out, Cig, T) contiguous: the weight's layout
     R, T, Cig, SPLIT,  # R = C_out*T rows (co, tap) of Cig channels
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # _sum_splits_kernel's fixed-order sum (deterministic), then (co, tap, ci) -> (co, ci, tap).
     # A 2-D tile so both the reads (along ci) and the writes (along tap) stay contiguous.
@@ -402,9 +430,12 @@ def _sum_splits_to_weight_kernel(
     mask = (offs_r < R)[:, None] & (offs_c < Cig)[None, :]
     src = offs_r[:, None] * Cig + offs_c[None, :]
     L = R * Cig
-    acc = tl.load(p_ptr + src, mask=mask, other=0.0)
-    for s in range(1, SPLIT):
-        acc += tl.load(p_ptr + s * L + src, mask=mask, other=0.0)
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=p_ptr.dtype.element_ty)
+    for s0 in range(0, SPLIT, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        t = tl.load(p_ptr + (s * L)[:, None, None] + src[None, :, :],
+                    mask=(s < SPLIT)[:, None, None] & mask[None, :, :], other=0.0)
+        acc += tl.sum(t, axis=0)
     co = offs_r // T
     tap = offs_r % T
     dst = (co * (Cig * T) + tap)[:, None] + (offs_c * T)[None, :]
@@ -503,7 +534,9 @@ def _split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
     if is_interpreting():
         return 1
     want = max(1, (2 * _num_sms(device)) // max(tiles, 1))
-    return max(1, min(want, k_blocks // 8 if k_blocks >= 16 else 1, 64))
+    # At most 128 ways (conv1's 3 tiles take 88: two full waves on 132 SMs; the partials, 12 MB, cost
+    # less than the third of a wave a 64-way split leaves idle); at least 8 K blocks a split.
+    return max(1, min(want, k_blocks // 8 if k_blocks >= 16 else 1, 128))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -515,6 +548,14 @@ def _assert_geometry(stride, padding, dilation, groups, C_out: int) -> None:
     (fastalex.ops.conv2d checks them for users and raises)."""
     assert len(stride) == len(padding) == len(dilation) == 2 and min(*stride, *dilation) >= 1 and min(padding) >= 0
     assert isinstance(groups, int) and groups >= 1 and C_out % groups == 0, f"groups={groups}, C_out={C_out}"
+
+
+def _in_bounds(H: int, W: int, OH: int, OW: int, KH: int, KW: int, stride, padding, dilation) -> bool:
+    """Whether every tap of every output position lies inside the (H, W) input: no top/left padding and
+    the last window's last tap within the image (no bottom/right padding reached either, as 'same'
+    with an even kernel would). The kernels then skip the per-element padding tests."""
+    return (padding[0] == 0 and padding[1] == 0
+            and (OH - 1) * stride[0] + (KH - 1) * dilation[0] < H and (OW - 1) * stride[1] + (KW - 1) * dilation[1] < W)
 
 
 def _row_blocks(x, weight, dilation, tap_blocks: bool, cfg: dict, widen: bool) -> tuple[bool, dict]:
@@ -587,6 +628,7 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH, KW,
         HAS_BIAS=bias is not None, RELU=relu, TAP_BLOCKS=tap_blocks, ROW_BLOCKS=row_blocks,
+        IN_BOUNDS=_in_bounds(H, W, OH, OW, KH, KW, stride, padding, dilation),
         ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, allow_tf32), UPCAST=dot_upcast(x.dtype),
         **cfg,
     )
@@ -710,24 +752,34 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
                 *grad_output.stride(), *x.stride(),
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
                 KH, KW, C_out)
-        common = dict(ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype, allow_tf32),
-                      UPCAST=dot_upcast(dtype), **cfg)
+        sdn, _, sdh, sdw = grad_output.stride()
+        common = dict(DY_DENSE=sdh == OW * sdw and sdn == OH * sdh,
+                      IN_BOUNDS=_in_bounds(H, W, OH, OW, KH, KW, stride, padding, dilation),
+                      ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype, allow_tf32), UPCAST=dot_upcast(dtype), **cfg)
         if taps:
-            sdn, _, sdh, sdw = grad_output.stride()
-            dense = sdh == OW * sdw and sdn == OH * sdh
-            _conv2d_wgrad_taps_kernel[(tiles, groups, split)](*args, DY_DENSE=dense, **common)
+            _conv2d_wgrad_taps_kernel[(tiles, groups, split)](*args, **common)
         else:
             _conv2d_wgrad_kernel[(tiles, groups, split)](*args, CI_FAST=ci_fast, **common)
     dw = empty(tuple(weight_shape), dtype=dtype, device=device)
     db = empty((C_out,), dtype=dtype, device=device)
     parts = ((dw_part, dw), (db_part, db))
+    # The sums take up to 4096 partials a step (_sum_blocks).
     if ci_fast and Cig > 1 and T > 1:
-        br, bc = 32, 32
+        # Tiles of 128-256 (row, channel) pairs: reads along ci, writes along the taps (conv1's 3
+        # channels take 4 columns, not 32).
+        bc = max(4, min(32, next_pow2(Cig)))
+        br = max(8, 128 // bc)
         _sum_splits_to_weight_kernel[(triton.cdiv(C_out * T, br), triton.cdiv(Cig, bc))](
-            dw_part, dw, C_out * T, T, Cig, split, BLOCK_R=br, BLOCK_C=bc)
+            dw_part, dw, C_out * T, T, Cig, split, BLOCK_R=br, BLOCK_C=bc, BLOCK_S=_sum_blocks(split, br * bc))
         parts = parts[1:]
     for part, out in parts:
         L = out.numel()
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(L, block),)](part, out, L, split, BLOCK=block)
+        block = max(16, min(1024, next_pow2(L) // 8))  # the biases (L = C_out) over 8 programs or more
+        _sum_splits_kernel[(triton.cdiv(L, block),)](part, out, L, split, BLOCK=block,
+                                                      BLOCK_S=_sum_blocks(split, block))
     return dw, db
+
+
+def _sum_blocks(split: int, block: int) -> int:
+    """Splits a step of the partial sums: all of them where a step stays within 4096 elements."""
+    return max(1, min(next_pow2(split), 4096 // block))

@@ -111,6 +111,7 @@ ODD = [
     (2, 2, 13, 13, 3, 5, 3, 1, 1, 1, True, True),  # stride 3: only some taps reach each input pixel
     (1, 40, 5, 5, 70, 1, 1, 0, 1, 1, True, True),  # channel counts over one block, 1x1 kernel
     (2, 8, 5, 5, 16, 3, 1, 1, 1, 8, True, True),  # depthwise-like: one input channel per group
+    (2, 3, 7, 6, 4, (1, 2), 1, "same", 1, 1, True, True),  # no top/left padding, one column at the right
 ]
 
 
@@ -122,6 +123,15 @@ def test_odd_shapes(device, case):
     w = make_input((Co, C // g, *k), torch.float32, device, scale=0.3)
     b = make_input((Co,), torch.float32, device) if bias else None
     _check(device, torch.float32, x, w, b, relu=relu, stride=s, padding=p, dilation=d, groups=g)
+
+
+def test_in_bounds():
+    """The kernels skip the padding tests only where no tap of any output position leaves the image."""
+    assert K._in_bounds(227, 227, 55, 55, 11, 11, (4, 4), (0, 0), (1, 1))  # conv1
+    assert not K._in_bounds(27, 27, 27, 27, 5, 5, (1, 1), (2, 2), (1, 1))  # conv2: padding 2
+    assert not K._in_bounds(7, 6, 7, 6, 1, 2, (1, 1), (0, 0), (1, 1))  # 'same', even kernel: the right column
+    assert K._in_bounds(7, 6, 7, 5, 1, 2, (1, 1), (0, 0), (1, 1))  # 'valid'
+    assert not K._in_bounds(9, 9, 3, 3, 3, 3, (2, 2), (0, 0), (3, 3))  # dilated: (3-1)*2 + (3-1)*3 = 10 > 8
 
 
 def test_unbatched(device):

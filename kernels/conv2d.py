@@ -66,6 +66,7 @@ def _conv2d_fwd_kernel(
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, TAP_BLOCKS: tl.constexpr,  # TAP_BLOCKS: Cig % BLOCK_K == 0
     ROW_BLOCKS: tl.constexpr,  # a K block is one kernel row: (kw, c) contiguous in x and w, KW*Cig <= BLOCK_K
     IN_BOUNDS: tl.constexpr,  # no padding: every tap of every output position lies in x (_in_bounds)
+    Y_DENSE: tl.constexpr,  # syn == OH * syh and syh == OW * syw (channels_last): position m of y at m * syw
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -155,7 +156,13 @@ def _conv2d_fwd_kernel(
     if RELU:
         # Not tl.maximum: on the GPU it drops NaN, and torch's relu keeps it.
         acc = tl.where(acc < 0, tl.zeros_like(acc), acc)
-    y_ptrs = (y_ptr + n * syn + (ohw // OW) * syh + (ohw % OW) * syw)[:, None] + ((g * Cog + offs_n) * syc)[None, :]
+    if Y_DENSE:
+        # The row offsets from offs_m alone: (n, oh, ow) need not stay live across the loop (at
+        # 256x128 bf16 they were what spilled).
+        y_rows = offs_m * syw
+    else:
+        y_rows = n * syn + (ohw // OW) * syh + (ohw % OW) * syw
+    y_ptrs = (y_ptr + y_rows)[:, None] + ((g * Cog + offs_n) * syc)[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -244,9 +251,32 @@ def _advance(n, oh, ow, OH, OW, QN, QH, RW):
 
 
 @triton.jit
-def _wgrad_accumulate(acc, dbias, a, b, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc += a @ b and dbias += the rows of a, in the accumulator dtype."""
-    dbias += tl.sum(a.to(ACC), axis=1)
+def _bias_zeros(BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, BIAS_2D: tl.constexpr):
+    """The bias sums' accumulator: (BLOCK_M,), or (BLOCK_M, BLOCK_K) reduced after the loop (BIAS_2D)."""
+    if BIAS_2D:
+        return tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+    else:
+        return tl.zeros((BLOCK_M,), dtype=ACC)
+
+
+@triton.jit
+def _bias_sums(dbias, BIAS_2D: tl.constexpr):
+    if BIAS_2D:
+        return tl.sum(dbias, axis=1)
+    else:
+        return dbias
+
+
+@triton.jit
+def _wgrad_accumulate(acc, dbias, a, b, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                      BIAS_2D: tl.constexpr):
+    """acc += a @ b and dbias += the rows of a (BIAS_2D: += a, one add an element instead of a
+    reduction across lanes each trip, for a BLOCK_M x BLOCK_K accumulator's registers), in the
+    accumulator dtype."""
+    if BIAS_2D:
+        dbias += a.to(ACC)
+    else:
+        dbias += tl.sum(a.to(ACC), axis=1)
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -267,6 +297,7 @@ def _conv2d_wgrad_kernel(
     CI_FAST: tl.constexpr,
     IN_BOUNDS: tl.constexpr,  # no padding: every tap of every output position lies in x (_in_bounds)
     DY_DENSE: tl.constexpr,  # as in _conv2d_wgrad_taps_kernel
+    BIAS_2D: tl.constexpr,  # see _wgrad_accumulate
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -299,7 +330,7 @@ def _conv2d_wgrad_kernel(
     col_off = (g * Cig + ci) * sxc + (kh * dil_h) * sxh + (kw * dil_w) * sxw
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    dbias = tl.zeros((BLOCK_M,), dtype=ACC)
+    dbias = _bias_zeros(BLOCK_M, BLOCK_K, ACC, BIAS_2D)
     k_start = split * K_PER_SPLIT
     n, oh, ow, QN, QH, RW = _positions(k_start, OH, OW, BLOCK_K)
     for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
@@ -318,14 +349,14 @@ def _conv2d_wgrad_kernel(
             iw = iw0[:, None] + (kw * dil_w)[None, :]
             bmask = bmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         b = tl.load(x_ptr + (n * sxn + ih0 * sxh + iw0 * sxw)[:, None] + col_off[None, :], mask=bmask, other=0.0)
-        acc, dbias = _wgrad_accumulate(acc, dbias, a, b, ACC, PRECISION, UPCAST)
+        acc, dbias = _wgrad_accumulate(acc, dbias, a, b, ACC, PRECISION, UPCAST, BIAS_2D)
         n, oh, ow = _advance(n, oh, ow, OH, OW, QN, QH, RW)
 
     dw_ptrs = dw_ptr + split * C_out * CKK + ((g * Cog + offs_m) * CKK)[:, None] + offs_n[None, :]
     tl.store(dw_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
     # Every column block computed the same bias sums; the first one writes them.
     if pid_n == 0:
-        tl.store(db_ptr + split * C_out + g * Cog + offs_m, dbias, mask=mask_m)
+        tl.store(db_ptr + split * C_out + g * Cog + offs_m, _bias_sums(dbias, BIAS_2D), mask=mask_m)
 
 
 @triton.jit
@@ -341,6 +372,7 @@ def _conv2d_wgrad_taps_kernel(
     KH, KW, C_out,
     DY_DENSE: tl.constexpr,  # sdn == OH * sdh and sdh == OW * sdw: position p of dy at p * sdw
     IN_BOUNDS: tl.constexpr,  # no padding: every tap of every output position lies in x (_in_bounds)
+    BIAS_2D: tl.constexpr,  # see _wgrad_accumulate
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -367,7 +399,7 @@ def _conv2d_wgrad_taps_kernel(
     ci_off_x = (g * Cig + offs_c) * sxc
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    dbias = tl.zeros((BLOCK_M,), dtype=ACC)
+    dbias = _bias_zeros(BLOCK_M, BLOCK_K, ACC, BIAS_2D)
     k_start = split * K_PER_SPLIT
     n, oh, ow, QN, QH, RW = _positions(k_start, OH, OW, BLOCK_K)
     for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
@@ -385,7 +417,7 @@ def _conv2d_wgrad_taps_kernel(
             row_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         b = tl.load((x_ptr + n * sxn + ih * sxh + iw * sxw)[:, None] + ci_off_x[None, :],
                     mask=row_ok[:, None] & mask_c[None, :], other=0.0)
-        acc, dbias = _wgrad_accumulate(acc, dbias, a, b, ACC, PRECISION, UPCAST)
+        acc, dbias = _wgrad_accumulate(acc, dbias, a, b, ACC, PRECISION, UPCAST, BIAS_2D)
         n, oh, ow = _advance(n, oh, ow, OH, OW, QN, QH, RW)
 
     T = KH * KW
@@ -393,7 +425,7 @@ def _conv2d_wgrad_taps_kernel(
     tl.store(dw_ptrs, acc, mask=mask_m[:, None] & mask_c[None, :])
     # Every (tap, ci block) computed the same bias sums; the first one writes them.
     if pid // num_m == 0:
-        tl.store(db_ptr + split * C_out + g * Cog + offs_m, dbias, mask=mask_m)
+        tl.store(db_ptr + split * C_out + g * Cog + offs_m, _bias_sums(dbias, BIAS_2D), mask=mask_m)
 
 
 @triton.jit
@@ -487,13 +519,18 @@ def _config(kind: str, dtype: torch.dtype, m: int, n: int) -> dict:
     if kind == "wgrad_taps":
         # 256 output channels a tile where there are as many: twice the MMA work a trip for 1.5x the
         # loads, whose per-element address math bounds the loop (perf.static: ceiling 0.68 -> 1.0 fp32,
-        # 0.57 -> 0.92 bf16; fp32 keeps 24 bytes of spills, outside the loop).
+        # 0.57 -> 0.92 bf16).
         block_m = 256 if m >= 256 else (128 if m > 64 else 64)
         block_n = _taps_block_n(n)
+    stages = 3
+    if kind == "wgrad_taps" and block_m == 256 and not small:
+        # fp32 at BLOCK_K 32 kept 24 bytes of spills (255 registers); 16 a step, 4 deep: 242 registers,
+        # none spilled, ceiling 0.96 (perf.static).
+        block_k, stages = 16, 4
     if dtype == torch.float64:
         block_m, block_n, block_k = min(block_m, 64), min(block_n, 64), 16
     cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_m * block_n >= 128 * 128 else 4,
-               num_stages=3)
+               num_stages=stages)
     check_config(cfg, dtype)
     return cfg
 
@@ -575,11 +612,13 @@ def _row_blocks(x, weight, dilation, tap_blocks: bool, cfg: dict, widen: bool) -
         if not widen:
             return False, cfg
         # perf.static on sm_90 (conv1, 128 images): 128x64 with 4 warps keeps spills out of the loop
-        # (128x128 x 8 warps: 10-30 local accesses a trip); issue-bound ceiling 0.73 fp32 / 0.43 bf16,
-        # against 0.18 / 0.13 on the flat path (predicted 417 -> 106 us fp32, 307 -> 90 us bf16).
-        cfg = dict(BLOCK_M=min(cfg["BLOCK_M"], 128), BLOCK_N=min(cfg["BLOCK_N"], 64), BLOCK_K=max(16, next_pow2(row)),
-                   num_warps=4, num_stages=3)
+        # (128x128 x 8 warps: 10-30 local accesses a trip); issue-bound ceiling 1.0 fp32 (no padding
+        # tests: IN_BOUNDS), against 0.18 on the flat path (predicted 417 -> 77 us). 16-bit types take
+        # 256x64 with 8 warps: 180 registers, no spills, ceiling 0.65 (128x64: 12 B of spills, 0.56).
         elem = torch.empty((), dtype=x.dtype).element_size()
+        block_m = min(cfg["BLOCK_M"], 256 if elem == 2 else 128)
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=min(cfg["BLOCK_N"], 64), BLOCK_K=max(16, next_pow2(row)),
+                   num_warps=8 if block_m == 256 else 4, num_stages=3)
         while cfg["num_stages"] > 1 and cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem > SMEM_LIMIT:
             cfg["num_stages"] -= 1
         check_config(cfg, x.dtype)
@@ -629,6 +668,7 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
         KH, KW,
         HAS_BIAS=bias is not None, RELU=relu, TAP_BLOCKS=tap_blocks, ROW_BLOCKS=row_blocks,
         IN_BOUNDS=_in_bounds(H, W, OH, OW, KH, KW, stride, padding, dilation),
+        Y_DENSE=y.stride(0) == OH * y.stride(2) and y.stride(2) == OW * y.stride(3),
         ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, allow_tf32), UPCAST=dot_upcast(x.dtype),
         **cfg,
     )
@@ -753,7 +793,11 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
                 KH, KW, C_out)
         sdn, _, sdh, sdw = grad_output.stride()
-        common = dict(DY_DENSE=sdh == OW * sdw and sdn == OH * sdh,
+        # The bias sums a trip's dy tile into a 2-D accumulator where the registers allow (16-bit
+        # types, tiles up to 128x128; perf.static: bf16 conv1 0.23 -> 0.27, the paper net's grouped
+        # layers 0.45 -> 0.52, no spills; fp32 and the 256-row tiles spilled with it).
+        bias_2d = dtype in (torch.float16, torch.bfloat16) and cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 128 * 128
+        common = dict(DY_DENSE=sdh == OW * sdw and sdn == OH * sdh, BIAS_2D=bias_2d,
                       IN_BOUNDS=_in_bounds(H, W, OH, OW, KH, KW, stride, padding, dilation),
                       ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype, allow_tf32), UPCAST=dot_upcast(dtype), **cfg)
         if taps:

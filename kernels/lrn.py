@@ -33,6 +33,17 @@ import triton.language as tl
 
 from fastalex.kernels import _common
 
+try:  # (Triton >= 3.0; the interpreter cannot run library calls, so it never takes them)
+    from triton.language.extra import libdevice as _libdevice
+except ImportError:  # pragma: no cover
+    _libdevice = None
+
+# On a GPU the fp32 power takes the hardware log2 (MUFU.LG2, lg2.approx: absolute error < 2^-22 in
+# log2 s, so s^e is within a few ulps) instead of libdevice's accurate log2f, a ~30-instruction
+# polynomial that made every LRN kernel instruction-bound (perf/NOTES.md). exp2 is already MUFU.EX2.
+# The interpreter, which cannot call libdevice, keeps tl.log2.
+FAST_LOG2: tl.constexpr = tl.constexpr(_libdevice is not None and not _common.is_interpreting())
+
 # Windows up to this size are unrolled (the backward then holds SIZE^2 + SIZE loads); larger ones
 # (rare: AlexNet, GoogLeNet and Caffe use 5) run as loops so compile time does not grow with SIZE^2.
 MAX_UNROLL = 9
@@ -68,7 +79,10 @@ def _pow(s, e, neg_sign):
     """s ** e with C pow's special cases (as torch.pow): s ** 0 = 1 (even NaN), 0 ** e>0 = 0,
     0 ** e<0 = inf, inf ** e>0 = inf, inf ** e<0 = 0, NaN propagates, and s < 0 gives
     |s| ** e * neg_sign, where neg_sign is NaN (e not an integer), 1 (e even) or -1 (e odd)."""
-    mag = tl.exp2(e * tl.log2(tl.abs(s)))
+    if FAST_LOG2 and s.dtype == tl.float32:
+        mag = tl.exp2(e * _libdevice.fast_log2f(tl.abs(s)))
+    else:
+        mag = tl.exp2(e * tl.log2(tl.abs(s)))
     mag = tl.where(e == 0, 1.0, mag)
     return tl.where(s < 0, mag * neg_sign, mag)
 

@@ -268,15 +268,20 @@ def _bias_sums(dbias, BIAS_2D: tl.constexpr):
 
 
 @triton.jit
+def _bias_add(dbias, a, ACC: tl.constexpr, BIAS_2D: tl.constexpr):
+    if BIAS_2D:
+        return dbias + a.to(ACC)
+    else:
+        return dbias + tl.sum(a.to(ACC), axis=1)
+
+
+@triton.jit
 def _wgrad_accumulate(acc, dbias, a, b, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                       BIAS_2D: tl.constexpr):
     """acc += a @ b and dbias += the rows of a (BIAS_2D: += a, one add an element instead of a
     reduction across lanes each trip, for a BLOCK_M x BLOCK_K accumulator's registers), in the
     accumulator dtype."""
-    if BIAS_2D:
-        dbias += a.to(ACC)
-    else:
-        dbias += tl.sum(a.to(ACC), axis=1)
+    dbias = _bias_add(dbias, a, ACC, BIAS_2D)
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -360,6 +365,30 @@ def _conv2d_wgrad_kernel(
 
 
 @triton.jit
+def _tap_dot(acc, a, x_rows, ih0, iw0, ok_k, mask_c, ci_off_x, t, T, KW, H, W, sxh, sxw,
+             pad_h, pad_w, dil_h, dil_w, IN_BOUNDS: tl.constexpr,
+             ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += a @ x_t for tap t (scalar; none past T): x_t [BLOCK_K, BLOCK_N] is x at each output
+    position's window corner (x_rows, ih0, iw0: 1-D) shifted by the tap, zero in the padding."""
+    ih = ih0 + ((t // KW) * dil_h - pad_h)
+    iw = iw0 + ((t % KW) * dil_w - pad_w)
+    ok = ok_k & ((tl.zeros_like(ih0) + t) < T)  # (a tensor test: the interpreter's scalar compare is no mask)
+    if not IN_BOUNDS:
+        ok = ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    b = tl.load((x_rows + ih * sxh + iw * sxw)[:, None] + ci_off_x[None, :], mask=ok[:, None] & mask_c[None, :],
+                other=0.0)
+    return _dot(acc, a, b, ACC, PRECISION, UPCAST)
+
+
+@triton.jit
+def _tap_store(dw_ptr, acc, split, C_out, T, Cig, g, Cog, offs_m, offs_c, mask_m, mask_c, t):
+    """dw partial [split, g * Cog + offs_m, t, offs_c] = acc, for a tap t < T."""
+    rows = dw_ptr + split * C_out * T * Cig + ((g * Cog + offs_m) * T + t) * Cig
+    tl.store(rows[:, None] + offs_c[None, :], acc, mask=(mask_m & ((tl.zeros_like(offs_m) + t) < T))[:, None]
+             & mask_c[None, :])
+
+
+@triton.jit
 def _conv2d_wgrad_taps_kernel(
     dy_ptr,  # (N, C_out, OH, OW), the ReLU mask already applied
     x_ptr,  # (N, C_in, H, W), channels contiguous (NHWC) for coalesced reads
@@ -373,23 +402,25 @@ def _conv2d_wgrad_taps_kernel(
     DY_DENSE: tl.constexpr,  # sdn == OH * sdh and sdh == OW * sdw: position p of dy at p * sdw
     IN_BOUNDS: tl.constexpr,  # no padding: every tap of every output position lies in x (_in_bounds)
     BIAS_2D: tl.constexpr,  # see _wgrad_accumulate
+    TAPS: tl.constexpr,  # taps a program (1-4): each trip's dy tile feeds TAPS products
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # The weight gradient one tap at a time: dw[:, tap, :] = dy'^T (Cog x K) * x shifted by the tap
-    # (K x Cig). A program owns (co block, tap, ci block), so (kh, kw) are scalars and the input row
-    # and its padding test are per output position (1-D), where the flat kernel computes both per
-    # (position, column) element. The columns are channels of one tap: contiguous in NHWC.
+    # (K x Cig). A program owns (co block, TAPS consecutive taps, ci block), so each tap's (kh, kw) are
+    # scalars and the input rows and padding tests are per output position (1-D), where the flat kernel
+    # computes both per (position, column) element. The columns are channels of one tap: contiguous in
+    # NHWC. Where the tile is narrow (the paper net's groups: 128 x 64) the loads, not the MMAs, bound
+    # the loop; TAPS > 1 reuses the dy tile for TAPS products, as a TAPS times wider tile would.
     pid = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
-    num_c = tl.cdiv(Cig, BLOCK_N)
+    T = KH * KW
+    num_t = tl.cdiv(T, TAPS)
     num_m = tl.cdiv(Cog, BLOCK_M)
     pid_m = pid % num_m  # co blocks fastest: neighbouring programs share the x tile in L2
-    tap = (pid // num_m) % (KH * KW)
-    pid_c = pid // (num_m * KH * KW)
-    kh = tap // KW
-    kw = tap % KW
+    t0 = ((pid // num_m) % num_t) * TAPS
+    pid_c = pid // (num_m * num_t)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output channels within group g
     offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels within group g
@@ -398,7 +429,10 @@ def _conv2d_wgrad_taps_kernel(
     co_off_dy = (g * Cog + offs_m) * sdc
     ci_off_x = (g * Cig + offs_c) * sxc
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)  # (unused accumulators are never carried)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     dbias = _bias_zeros(BLOCK_M, BLOCK_K, ACC, BIAS_2D)
     k_start = split * K_PER_SPLIT
     n, oh, ow, QN, QH, RW = _positions(k_start, OH, OW, BLOCK_K)
@@ -410,20 +444,31 @@ def _conv2d_wgrad_taps_kernel(
         else:
             a = tl.load(dy_ptr + co_off_dy[:, None] + (n * sdn + oh * sdh + ow * sdw)[None, :],
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        ih = oh * stride_h - pad_h + kh * dil_h
-        iw = ow * stride_w - pad_w + kw * dil_w
-        row_ok = mask_k
-        if not IN_BOUNDS:
-            row_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        b = tl.load((x_ptr + n * sxn + ih * sxh + iw * sxw)[:, None] + ci_off_x[None, :],
-                    mask=row_ok[:, None] & mask_c[None, :], other=0.0)
-        acc, dbias = _wgrad_accumulate(acc, dbias, a, b, ACC, PRECISION, UPCAST, BIAS_2D)
+        x_rows = x_ptr + n * sxn
+        ih0 = oh * stride_h
+        iw0 = ow * stride_w
+        acc0 = _tap_dot(acc0, a, x_rows, ih0, iw0, mask_k, mask_c, ci_off_x, t0, T, KW, H, W, sxh, sxw,
+                        pad_h, pad_w, dil_h, dil_w, IN_BOUNDS, ACC, PRECISION, UPCAST)
+        if TAPS > 1:
+            acc1 = _tap_dot(acc1, a, x_rows, ih0, iw0, mask_k, mask_c, ci_off_x, t0 + 1, T, KW, H, W, sxh, sxw,
+                            pad_h, pad_w, dil_h, dil_w, IN_BOUNDS, ACC, PRECISION, UPCAST)
+        if TAPS > 2:
+            acc2 = _tap_dot(acc2, a, x_rows, ih0, iw0, mask_k, mask_c, ci_off_x, t0 + 2, T, KW, H, W, sxh, sxw,
+                            pad_h, pad_w, dil_h, dil_w, IN_BOUNDS, ACC, PRECISION, UPCAST)
+        if TAPS > 3:
+            acc3 = _tap_dot(acc3, a, x_rows, ih0, iw0, mask_k, mask_c, ci_off_x, t0 + 3, T, KW, H, W, sxh, sxw,
+                            pad_h, pad_w, dil_h, dil_w, IN_BOUNDS, ACC, PRECISION, UPCAST)
+        dbias = _bias_add(dbias, a, ACC, BIAS_2D)
         n, oh, ow = _advance(n, oh, ow, OH, OW, QN, QH, RW)
 
-    T = KH * KW
-    dw_ptrs = (dw_ptr + split * C_out * T * Cig + ((g * Cog + offs_m) * T + tap) * Cig)[:, None] + offs_c[None, :]
-    tl.store(dw_ptrs, acc, mask=mask_m[:, None] & mask_c[None, :])
-    # Every (tap, ci block) computed the same bias sums; the first one writes them.
+    _tap_store(dw_ptr, acc0, split, C_out, T, Cig, g, Cog, offs_m, offs_c, mask_m, mask_c, t0)
+    if TAPS > 1:
+        _tap_store(dw_ptr, acc1, split, C_out, T, Cig, g, Cog, offs_m, offs_c, mask_m, mask_c, t0 + 1)
+    if TAPS > 2:
+        _tap_store(dw_ptr, acc2, split, C_out, T, Cig, g, Cog, offs_m, offs_c, mask_m, mask_c, t0 + 2)
+    if TAPS > 3:
+        _tap_store(dw_ptr, acc3, split, C_out, T, Cig, g, Cog, offs_m, offs_c, mask_m, mask_c, t0 + 3)
+    # Every (tap block, ci block) computed the same bias sums; the first one writes them.
     if pid // num_m == 0:
         tl.store(db_ptr + split * C_out + g * Cog + offs_m, _bias_sums(dbias, BIAS_2D), mask=mask_m)
 
@@ -731,6 +776,29 @@ def _input_grad_as_forward(grad_output, weight, input_shape, padding, dilation, 
                           channels_last=channels_last, allow_tf32=allow_tf32, config=config)
 
 
+def taps_per_program(T: int, cfg: dict) -> int:
+    """Taps a per-tap weight-gradient program takes (TAPS): 1 for 256-row tiles (the single net's
+    conv2-5, already MMA-bound), else 3 where they divide T (3x3 kernels) and 4 otherwise (5x5: 7
+    blocks for 25 taps), so narrow tiles reuse each dy tile 3-4 times."""
+    if cfg["BLOCK_M"] >= 256 or T == 1:
+        return 1
+    return 3 if T % 3 == 0 else min(4, T)
+
+
+def _multi_tap_config(cfg: dict, taps_per: int, dtype: torch.dtype) -> dict:
+    """The heuristic's per-tap config adjusted for TAPS > 1 (perf.static, the paper net's grouped
+    layers, 128x64 tiles): 8 warps (4 spilled the accumulators), 2 stages in fp32 (3: 72 B of spills at
+    4 taps), BLOCK_K 32 for 16-bit types at 4 taps (64: 32 B). No spills; ceiling 0.84-0.94 fp32,
+    0.91-0.92 bf16, against 0.45-0.54 a tap at a time."""
+    cfg = dict(cfg, num_warps=8)
+    if dtype == torch.float32:
+        cfg["num_stages"] = 2
+    elif taps_per == 4:
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 32)
+    check_config(cfg, dtype)
+    return cfg
+
+
 def default_taps(x, weight_shape) -> bool:
     """Whether conv2d_weight_grad runs the per-tap kernel when not told (as autograd calls it):
     channels-contiguous x, at least 16 input channels a group, more than one tap."""
@@ -768,9 +836,13 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
     channels_fast = x.stride(1) == 1 and Cig > 1
     if taps is None:
         taps = default_taps(x, weight_shape)
+    taps_per = 1
     if taps:
         cfg = _pick(config, "wgrad_taps", dtype, Cog, Cig)
-        tiles = triton.cdiv(Cog, cfg["BLOCK_M"]) * T * triton.cdiv(Cig, cfg["BLOCK_N"])
+        taps_per = taps_per_program(T, cfg)
+        if config is None and taps_per > 1 and not is_interpreting():
+            cfg = _multi_tap_config(cfg, taps_per, dtype)
+        tiles = triton.cdiv(Cog, cfg["BLOCK_M"]) * triton.cdiv(T, taps_per) * triton.cdiv(Cig, cfg["BLOCK_N"])
     else:
         cfg = _pick(config, "wgrad", dtype, Cog, CKK)
         tiles = triton.cdiv(Cog, cfg["BLOCK_M"]) * triton.cdiv(CKK, cfg["BLOCK_N"])
@@ -801,7 +873,7 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
                       IN_BOUNDS=_in_bounds(H, W, OH, OW, KH, KW, stride, padding, dilation),
                       ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype, allow_tf32), UPCAST=dot_upcast(dtype), **cfg)
         if taps:
-            _conv2d_wgrad_taps_kernel[(tiles, groups, split)](*args, **common)
+            _conv2d_wgrad_taps_kernel[(tiles, groups, split)](*args, TAPS=taps_per, **common)
         else:
             _conv2d_wgrad_kernel[(tiles, groups, split)](*args, CI_FAST=ci_fast, **common)
     dw = empty(tuple(weight_shape), dtype=dtype, device=device)

@@ -349,6 +349,43 @@ def test_weight_grad_per_tap(device, case, monkeypatch):
     assert_close(db, br.grad, dtype, device, "grad_bias")
 
 
+@pytest.mark.parametrize("taps_per", [1, 2, 3, 4])
+@pytest.mark.parametrize("kernel, padding, groups", [((5, 5), 2, 2), ((3, 5), (1, 0), 1), ((2, 3), 0, 1)])
+def test_weight_grad_taps_per_program(device, taps_per, kernel, padding, groups, monkeypatch):
+    """A per-tap program takes TAPS consecutive taps (one dy tile, TAPS products): 25, 15 and 6 taps in
+    blocks of 1-4, the last block partial where TAPS does not divide them, against float64."""
+    monkeypatch.setattr(K, "taps_per_program", lambda T, cfg: taps_per)
+    spy = _LaunchSpy(K._conv2d_wgrad_taps_kernel)
+    monkeypatch.setattr(K, "_conv2d_wgrad_taps_kernel", spy)
+    x = make_input((2, 16 * groups, 7, 8), torch.float32, device, layout="channels_last", requires_grad=False)
+    w = make_input((8 * groups, 16, *kernel), torch.float32, device, requires_grad=False, scale=0.3)
+    pad = padding if isinstance(padding, tuple) else (padding, padding)
+    dy = torch.randn(TF.conv2d(x, w, padding=pad, groups=groups).shape, device=device)
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+    dw, db = K.conv2d_weight_grad(dy, x, w.shape, (1, 1), pad, (1, 1), groups, split_k=2, config=cfg, taps=True)
+    T = kernel[0] * kernel[1]
+    assert spy.kwargs[-1]["TAPS"] == taps_per and spy.grids[-1][0] == -(-T // taps_per)  # 1 co and ci block
+    xr, wr = ref_inputs(x, w)
+    wr.requires_grad_()
+    br = torch.zeros(w.shape[0], dtype=torch.float64, requires_grad=True)
+    TF.conv2d(xr, wr, br, padding=pad, groups=groups).backward(dy.double().cpu())
+    assert_close(dw, wr.grad, torch.float32, device, "grad_weight")
+    assert_close(db, br.grad, torch.float32, device, "grad_bias")
+
+
+def test_taps_per_program():
+    """1 for 256-row tiles; 3 for 3x3 kernels, 4 for 5x5 and others; never more than the taps."""
+    wide, narrow = dict(BLOCK_M=256), dict(BLOCK_M=128)
+    assert K.taps_per_program(9, wide) == 1 and K.taps_per_program(25, wide) == 1
+    assert K.taps_per_program(9, narrow) == 3 and K.taps_per_program(25, narrow) == 4
+    assert K.taps_per_program(2, narrow) == 2 and K.taps_per_program(1, narrow) == 1
+    fp32 = K._multi_tap_config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3), 3, torch.float32)
+    bf16 = K._multi_tap_config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3), 4, torch.bfloat16)
+    assert (fp32["num_warps"], fp32["num_stages"], fp32["BLOCK_K"]) == (8, 2, 32)
+    assert (bf16["num_warps"], bf16["num_stages"], bf16["BLOCK_K"]) == (8, 3, 32)
+
+
 def test_weight_grad_kernel_choice(device, monkeypatch):
     """Per-tap for channels-contiguous x with Cig >= 16 and several taps; the flat kernel otherwise or
     when asked (taps=False), with the same result."""
@@ -452,7 +489,11 @@ def test_gpu_configs_are_valid(monkeypatch):
     for kind in ("fwd", "dgrad", "wgrad", "wgrad_taps"):
         for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             for m, n in ((128 * 55 * 55, 48), (128 * 13 * 13, 192), (384, 2304), (16, 3), (1, 1)):
-                K.check_config(K._config(kind, dtype, m, n), dtype)
+                cfg = K._config(kind, dtype, m, n)
+                K.check_config(cfg, dtype)
+                if kind == "wgrad_taps":  # and with the multi-tap adjustments (_multi_tap_config checks too)
+                    for taps in (2, 3, 4):
+                        K._multi_tap_config(cfg, taps, dtype)
     with pytest.raises(ValueError, match="powers of two"):
         K.check_config(dict(BLOCK_M=48, BLOCK_N=64, BLOCK_K=32, num_stages=2), torch.float32)
     with pytest.raises(ValueError, match="shared memory"):

@@ -95,9 +95,11 @@ def test_two_nodes_through_torchrun_rendezvous(tmp_path):
 
 @pytest.mark.slow
 def test_hybrid_equals_one_process(tmp_path):
-    _run(_torchrun(*_standalone(2), *_driver_args(tmp_path / "hybrid", "hybrid", "alexnet", 3, epochs=1)))
+    # 6 images a rank (12 a step): at 3 a rank the run diverges (training loss ~19 for 4 classes), and
+    # in that regime float rounding differences grew to 8e-4 in fc6.bias on one machine (1e-7 at 6).
+    _run(_torchrun(*_standalone(2), *_driver_args(tmp_path / "hybrid", "hybrid", "alexnet", 6, epochs=2)))
     got = torch.load(tmp_path / "hybrid" / "final.pt", weights_only=True)
-    ref = _single(tmp_path, "alexnet", 6, epochs=1)
+    ref = _single(tmp_path, "alexnet", 12, epochs=2)
     assert got["step"] == ref["step"] == 8
     _assert_same_params(got["model"], ref["model"])
     assert got["describe"]["strategy"] == "hybrid"

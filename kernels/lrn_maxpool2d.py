@@ -173,12 +173,15 @@ def _xload(x_row, cb, C, sx_c, J: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _group_lo(cb, lo_b, CG, J: tl.constexpr, ONE_STEP: tl.constexpr):
+def _group_lo(cb, lo_b, CG, J: tl.constexpr, ONE_STEP: tl.constexpr, SAME_GROUP: tl.constexpr):
     """The first channel of the group of channel cb + J, lo_b that of cb, wherever cb + J is in cb's
     group or a later one; for a channel in an earlier group (J < 0), whose quantities no input of the
     thread uses (each input's terms stay in its group), any value. ONE_STEP (|J| < CG): from lo_b by
-    one comparison, no division."""
-    if ONE_STEP:
+    one comparison, no division. SAME_GROUP (the thread's 4 inputs share cb's group): lo_b, for every
+    channel whose quantities they use; the rest are masked out where they would be added."""
+    if SAME_GROUP:
+        return lo_b
+    elif ONE_STEP:
         return lo_b + tl.where(cb - lo_b + J >= CG, CG, 0)
     else:
         return (tl.maximum(cb + J, 0) // CG) * CG
@@ -188,14 +191,15 @@ def _group_lo(cb, lo_b, CG, J: tl.constexpr, ONE_STEP: tl.constexpr):
 def _channel_quantities(x_row, arg_w, dy_w, cb, h, w, C, CG, OH, OW, sx_c, sd_c, sd_h, sd_w, sa_c, sa_h, sa_w,
                         a, k_, neg_beta, sign, lo_b, J: tl.constexpr, SIZE: tl.constexpr,
                         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, ONE_STEP: tl.constexpr):
+                        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, ONE_STEP: tl.constexpr,
+                        SAME_GROUP: tl.constexpr):
     """For the LRN outputs cc = cb + J: (s_cc, dz_cc * (x_cc * r_cc), dz_cc * r_cc), r = s^(-beta), each
     computed once and shared by the (up to SIZE) inputs of the tile whose mirror window holds cc.
 
     s_cc is kernels.lrn's window sum over cc's own group (for the inputs that use it, their group),
     in its order; dz_cc maxpool2d's gather in its order (see _routed_grad)."""
     cc = cb + J
-    g_lo = _group_lo(cb, lo_b, CG, J, ONE_STEP)  # cc's group (see there for cc before cb's group)
+    g_lo = _group_lo(cb, lo_b, CG, J, ONE_STEP, SAME_GROUP)  # cc's group (see there)
     g_hi = tl.minimum(g_lo + CG, C)
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
     x_c = acc
@@ -216,11 +220,15 @@ def _channel_quantities(x_row, arg_w, dy_w, cb, h, w, C, CG, OH, OW, sx_c, sd_c,
         for tw in tl.static_range((KW + SW - 1) // SW):
             ow = w // SW - tw
             kw = w - ow * SW
-            ok = ch_ok & h_ok & (ow >= 0) & (ow < OW) & (kw < KW)
+            # The window's test first (the same for every J: computed once), then the channel's.
+            ok = (h_ok & (ow >= 0) & (ow < OW) & (kw < KW)) & ch_ok
             # Masked lanes read -1, which matches no offset.
-            a_ = tl.load(arg_w + (J * sa_c - th * sa_h - tw * sa_w), mask=ok, other=-1)
-            hit = ok & (a_.to(tl.int32) == kh * KW + kw)
-            dz += tl.load(dy_w + (J * sd_c - th * sd_h - tw * sd_w), mask=hit, other=0.0).to(ACC)
+            # The window's pointers first (the same for every J: computed once), then the channel:
+            # with a unit channel stride (channels_last) an immediate offset in the load.
+            a_ = tl.load((arg_w - (th * sa_h + tw * sa_w)) + J * sa_c, mask=ok, other=-1)
+            # (compared unsigned: a zero-extended byte, no sign extension; -1 reads 255, still no match)
+            hit = ok & (a_.to(tl.uint8, bitcast=True).to(tl.int32) == kh * KW + kw)
+            dz += tl.load((dy_w - (th * sd_h + tw * sd_w)) + J * sd_c, mask=hit, other=0.0).to(ACC)
     r_c = _pow(s_c, neg_beta, sign)
     return s_c, dz * (x_c * r_c), dz * r_c
 
@@ -238,7 +246,8 @@ def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
                 sd_n, sd_c, sd_h, sd_w, sa_n, sa_c, sa_h, sa_w, sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w,
                 a, k_, neg_beta, sign, SIZE: tl.constexpr,
                 KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, ONE_STEP: tl.constexpr):
+                BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, ONE_STEP: tl.constexpr,
+                SAME_GROUP: tl.constexpr):
     """The unrolled backward: each thread holds 4 consecutive channels cb + v (v < 4) at one position, so
     the SIZE + 3 LRN outputs their mirror windows cover get their s, pow and pool gather once (not
     4 * SIZE times); every dx is the same expression, in the same order, as the per-input form."""
@@ -263,9 +272,9 @@ def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
     arg_w = arg_ptr + n * sa_n + cb * sa_c + (h // SH) * sa_h + (w // SW) * sa_w
     dy_w = dy_ptr + n * sd_n + cb * sd_c + (h // SH) * sd_h + (w // SW) * sd_w
     lo0 = (cb // CG) * CG  # the one division by CG: the other groups are found from it (_group_lo)
-    lo1 = _group_lo(cb, lo0, CG, 1, ONE_STEP)
-    lo2 = _group_lo(cb, lo0, CG, 2, ONE_STEP)
-    lo3 = _group_lo(cb, lo0, CG, 3, ONE_STEP)
+    lo1 = _group_lo(cb, lo0, CG, 1, ONE_STEP, SAME_GROUP)
+    lo2 = _group_lo(cb, lo0, CG, 2, ONE_STEP, SAME_GROUP)
+    lo3 = _group_lo(cb, lo0, CG, 3, ONE_STEP, SAME_GROUP)
     hi0 = tl.minimum(lo0 + CG, C)
     hi1 = tl.minimum(lo1 + CG, C)
     hi2 = tl.minimum(lo2 + CG, C)
@@ -288,7 +297,7 @@ def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
     for J in tl.static_range(OFF_LO, OFF_HI + 4):
         s_j, w_j, dr_j = _channel_quantities(x_row, arg_w, dy_w, cb, h, w, C, CG, OH, OW, sx_c, sd_c, sd_h, sd_w,
                                              sa_c, sa_h, sa_w, a, k_, neg_beta, sign, lo0, J, SIZE, KH, KW, SH, SW,
-                                             BC, BLOCK_S, ACC, ONE_STEP)
+                                             BC, BLOCK_S, ACC, ONE_STEP, SAME_GROUP)
         if J <= OFF_HI:
             acc0 = _add_term(acc0, x0, s_j, w_j, cb, 0, J, lo0, hi0)
         if J - 1 >= OFF_LO:
@@ -337,6 +346,7 @@ def _lrn_maxpool2d_bwd_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ACC: tl.constexpr, UNROLL: tl.constexpr,
     ONE_STEP: tl.constexpr,  # every channel offset a thread's window spans is below CG (_group_lo)
+    SAME_GROUP: tl.constexpr,  # a thread's 4 channels (from a multiple of 4) in one group: CG % 4 == 0
 ):
     a = _scalar(alpha_over_size, ACC)
     neg_beta = -_scalar(beta, ACC)
@@ -345,7 +355,7 @@ def _lrn_maxpool2d_bwd_kernel(
     if UNROLL:
         _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
                     sd_n, sd_c, sd_h, sd_w, sa_n, sa_c, sa_h, sa_w, sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w,
-                    a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC, ONE_STEP)
+                    a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC, ONE_STEP, SAME_GROUP)
     else:
         n, c, s, c_mask, s_mask, lo, hi = _tile(N, C, H * W, CG, BLOCK_C, BLOCK_S)
         mask = c_mask & s_mask
@@ -467,6 +477,8 @@ def lrn_maxpool2d_backward(dy: torch.Tensor, x: torch.Tensor, argmax: torch.Tens
         SIZE=size, KH=kernel_size[0], KW=kernel_size[1], SH=stride[0], SW=stride[1],
         BLOCK_C=block_c, BLOCK_S=block_s, ACC=_common.acc_dtype(x.dtype), UNROLL=size <= MAX_UNROLL,
         ONE_STEP=C // groups > size // 2 + 3,  # the offsets -(size-1)//2 .. size//2 + 3 of _bwd_shared
+        # (threads start at multiples of 4 where the channel block is; AlexNet's groups: 48-256 channels)
+        SAME_GROUP=(C // groups) % 4 == 0 and block_c % 4 == 0,
         num_warps=num_warps,
     )
     return dx

@@ -75,16 +75,26 @@ def _window_sumsq(base, c, s_off, s_mask, lo, hi, stride_c, first, SIZE: tl.cons
 
 
 @triton.jit
-def _pow(s, e, neg_sign):
+def _pow(s, e, neg_sign, SIMPLE: tl.constexpr):
     """s ** e with C pow's special cases (as torch.pow): s ** 0 = 1 (even NaN), 0 ** e>0 = 0,
     0 ** e<0 = inf, inf ** e>0 = inf, inf ** e<0 = 0, NaN propagates, and s < 0 gives
-    |s| ** e * neg_sign, where neg_sign is NaN (e not an integer), 1 (e even) or -1 (e odd)."""
-    if FAST_LOG2 and s.dtype == tl.float32:
-        mag = tl.exp2(e * _libdevice.fast_log2f(tl.abs(s)))
+    |s| ** e * neg_sign, where neg_sign is NaN (e not an integer), 1 (e even) or -1 (e odd).
+
+    SIMPLE (simple_pow: k > 0, alpha >= 0, beta != 0, so s = k + alpha/size * sum x^2 is positive,
+    +inf or NaN, and e != 0): none of the special cases can arise; the same value without the tests."""
+    if SIMPLE:
+        a = s
     else:
-        mag = tl.exp2(e * tl.log2(tl.abs(s)))
-    mag = tl.where(e == 0, 1.0, mag)
-    return tl.where(s < 0, mag * neg_sign, mag)
+        a = tl.abs(s)
+    if FAST_LOG2 and s.dtype == tl.float32:
+        mag = tl.exp2(e * _libdevice.fast_log2f(a))
+    else:
+        mag = tl.exp2(e * tl.log2(a))
+    if SIMPLE:
+        return mag
+    else:
+        mag = tl.where(e == 0, 1.0, mag)
+        return tl.where(s < 0, mag * neg_sign, mag)
 
 
 @triton.jit
@@ -132,6 +142,7 @@ def _lrn_fwd_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ACC: tl.constexpr,  # accumulator dtype: fp32, or fp64 for fp64 inputs
     UNROLL: tl.constexpr,  # unroll the window loops (small SIZE) or keep them loops
+    SIMPLE_POW: tl.constexpr,  # see _pow
 ):
     n, c, s, c_mask, s_mask, lo, hi = _tile(N, C, S, CG, BLOCK_C, BLOCK_S)
     mask = c_mask & s_mask
@@ -143,14 +154,14 @@ def _lrn_fwd_kernel(
     sumsq = _window_sumsq(x_base, c, s * sx_s, s_mask, lo, hi, sx_c, -(SIZE // 2), SIZE, BLOCK_C, BLOCK_S, ACC, UNROLL)
     scale = k_ + a * sumsq
     x = tl.load(x_base + c * sx_c + s * sx_s, mask=mask, other=0.0).to(ACC)
-    y = x * _pow(scale, neg_beta, sign)
+    y = x * _pow(scale, neg_beta, sign, SIMPLE_POW)
     tl.store(y_ptr + n * sy_n + c * sy_c + s * sy_s, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _mirror_term(x_base, dy_base, c, x_i, x_soff, dy_soff, s_mask, lo, hi, sx_c, sd_c, off, a, k_, neg_beta, sign,
                  SIZE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
-                 UNROLL: tl.constexpr):
+                 UNROLL: tl.constexpr, SIMPLE_POW: tl.constexpr):
     """(x_i / s_cc) * dy_cc * y_cc for the output channels cc = c + off, 0 where cc is outside c's group
     [lo, hi) (an output of another group never sees x_i; one in the group has its window there too)."""
     cc = c + off
@@ -159,7 +170,7 @@ def _mirror_term(x_base, dy_base, c, x_i, x_soff, dy_soff, s_mask, lo, hi, sx_c,
     dy_c = tl.load(dy_base + cc * sd_c + dy_soff, mask=valid, other=0.0).to(ACC)
     s_c = k_ + a * _window_sumsq(x_base, c, x_soff, s_mask, lo, hi, sx_c, off - SIZE // 2, SIZE,
                                  BLOCK_C, BLOCK_S, ACC, UNROLL)
-    term = (x_i / s_c) * (dy_c * (x_c * _pow(s_c, neg_beta, sign)))
+    term = (x_i / s_c) * (dy_c * (x_c * _pow(s_c, neg_beta, sign, SIMPLE_POW)))
     # Channels outside the group are not outputs here: drop them (their s_c may be 0 when k = 0).
     return tl.where(valid, term, 0.0)
 
@@ -178,6 +189,7 @@ def _lrn_bwd_kernel(
     SIZE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ACC: tl.constexpr, UNROLL: tl.constexpr,
+    SIMPLE_POW: tl.constexpr,  # see _pow
 ):
     n, c, s, c_mask, s_mask, lo, hi = _tile(N, C, S, CG, BLOCK_C, BLOCK_S)
     mask = c_mask & s_mask
@@ -194,18 +206,20 @@ def _lrn_bwd_kernel(
     # Channel i's own scale, for the direct term dy_i * s_i^(-beta).
     s_i = k_ + a * _window_sumsq(x_base, c, x_soff, s_mask, lo, hi, sx_c, -(SIZE // 2), SIZE,
                                  BLOCK_C, BLOCK_S, ACC, UNROLL)
-    r_i = _pow(s_i, neg_beta, sign)
+    r_i = _pow(s_i, neg_beta, sign, SIMPLE_POW)
     # The outputs c = i + off in M(i), whose window contains i; each needs its own window sum
     # (the c = i term recomputes s_i: SIZE + 1 window sums in all, for one uniform loop).
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
     if UNROLL:
         for m in tl.static_range(SIZE):
             acc += _mirror_term(x_base, dy_base, c, x_i, x_soff, s * sd_s, s_mask, lo, hi, sx_c, sd_c,
-                                m - (SIZE - 1) // 2, a, k_, neg_beta, sign, SIZE, BLOCK_C, BLOCK_S, ACC, UNROLL)
+                                m - (SIZE - 1) // 2, a, k_, neg_beta, sign, SIZE, BLOCK_C, BLOCK_S, ACC, UNROLL,
+                                SIMPLE_POW)
     else:
         for m in range(SIZE):
             acc += _mirror_term(x_base, dy_base, c, x_i, x_soff, s * sd_s, s_mask, lo, hi, sx_c, sd_c,
-                                m - (SIZE - 1) // 2, a, k_, neg_beta, sign, SIZE, BLOCK_C, BLOCK_S, ACC, UNROLL)
+                                m - (SIZE - 1) // 2, a, k_, neg_beta, sign, SIZE, BLOCK_C, BLOCK_S, ACC, UNROLL,
+                                SIMPLE_POW)
     # With beta = 0 the window term has no gradient (torch's pow backward gives exactly 0, then
     # 0 * x_i, so only a non-finite x_i itself gets NaN); don't let acc's NaN (inf/inf) leak in.
     cross = tl.where(neg_beta == 0, x_i * 0.0, (2.0 * neg_beta * a) * acc)
@@ -259,6 +273,13 @@ def _input3d(t: torch.Tensor) -> torch.Tensor:
     return v if v is not None else t.reshape(t.shape[0], t.shape[1], -1).contiguous()
 
 
+def simple_pow(size: int, alpha: float, beta: float, k: float) -> bool:
+    """Whether s^(-beta) can take _pow's plain form: s = k + alpha/size * sum x^2 > 0 (or +inf/NaN from
+    the input), and -beta != 0."""
+    a, b, k = float(alpha) / size, float(beta), float(k)
+    return all(math.isfinite(v) for v in (a, b, k)) and k > 0 and a >= 0 and b != 0
+
+
 def _neg_sign(e: float) -> float:
     """(-t) ** e / t ** e for t > 0, as C's pow has it: NaN unless e is an integer (see _pow)."""
     if math.isinf(e):
@@ -296,7 +317,7 @@ def _launch(kernel, out: torch.Tensor, tensors, size, alpha, beta, k, groups: in
         *views, target, N, C, S, C // groups, *strides,
         float(alpha) / size, float(beta), float(k), _neg_sign(-float(beta)),
         SIZE=size, BLOCK_C=block_c, BLOCK_S=block_s, ACC=_common.acc_dtype(out.dtype),
-        UNROLL=size <= MAX_UNROLL, num_warps=num_warps,
+        UNROLL=size <= MAX_UNROLL, SIMPLE_POW=simple_pow(size, alpha, beta, k), num_warps=num_warps,
     )
     if out3 is None:
         out.copy_(target.view(out.shape))

@@ -42,7 +42,8 @@ import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
 from fastalex.kernels import _common
-from fastalex.kernels.lrn import MAX_UNROLL, _channel_block, _neg_sign, _pow, _scalar, _tile, _window_sumsq
+from fastalex.kernels.lrn import (MAX_UNROLL, _channel_block, _neg_sign, _pow, _scalar, _tile, _window_sumsq,
+                                  simple_pow)
 from fastalex.kernels._geometry import argmax_dtype, output_size
 
 __all__ = ["lrn_maxpool2d_forward", "lrn_maxpool2d_backward"]
@@ -50,7 +51,7 @@ __all__ = ["lrn_maxpool2d_forward", "lrn_maxpool2d_backward"]
 
 @triton.jit
 def _tap_lrn(ptr, c, lo, hi, sx_c, a, k_, neg_beta, sign, SIZE: tl.constexpr, BLOCK_C: tl.constexpr,
-             BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+             BLOCK_P: tl.constexpr, ACC: tl.constexpr, SIMPLE_POW: tl.constexpr):
     """The LRN value at `ptr` (channels c [BLOCK_C, 1] of one tap): kernels.lrn's window sum and
     expression, op for op (so bit for bit), with the centre load reused as x."""
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
@@ -61,7 +62,7 @@ def _tap_lrn(ptr, c, lo, hi, sx_c, a, k_, neg_beta, sign, SIZE: tl.constexpr, BL
         acc += v * v
         if d == SIZE // 2:
             x = v  # masked exactly where c >= C (lo <= c < lo + CG always)
-    return x * _pow(k_ + a * acc, neg_beta, sign)
+    return x * _pow(k_ + a * acc, neg_beta, sign, SIMPLE_POW)
 
 
 @triton.jit
@@ -80,6 +81,7 @@ def _lrn_maxpool2d_fwd_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     ACC: tl.constexpr,  # fp32, or fp64 for fp64 inputs
     UNROLL: tl.constexpr,  # unroll the LRN window loop (SIZE <= MAX_UNROLL)
+    SIMPLE_POW: tl.constexpr,  # kernels.lrn._pow
 ):
     n, c, p, c_mask, p_mask, lo, hi = _tile(N, C, OH * OW, CG, BLOCK_C, BLOCK_P)
     mask = c_mask & p_mask
@@ -102,13 +104,13 @@ def _lrn_maxpool2d_fwd_kernel(
             # No padding, floor mode: every tap of a valid output lies inside the input.
             if UNROLL:
                 z = _tap_lrn(x_row + (kh * sx_h + kw * sx_w), c, lo, hi, sx_c, a, k_, neg_beta, sign,
-                             SIZE, BLOCK_C, BLOCK_P, ACC)
+                             SIZE, BLOCK_C, BLOCK_P, ACC, SIMPLE_POW)
             else:
                 s_off = (oh * SH + kh) * sx_h + (ow * SW + kw) * sx_w
                 sumsq = _window_sumsq(x_base, c, s_off, p_mask, lo, hi, sx_c, -(SIZE // 2), SIZE,
                                       BLOCK_C, BLOCK_P, ACC, UNROLL)
                 x = tl.load(x_base + c * sx_c + s_off, mask=mask, other=0.0).to(ACC)
-                z = x * _pow(k_ + a * sumsq, neg_beta, sign)
+                z = x * _pow(k_ + a * sumsq, neg_beta, sign, SIMPLE_POW)
             # Rounded as the unfused LRN stores it, so ties (and the argmax) are the unfused ops'.
             v = z.to(y_ptr.dtype.element_ty).to(ACC)
             take = (v > best) | (v != v)
@@ -149,7 +151,8 @@ def _routed_grad(dy_base, arg_base, cc, h, w, valid, OH, OW, sd_c, sd_h, sd_w, s
 def _mirror_terms(x_base, dy_base, arg_base, c, x_i, h, w, x_soff, s_mask, lo, hi, OH, OW,
                   sx_c, sd_c, sd_h, sd_w, sa_c, sa_h, sa_w, off, a, k_, neg_beta, sign,
                   SIZE: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, UNROLL: tl.constexpr):
+                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, UNROLL: tl.constexpr,
+                  SIMPLE_POW: tl.constexpr):
     """For the LRN outputs cc = c + off: ((x_i / s_cc) * dz_cc * z_cc, dz_cc * s_cc^(-beta)), both 0
     where cc is outside c's group (kernels.lrn._mirror_term, with dz gathered from the pool)."""
     cc = c + off
@@ -159,7 +162,7 @@ def _mirror_terms(x_base, dy_base, arg_base, c, x_i, h, w, x_soff, s_mask, lo, h
                         KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC)
     s_c = k_ + a * _window_sumsq(x_base, c, x_soff, s_mask, lo, hi, sx_c, off - SIZE // 2, SIZE,
                                  BLOCK_C, BLOCK_S, ACC, UNROLL)
-    r_c = _pow(s_c, neg_beta, sign)
+    r_c = _pow(s_c, neg_beta, sign, SIMPLE_POW)
     term = (x_i / s_c) * (dz_c * (x_c * r_c))
     return tl.where(valid, term, 0.0), tl.where(valid, dz_c * r_c, 0.0)
 
@@ -192,7 +195,7 @@ def _channel_quantities(x_row, arg_w, dy_w, cb, h, w, C, CG, OH, OW, sx_c, sd_c,
                         a, k_, neg_beta, sign, lo_b, J: tl.constexpr, SIZE: tl.constexpr,
                         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, ONE_STEP: tl.constexpr,
-                        SAME_GROUP: tl.constexpr):
+                        SAME_GROUP: tl.constexpr, SIMPLE_POW: tl.constexpr):
     """For the LRN outputs cc = cb + J: (s_cc, dz_cc * (x_cc * r_cc), dz_cc * r_cc), r = s^(-beta), each
     computed once and shared by the (up to SIZE) inputs of the tile whose mirror window holds cc.
 
@@ -229,7 +232,7 @@ def _channel_quantities(x_row, arg_w, dy_w, cb, h, w, C, CG, OH, OW, sx_c, sd_c,
             # (compared unsigned: a zero-extended byte, no sign extension; -1 reads 255, still no match)
             hit = ok & (a_.to(tl.uint8, bitcast=True).to(tl.int32) == kh * KW + kw)
             dz += tl.load((dy_w - (th * sd_h + tw * sd_w)) + J * sd_c, mask=hit, other=0.0).to(ACC)
-    r_c = _pow(s_c, neg_beta, sign)
+    r_c = _pow(s_c, neg_beta, sign, SIMPLE_POW)
     return s_c, dz * (x_c * r_c), dz * r_c
 
 
@@ -247,7 +250,7 @@ def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
                 a, k_, neg_beta, sign, SIZE: tl.constexpr,
                 KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, ONE_STEP: tl.constexpr,
-                SAME_GROUP: tl.constexpr):
+                SAME_GROUP: tl.constexpr, SIMPLE_POW: tl.constexpr):
     """The unrolled backward: each thread holds 4 consecutive channels cb + v (v < 4) at one position, so
     the SIZE + 3 LRN outputs their mirror windows cover get their s, pow and pool gather once (not
     4 * SIZE times); every dx is the same expression, in the same order, as the per-input form."""
@@ -297,7 +300,7 @@ def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
     for J in tl.static_range(OFF_LO, OFF_HI + 4):
         s_j, w_j, dr_j = _channel_quantities(x_row, arg_w, dy_w, cb, h, w, C, CG, OH, OW, sx_c, sd_c, sd_h, sd_w,
                                              sa_c, sa_h, sa_w, a, k_, neg_beta, sign, lo0, J, SIZE, KH, KW, SH, SW,
-                                             BC, BLOCK_S, ACC, ONE_STEP, SAME_GROUP)
+                                             BC, BLOCK_S, ACC, ONE_STEP, SAME_GROUP, SIMPLE_POW)
         if J <= OFF_HI:
             acc0 = _add_term(acc0, x0, s_j, w_j, cb, 0, J, lo0, hi0)
         if J - 1 >= OFF_LO:
@@ -347,6 +350,7 @@ def _lrn_maxpool2d_bwd_kernel(
     ACC: tl.constexpr, UNROLL: tl.constexpr,
     ONE_STEP: tl.constexpr,  # every channel offset a thread's window spans is below CG (_group_lo)
     SAME_GROUP: tl.constexpr,  # a thread's 4 channels (from a multiple of 4) in one group: CG % 4 == 0
+    SIMPLE_POW: tl.constexpr,  # kernels.lrn._pow
 ):
     a = _scalar(alpha_over_size, ACC)
     neg_beta = -_scalar(beta, ACC)
@@ -355,7 +359,8 @@ def _lrn_maxpool2d_bwd_kernel(
     if UNROLL:
         _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
                     sd_n, sd_c, sd_h, sd_w, sa_n, sa_c, sa_h, sa_w, sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w,
-                    a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC, ONE_STEP, SAME_GROUP)
+                    a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC, ONE_STEP, SAME_GROUP,
+                    SIMPLE_POW)
     else:
         n, c, s, c_mask, s_mask, lo, hi = _tile(N, C, H * W, CG, BLOCK_C, BLOCK_S)
         mask = c_mask & s_mask
@@ -375,7 +380,8 @@ def _lrn_maxpool2d_bwd_kernel(
             off = m - (SIZE - 1) // 2
             term, d = _mirror_terms(x_base, dy_base, arg_base, c, x_i, h, w, x_soff, s_mask, lo, hi, OH, OW,
                                     sx_c, sd_c, sd_h, sd_w, sa_c, sa_h, sa_w, off,
-                                    a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC, UNROLL)
+                                    a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC, UNROLL,
+                                    SIMPLE_POW)
             acc += term
             direct += tl.where(off == 0, d, 0.0)
         # beta = 0: no window gradient (as kernels.lrn; acc's inf/inf NaN must not leak in).
@@ -445,6 +451,7 @@ def lrn_maxpool2d_forward(x: torch.Tensor, size: int, alpha: float, beta: float,
         *_lrn_consts(size, alpha, beta, k),
         SIZE=size, KH=kernel_size[0], KW=kernel_size[1], SH=stride[0], SW=stride[1],
         BLOCK_C=block_c, BLOCK_P=block_p, ACC=_common.acc_dtype(x.dtype), UNROLL=size <= MAX_UNROLL,
+        SIMPLE_POW=simple_pow(size, alpha, beta, k),
         num_warps=num_warps,
     )
     return y, arg
@@ -476,6 +483,7 @@ def lrn_maxpool2d_backward(dy: torch.Tensor, x: torch.Tensor, argmax: torch.Tens
         *_lrn_consts(size, alpha, beta, k),
         SIZE=size, KH=kernel_size[0], KW=kernel_size[1], SH=stride[0], SW=stride[1],
         BLOCK_C=block_c, BLOCK_S=block_s, ACC=_common.acc_dtype(x.dtype), UNROLL=size <= MAX_UNROLL,
+        SIMPLE_POW=simple_pow(size, alpha, beta, k),
         ONE_STEP=C // groups > size // 2 + 3,  # the offsets -(size-1)//2 .. size//2 + 3 of _bwd_shared
         # (threads start at multiples of 4 where the channel block is; AlexNet's groups: 48-256 channels)
         SAME_GROUP=(C // groups) % 4 == 0 and block_c % 4 == 0,

@@ -158,6 +158,30 @@ def test_group_boundary_one_step(channels, groups, device):
     check(make_input((1, channels, 7, 7), torch.float32, device, "channels_last"), groups, STRONG)
 
 
+@pytest.mark.parametrize("cfg", [dict(size=3, alpha=1e-1, beta=1.0, k=-1.0), dict(size=5, alpha=1.0, beta=0.0, k=0.0)],
+                         ids=["negative_base", "beta0"])
+def test_pow_special_cases(cfg, device):
+    """Constants outside kernels.lrn.simple_pow (a negative base with an integer power; beta = 0 with
+    k = 0) take _pow's full form in the fused kernels too."""
+    from fastalex.kernels.lrn import simple_pow
+
+    assert not simple_pow(cfg["size"], cfg["alpha"], cfg["beta"], cfg["k"])
+    check(make_input((2, 8, 9, 9), torch.float64, device), 2, cfg)
+
+
+def test_simple_pow():
+    assert simple_pow_of(PAPER) and simple_pow_of(STRONG) and simple_pow_of(dict(PAPER, beta=-0.5))
+    for bad in (dict(k=0.0), dict(k=-1.0), dict(beta=0.0), dict(alpha=-1.0), dict(k=float("inf")),
+                dict(alpha=float("nan"))):
+        assert not simple_pow_of(dict(PAPER, **bad)), bad
+
+
+def simple_pow_of(cfg):
+    from fastalex.kernels.lrn import simple_pow
+
+    return simple_pow(cfg["size"], cfg["alpha"], cfg["beta"], cfg["k"])
+
+
 def test_loop_path(device, monkeypatch):
     # The non-unrolled window loops (windows > MAX_UNROLL, or forced here for size 5).
     monkeypatch.setattr(K, "MAX_UNROLL", 0)

@@ -303,6 +303,7 @@ def _conv2d_wgrad_kernel(
     IN_BOUNDS: tl.constexpr,  # no padding: every tap of every output position lies in x (_in_bounds)
     DY_DENSE: tl.constexpr,  # as in _conv2d_wgrad_taps_kernel
     BIAS_2D: tl.constexpr,  # see _wgrad_accumulate
+    ROW_SCALARS: tl.constexpr,  # IN_BOUNDS, DY_DENSE and BLOCK_K <= OW: see _wgrad_flat_rows
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -337,6 +338,68 @@ def _conv2d_wgrad_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     dbias = _bias_zeros(BLOCK_M, BLOCK_K, ACC, BIAS_2D)
     k_start = split * K_PER_SPLIT
+    if ROW_SCALARS:
+        acc, dbias = _wgrad_flat_rows(acc, dbias, dy_ptr, x_ptr, co_off_dy, col_off, mask_m, mask_n, OH, OW, K,
+                                      k_start, K_PER_SPLIT, sdw, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w,
+                                      BIAS_2D, ACC, PRECISION, UPCAST, BLOCK_K)
+    else:
+        acc, dbias = _wgrad_flat_positions(acc, dbias, dy_ptr, x_ptr, co_off_dy, col_off, mask_m, mask_n, kh, kw,
+                                           H, W, OH, OW, K, k_start, K_PER_SPLIT, sdn, sdh, sdw, sxn, sxh, sxw,
+                                           stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                                           IN_BOUNDS, DY_DENSE, BIAS_2D, ACC, PRECISION, UPCAST, BLOCK_K)
+
+    dw_ptrs = dw_ptr + split * C_out * CKK + ((g * Cog + offs_m) * CKK)[:, None] + offs_n[None, :]
+    tl.store(dw_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
+    # Every column block computed the same bias sums; the first one writes them.
+    if pid_n == 0:
+        tl.store(db_ptr + split * C_out + g * Cog + offs_m, _bias_sums(dbias, BIAS_2D), mask=mask_m)
+
+
+@triton.jit
+def _wgrad_flat_rows(acc, dbias, dy_ptr, x_ptr, co_off_dy, col_off, mask_m, mask_n, OH, OW, K, k_start, K_PER_SPLIT,
+                     sdw, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w,
+                     BIAS_2D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """The flat kernel's K loop where a K block of output positions crosses at most one row (BLOCK_K <= OW),
+    no tap leaves the image and dy is dense (conv1): the block's first position (n0, oh0, ow0) is
+    scalars advanced by scalar carries, and position j's window corner is base0 + j * c before the
+    row's end (j < OW - ow0) and the next row's base1 + j * c after it: one compare and select a
+    position, where per-position (n, oh, ow) vectors took their carries and three multiplies."""
+    OHW = OH * OW
+    n0 = k_start // OHW
+    oh0 = (k_start % OHW) // OW
+    ow0 = k_start % OW
+    j = tl.arange(0, BLOCK_K)
+    cw = stride_w * sxw
+    j_off = j * cw
+    for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+        mask_k = (k0 + j) < K
+        a = tl.load(dy_ptr + k0 * sdw + (co_off_dy[:, None] + j[None, :] * sdw),
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        last = oh0 + 1 >= OH
+        jc = OW - ow0  # the first j in the next row
+        base0 = n0 * sxn + (oh0 * stride_h - pad_h) * sxh + (ow0 * stride_w - pad_w) * sxw
+        base1 = (tl.where(last, n0 + 1, n0) * sxn + (tl.where(last, 0, oh0 + 1) * stride_h - pad_h) * sxh
+                 - pad_w * sxw - jc * cw)
+        rows = tl.where(j < jc, base0, base1) + j_off
+        b = tl.load(x_ptr + rows[:, None] + col_off[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc, dbias = _wgrad_accumulate(acc, dbias, a, b, ACC, PRECISION, UPCAST, BIAS_2D)
+        ow0 += BLOCK_K
+        wrap = ow0 >= OW
+        ow0 = tl.where(wrap, ow0 - OW, ow0)
+        oh0 = tl.where(wrap, oh0 + 1, oh0)
+        wrap2 = oh0 >= OH
+        oh0 = tl.where(wrap2, oh0 - OH, oh0)
+        n0 = tl.where(wrap2, n0 + 1, n0)
+    return acc, dbias
+
+
+@triton.jit
+def _wgrad_flat_positions(acc, dbias, dy_ptr, x_ptr, co_off_dy, col_off, mask_m, mask_n, kh, kw, H, W, OH, OW, K,
+                          k_start, K_PER_SPLIT, sdn, sdh, sdw, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w,
+                          dil_h, dil_w, IN_BOUNDS: tl.constexpr, DY_DENSE: tl.constexpr, BIAS_2D: tl.constexpr,
+                          ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The flat kernel's K loop in general: per-position (n, oh, ow) vectors advanced by carries."""
     n, oh, ow, QN, QH, RW = _positions(k_start, OH, OW, BLOCK_K)
     for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
         mask_k = (k0 + tl.arange(0, BLOCK_K)) < K
@@ -356,12 +419,7 @@ def _conv2d_wgrad_kernel(
         b = tl.load(x_ptr + (n * sxn + ih0 * sxh + iw0 * sxw)[:, None] + col_off[None, :], mask=bmask, other=0.0)
         acc, dbias = _wgrad_accumulate(acc, dbias, a, b, ACC, PRECISION, UPCAST, BIAS_2D)
         n, oh, ow = _advance(n, oh, ow, OH, OW, QN, QH, RW)
-
-    dw_ptrs = dw_ptr + split * C_out * CKK + ((g * Cog + offs_m) * CKK)[:, None] + offs_n[None, :]
-    tl.store(dw_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
-    # Every column block computed the same bias sums; the first one writes them.
-    if pid_n == 0:
-        tl.store(db_ptr + split * C_out + g * Cog + offs_m, _bias_sums(dbias, BIAS_2D), mask=mask_m)
+    return acc, dbias
 
 
 @triton.jit
@@ -879,7 +937,9 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
         if taps:
             _conv2d_wgrad_taps_kernel[(tiles, groups, split)](*args, TAPS=taps_per, **common)
         else:
-            _conv2d_wgrad_kernel[(tiles, groups, split)](*args, CI_FAST=ci_fast, **common)
+            _conv2d_wgrad_kernel[(tiles, groups, split)](
+                *args, CI_FAST=ci_fast,
+                ROW_SCALARS=common["IN_BOUNDS"] and common["DY_DENSE"] and cfg["BLOCK_K"] <= OW, **common)
     dw = empty(tuple(weight_shape), dtype=dtype, device=device)
     db = empty((C_out,), dtype=dtype, device=device)
     parts = ((dw_part, dw), (db_part, db))

@@ -206,6 +206,35 @@ def test_weight_grad_split_k(device, split):
     assert_close(db, br.grad, torch.float32, device, "grad_bias")
 
 
+@pytest.mark.parametrize("shape, kernel, stride, split", [
+    ((3, 3, 19, 37), 3, 1, 3),  # OW 35: blocks of 16 cross one row; splits start mid-row
+    ((4, 3, 9, 21), (3, 5), 2, 5),  # OH 4, OW 9 < 16: the general path (no scalar rows)
+    ((5, 3, 6, 20), 3, 1, 4),  # OH 4, OW 18: row crossings that are plane crossings
+    ((2, 3, 75, 75), 11, 4, 3),  # conv1's kernel and stride: 17x17 outputs
+])
+def test_weight_grad_flat_row_scalars(device, shape, kernel, stride, split, monkeypatch):
+    """The flat kernel with a dense dy and no padding: K blocks of positions that cross at most one row
+    (BLOCK_K <= OW) take scalar row positions (ROW_SCALARS), the rest the per-position carries; both
+    against float64, the K tail and mid-row splits included."""
+    spy = _LaunchSpy(K._conv2d_wgrad_kernel)
+    monkeypatch.setattr(K, "_conv2d_wgrad_kernel", spy)
+    k = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+    x = make_input(shape, torch.float32, device, layout="channels_last", requires_grad=False)
+    w = make_input((8, shape[1], *k), torch.float32, device, requires_grad=False, scale=0.3)
+    y = TF.conv2d(x, w, stride=stride).relu()
+    dy = _masked(torch.randn_like(y), y, True).contiguous(memory_format=torch.channels_last)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
+    st = (stride, stride)
+    dw, db = K.conv2d_weight_grad(dy, x, w.shape, st, (0, 0), (1, 1), 1, split_k=split, config=cfg, taps=False)
+    assert spy.kwargs[-1]["ROW_SCALARS"] == (y.shape[3] >= 16)
+    xr, wr = ref_inputs(x, w)
+    wr.requires_grad_()
+    br = torch.zeros(8, dtype=torch.float64, requires_grad=True)
+    TF.conv2d(xr, wr, br, stride=stride).backward(dy.double().cpu())
+    assert_close(dw, wr.grad, torch.float32, device, "grad_weight")
+    assert_close(db, br.grad, torch.float32, device, "grad_bias")
+
+
 WGRAD_NHWC = [
     # (N, C_in, H, W, C_out, kernel, stride, padding, groups, split, relu, dtype)
     (2, 5, 7, 8, 7, (3, 5), 1, (1, 2), 1, 1, True, torch.float32),

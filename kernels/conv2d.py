@@ -67,6 +67,7 @@ def _conv2d_fwd_kernel(
     ROW_BLOCKS: tl.constexpr,  # a K block is one kernel row: (kw, c) contiguous in x and w, KW*Cig <= BLOCK_K
     IN_BOUNDS: tl.constexpr,  # no padding: every tap of every output position lies in x (_in_bounds)
     Y_DENSE: tl.constexpr,  # syn == OH * syh and syh == OW * syw (channels_last): position m of y at m * syw
+    BLOCK_N2: tl.constexpr,  # 0, or a second column tile of BLOCK_N // 2 after the first (_split_n)
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -75,9 +76,15 @@ def _conv2d_fwd_kernel(
     g = tl.program_id(2)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output positions (n, oh, ow)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels within group g
-    mask_m = offs_m < M
+    offs_n = pid_n * (BLOCK_N + BLOCK_N2) + tl.arange(0, BLOCK_N)  # output channels within group g
     mask_n = offs_n < Cog
+    if BLOCK_N2 > 0:
+        # Widths of 3 x 2^k (96, 192, 384 channels) as BLOCK_N + BLOCK_N / 2 columns: no empty quarter.
+        offs_n2 = pid_n * (BLOCK_N + BLOCK_N2) + BLOCK_N + tl.arange(0, BLOCK_N2)
+        mask_n2 = offs_n2 < Cog
+        w_cols2 = w_ptr + (g * Cog + offs_n2) * swo
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=ACC)
+    mask_m = offs_m < M
     n = offs_m // (OH * OW)
     ohw = offs_m % (OH * OW)
     ih0 = (ohw // OW) * stride_h - pad_h
@@ -114,6 +121,10 @@ def _conv2d_fwd_kernel(
             a = tl.load((a_rows + ih * sxh)[:, None] + j[None, :], mask=amask, other=0.0)
             b = tl.load(w_cols[None, :] + (kh * swh + j)[:, None], mask=j_ok[:, None] & mask_n[None, :], other=0.0)
             acc = _dot(acc, a, b, ACC, PRECISION, UPCAST)
+            if BLOCK_N2 > 0:
+                b2 = tl.load(w_cols2[None, :] + (kh * swh + j)[:, None], mask=j_ok[:, None] & mask_n2[None, :],
+                             other=0.0)
+                acc2 = _dot(acc2, a, b2, ACC, PRECISION, UPCAST)
     else:
         for k0 in range(0, K_total, BLOCK_K):
             if TAP_BLOCKS:
@@ -133,6 +144,10 @@ def _conv2d_fwd_kernel(
                             other=0.0)
                 b = tl.load(w_cols[None, :] + (c * swc + kh * swh + kw * sww)[:, None], mask=mask_n[None, :],
                             other=0.0)
+                if BLOCK_N2 > 0:
+                    b2 = tl.load(w_cols2[None, :] + (c * swc + kh * swh + kw * sww)[:, None], mask=mask_n2[None, :],
+                                 other=0.0)
+                    acc2 = _dot(acc2, a, b2, ACC, PRECISION, UPCAST)
             else:
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 mask_k = offs_k < K_total
@@ -148,20 +163,33 @@ def _conv2d_fwd_kernel(
                 a = tl.load(x_rows[:, None] + (c * sxc)[None, :] + ih * sxh + iw * sxw, mask=amask, other=0.0)
                 b = tl.load(w_cols[None, :] + (c * swc + kh * swh + kw * sww)[:, None],
                             mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                if BLOCK_N2 > 0:
+                    b2 = tl.load(w_cols2[None, :] + (c * swc + kh * swh + kw * sww)[:, None],
+                                 mask=mask_k[:, None] & mask_n2[None, :], other=0.0)
+                    acc2 = _dot(acc2, a, b2, ACC, PRECISION, UPCAST)
             acc = _dot(acc, a, b, ACC, PRECISION, UPCAST)
 
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + g * Cog + offs_n, mask=mask_n, other=0.0)
-        acc += bias.to(ACC)[None, :]
-    if RELU:
-        # Not tl.maximum: on the GPU it drops NaN, and torch's relu keeps it.
-        acc = tl.where(acc < 0, tl.zeros_like(acc), acc)
     if Y_DENSE:
         # The row offsets from offs_m alone: (n, oh, ow) need not stay live across the loop (at
         # 256x128 bf16 they were what spilled).
         y_rows = offs_m * syw
     else:
         y_rows = n * syn + (ohw // OW) * syh + (ohw % OW) * syw
+    _store_y(acc, y_ptr, b_ptr, y_rows, offs_n, mask_m, mask_n, g, Cog, syc, HAS_BIAS, RELU, ACC)
+    if BLOCK_N2 > 0:
+        _store_y(acc2, y_ptr, b_ptr, y_rows, offs_n2, mask_m, mask_n2, g, Cog, syc, HAS_BIAS, RELU, ACC)
+
+
+@triton.jit
+def _store_y(acc, y_ptr, b_ptr, y_rows, offs_n, mask_m, mask_n, g, Cog, syc, HAS_BIAS: tl.constexpr,
+             RELU: tl.constexpr, ACC: tl.constexpr):
+    """y[rows, g * Cog + offs_n] = relu?(acc + bias): the forward's epilogue for one column tile."""
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + g * Cog + offs_n, mask=mask_n, other=0.0)
+        acc += bias.to(ACC)[None, :]
+    if RELU:
+        # Not tl.maximum: on the GPU it drops NaN, and torch's relu keeps it.
+        acc = tl.where(acc < 0, tl.zeros_like(acc), acc)
     y_ptrs = (y_ptr + y_rows)[:, None] + ((g * Cog + offs_n) * syc)[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -694,6 +722,16 @@ def _assert_geometry(stride, padding, dilation, groups, C_out: int) -> None:
     assert isinstance(groups, int) and groups >= 1 and C_out % groups == 0, f"groups={groups}, C_out={C_out}"
 
 
+def _split_n(cog: int, block_m: int, block_n: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_N2) for the forward kernel: column tiles of 128 + 64 where 256 leaves a quarter of
+    the last tile empty and 192 fits exactly (conv3-4's 384 channels, the paper net's 192 a group), on
+    128-row tiles (fp32). perf.static: ceiling 1.0 there; 64 + 32 (96 channels) and 256-row tiles
+    (bf16) fell to 0.53-0.66 or spilled, so they keep one tile."""
+    if block_m == 128 and block_n == 256 and cog % 256 != 0 and cog % 192 == 0:
+        return 128, 64
+    return block_n, 0
+
+
 def _in_bounds(H: int, W: int, OH: int, OW: int, KH: int, KW: int, stride, padding, dilation) -> bool:
     """Whether every tap of every output position lies inside the (H, W) input: no top/left padding and
     the last window's last tap within the image (no bottom/right padding reached either, as 'same'
@@ -766,7 +804,10 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
         weight = weight.contiguous(memory_format=torch.channels_last)
     tap_blocks = Cig % cfg["BLOCK_K"] == 0
     row_blocks, cfg = _row_blocks(x, weight, dilation, tap_blocks, cfg, config is None)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cog, cfg["BLOCK_N"]), groups)
+    block_n2 = 0
+    if config is None:
+        cfg["BLOCK_N"], block_n2 = _split_n(Cog, cfg["BLOCK_M"], cfg["BLOCK_N"])
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cog, cfg["BLOCK_N"] + block_n2), groups)
     _conv2d_fwd_kernel[grid](
         x, weight, bias if bias is not None else x, y,
         H, W, OH, OW, Cig, Cog, M,
@@ -775,7 +816,7 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
         KH, KW,
         HAS_BIAS=bias is not None, RELU=relu, TAP_BLOCKS=tap_blocks, ROW_BLOCKS=row_blocks,
         IN_BOUNDS=_in_bounds(H, W, OH, OW, KH, KW, stride, padding, dilation),
-        Y_DENSE=y.stride(0) == OH * y.stride(2) and y.stride(2) == OW * y.stride(3),
+        Y_DENSE=y.stride(0) == OH * y.stride(2) and y.stride(2) == OW * y.stride(3), BLOCK_N2=block_n2,
         ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, allow_tf32), UPCAST=dot_upcast(x.dtype),
         **cfg,
     )

@@ -599,7 +599,8 @@ def model(launch: Launch, spec: Spec, compiled_info: dict) -> dict:
     name = launch.kernel.__name__
     if k["loop_mma"] and all(x in b for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K")):
         # One trip of the K loop does one BLOCK_K step of the CTA's BLOCK_M x BLOCK_N tile.
-        fma_trip = b["BLOCK_M"] * b["BLOCK_N"] * b["BLOCK_K"] * b.get("TAPS", 1)  # (TAPS products a trip)
+        # (TAPS products a trip; BLOCK_N2 a second column tile)
+        fma_trip = b["BLOCK_M"] * (b["BLOCK_N"] + b.get("BLOCK_N2", 0)) * b["BLOCK_K"] * b.get("TAPS", 1)
         c = ceiling(fma_trip, k["loop_mma_type"], k["loop_instrs"], warps)
         rate = MMA_FMA_PER_CLK[k["loop_mma_type"]] * 2 * SMS * CLOCK_HZ  # dense FLOP/s of the whole GPU
         out.update(fma_per_trip=fma_trip, fma_per_trip_sass=k["loop_warp_fmas"] * warps, **c)

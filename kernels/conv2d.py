@@ -79,7 +79,7 @@ def _conv2d_fwd_kernel(
     offs_n = pid_n * (BLOCK_N + BLOCK_N2) + tl.arange(0, BLOCK_N)  # output channels within group g
     mask_n = offs_n < Cog
     if BLOCK_N2 > 0:
-        # Widths of 3 x 2^k (96, 192, 384 channels) as BLOCK_N + BLOCK_N / 2 columns: no empty quarter.
+        # 3 x 2^k columns (the launcher's _split_n: 192 for 384 or 192 channels): no empty quarter tile.
         offs_n2 = pid_n * (BLOCK_N + BLOCK_N2) + BLOCK_N + tl.arange(0, BLOCK_N2)
         mask_n2 = offs_n2 < Cog
         w_cols2 = w_ptr + (g * Cog + offs_n2) * swo
@@ -142,11 +142,10 @@ def _conv2d_fwd_kernel(
                     row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 a = tl.load((x_rows + ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :], mask=row_ok[:, None],
                             other=0.0)
-                b = tl.load(w_cols[None, :] + (c * swc + kh * swh + kw * sww)[:, None], mask=mask_n[None, :],
-                            other=0.0)
+                w_off = (c * swc + kh * swh + kw * sww)[:, None]
+                b = tl.load(w_cols[None, :] + w_off, mask=mask_n[None, :], other=0.0)
                 if BLOCK_N2 > 0:
-                    b2 = tl.load(w_cols2[None, :] + (c * swc + kh * swh + kw * sww)[:, None], mask=mask_n2[None, :],
-                                 other=0.0)
+                    b2 = tl.load(w_cols2[None, :] + w_off, mask=mask_n2[None, :], other=0.0)
                     acc2 = _dot(acc2, a, b2, ACC, PRECISION, UPCAST)
             else:
                 offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -161,11 +160,10 @@ def _conv2d_fwd_kernel(
                 if not IN_BOUNDS:
                     amask = amask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 a = tl.load(x_rows[:, None] + (c * sxc)[None, :] + ih * sxh + iw * sxw, mask=amask, other=0.0)
-                b = tl.load(w_cols[None, :] + (c * swc + kh * swh + kw * sww)[:, None],
-                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                w_off = (c * swc + kh * swh + kw * sww)[:, None]
+                b = tl.load(w_cols[None, :] + w_off, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
                 if BLOCK_N2 > 0:
-                    b2 = tl.load(w_cols2[None, :] + (c * swc + kh * swh + kw * sww)[:, None],
-                                 mask=mask_k[:, None] & mask_n2[None, :], other=0.0)
+                    b2 = tl.load(w_cols2[None, :] + w_off, mask=mask_k[:, None] & mask_n2[None, :], other=0.0)
                     acc2 = _dot(acc2, a, b2, ACC, PRECISION, UPCAST)
             acc = _dot(acc, a, b, ACC, PRECISION, UPCAST)
 
@@ -276,6 +274,14 @@ def _advance(n, oh, ow, OH, OW, QN, QH, RW):
     ch = oh >= OH
     oh = tl.where(ch, oh - OH, oh)
     return n + QN + ch.to(tl.int32), oh, ow
+
+
+@triton.jit
+def _dy_dense_tile(dy_ptr, k0, co_off_dy, sdw, mask_m, mask_k, BLOCK_K: tl.constexpr):
+    """dy [BLOCK_M channels, BLOCK_K positions from k0] where dy's positions are one stride apart
+    (channels_last, DY_DENSE): position p at p * sdw, so one pointer advanced by a constant."""
+    return tl.load(dy_ptr + k0 * sdw + (co_off_dy[:, None] + tl.arange(0, BLOCK_K)[None, :] * sdw),
+                   mask=mask_m[:, None] & mask_k[None, :], other=0.0)
 
 
 @triton.jit
@@ -402,8 +408,7 @@ def _wgrad_flat_rows(acc, dbias, dy_ptr, x_ptr, co_off_dy, col_off, mask_m, mask
     j_off = j * cw
     for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
         mask_k = (k0 + j) < K
-        a = tl.load(dy_ptr + k0 * sdw + (co_off_dy[:, None] + j[None, :] * sdw),
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        a = _dy_dense_tile(dy_ptr, k0, co_off_dy, sdw, mask_m, mask_k, BLOCK_K)
         last = oh0 + 1 >= OH
         jc = OW - ow0  # the first j in the next row
         base0 = n0 * sxn + (oh0 * stride_h - pad_h) * sxh + (ow0 * stride_w - pad_w) * sxw
@@ -432,8 +437,7 @@ def _wgrad_flat_positions(acc, dbias, dy_ptr, x_ptr, co_off_dy, col_off, mask_m,
     for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
         mask_k = (k0 + tl.arange(0, BLOCK_K)) < K
         if DY_DENSE:
-            a = tl.load(dy_ptr + k0 * sdw + (co_off_dy[:, None] + tl.arange(0, BLOCK_K)[None, :] * sdw),
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            a = _dy_dense_tile(dy_ptr, k0, co_off_dy, sdw, mask_m, mask_k, BLOCK_K)
         else:
             a = tl.load(dy_ptr + co_off_dy[:, None] + (n * sdn + oh * sdh + ow * sdw)[None, :],
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -524,9 +528,8 @@ def _conv2d_wgrad_taps_kernel(
     n, oh, ow, QN, QH, RW = _positions(k_start, OH, OW, BLOCK_K)
     for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
         mask_k = (k0 + tl.arange(0, BLOCK_K)) < K
-        if DY_DENSE:  # dy's positions are one stride apart (channels_last): position p at p * sdw
-            a = tl.load(dy_ptr + k0 * sdw + (co_off_dy[:, None] + tl.arange(0, BLOCK_K)[None, :] * sdw),
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if DY_DENSE:
+            a = _dy_dense_tile(dy_ptr, k0, co_off_dy, sdw, mask_m, mask_k, BLOCK_K)
         else:
             a = tl.load(dy_ptr + co_off_dy[:, None] + (n * sdn + oh * sdh + ow * sdw)[None, :],
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -732,6 +735,13 @@ def _split_n(cog: int, block_m: int, block_n: int) -> tuple[int, int]:
     return block_n, 0
 
 
+def _positions_dense(t: torch.Tensor) -> bool:
+    """Whether (N, C, H, W) t's positions (n, h, w) are one stride apart (channels_last, dense): position
+    p at p * t.stride(3), so the kernels address it from p alone (Y_DENSE, DY_DENSE)."""
+    sn, _, sh, sw = t.stride()
+    return sh == t.shape[3] * sw and sn == t.shape[2] * sh
+
+
 def _in_bounds(H: int, W: int, OH: int, OW: int, KH: int, KW: int, stride, padding, dilation) -> bool:
     """Whether every tap of every output position lies inside the (H, W) input: no top/left padding and
     the last window's last tap within the image (no bottom/right padding reached either, as 'same'
@@ -816,7 +826,7 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
         KH, KW,
         HAS_BIAS=bias is not None, RELU=relu, TAP_BLOCKS=tap_blocks, ROW_BLOCKS=row_blocks,
         IN_BOUNDS=_in_bounds(H, W, OH, OW, KH, KW, stride, padding, dilation),
-        Y_DENSE=y.stride(0) == OH * y.stride(2) and y.stride(2) == OW * y.stride(3), BLOCK_N2=block_n2,
+        Y_DENSE=_positions_dense(y), BLOCK_N2=block_n2,
         ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, allow_tf32), UPCAST=dot_upcast(x.dtype),
         **cfg,
     )
@@ -967,12 +977,11 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
                 *grad_output.stride(), *x.stride(),
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
                 KH, KW, C_out)
-        sdn, _, sdh, sdw = grad_output.stride()
         # The bias sums a trip's dy tile into a 2-D accumulator where the registers allow (16-bit
         # types, tiles up to 128x128; perf.static: bf16 conv1 0.23 -> 0.27, the paper net's grouped
         # layers 0.45 -> 0.52, no spills; fp32 and the 256-row tiles spilled with it).
         bias_2d = dtype in (torch.float16, torch.bfloat16) and cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 128 * 128
-        common = dict(DY_DENSE=sdh == OW * sdw and sdn == OH * sdh, BIAS_2D=bias_2d,
+        common = dict(DY_DENSE=_positions_dense(grad_output), BIAS_2D=bias_2d,
                       IN_BOUNDS=_in_bounds(H, W, OH, OW, KH, KW, stride, padding, dilation),
                       ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype, allow_tf32), UPCAST=dot_upcast(dtype), **cfg)
         if taps:

@@ -243,8 +243,9 @@ def _nets() -> dict:
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
-    # fastalex.ops.conv2d._channels_last: the test the op uses to pick the kernels' layout.
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    from fastalex.ops.conv2d import _channels_last  # the test the op uses to pick the kernels' layout
+
+    return _channels_last(x)
 
 
 def _layout(x: torch.Tensor) -> str:

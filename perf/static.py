@@ -592,13 +592,17 @@ def model(launch: Launch, spec: Spec, compiled_info: dict) -> dict:
                ctas_per_sm=cps, occupancy_limit=limiter)
     if cps == 0:
         return out
-    waves = ctas / (SMS * cps)
+    mma = bool(k["loop_mma"]) and all(x in b for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    # Waves of CTAs, every SM running cps at once. With an MMA loop the ceiling is one CTA's alone on
+    # an SM, so an SM's time is the tiles it runs, one at a time or cps together: waves count tiles
+    # per SM (a last wave of one CTA an SM takes a tile's time, not that of cps; 2026-12-05).
+    waves = ctas / (SMS * (1 if mma else cps))
     eff = waves / math.ceil(waves)
     nbytes = _bytes(launch.args)
     t_mem = nbytes / DRAM_BYTES_PER_S
     out.update(waves=waves, wave_eff=eff, bytes=nbytes, t_memory_us=t_mem * 1e6)
     name = launch.kernel.__name__
-    if k["loop_mma"] and all(x in b for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K")):
+    if mma:
         # One trip of the K loop does one BLOCK_K step of the CTA's BLOCK_M x BLOCK_N tile.
         # (TAPS products a trip; BLOCK_N2 a second column tile)
         fma_trip = b["BLOCK_M"] * (b["BLOCK_N"] + b.get("BLOCK_N2", 0)) * b["BLOCK_K"] * b.get("TAPS", 1)

@@ -155,6 +155,61 @@ def test_split_n():
     assert K._split_n(96, 128, 128) == (128, 0) and K._split_n(200, 128, 256) == (256, 0)
 
 
+def test_fill_waves():
+    """Wide forward tiles become 128x128 where their last wave is under 85% full and the halves fill it
+    better (conv5 / conv3's input gradient: 169 tiles on 132 SMs); elsewhere the config is unchanged."""
+    wide32 = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, num_warps=8, num_stages=3)
+    wide16 = dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
+    gpu = torch.device("meta")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(K, "_num_sms", lambda device: 132)
+        half32 = K._fill_waves(dict(wide32), 21632, 256, 1, torch.float32, gpu)
+        assert half32 == dict(wide32, BLOCK_N=128)
+        for cog, groups in ((256, 1), (128, 2)):  # the single net's conv5, the paper net's (2 groups of 128)
+            assert K._fill_waves(dict(wide16), 21632, cog, groups, torch.bfloat16, gpu) == dict(
+                wide16, BLOCK_M=128, BLOCK_K=64)
+        # conv2 (729 wide tiles: 92% of the last wave) and conv3-4 in bf16 (255: 97%) keep theirs
+        assert K._fill_waves(dict(wide32), 93312, 256, 1, torch.float32, gpu) == wide32
+        assert K._fill_waves(dict(wide16), 21632, 384, 1, torch.bfloat16, gpu) == wide16
+        small = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
+        assert K._fill_waves(dict(small), 21632, 128, 2, torch.float32, gpu) == small
+        # one SM (the interpreter's count): every grid fills its waves
+        mp.setattr(K, "_num_sms", lambda device: 1)
+        assert K._fill_waves(dict(wide32), 21632, 256, 1, torch.float32, gpu) == wide32
+    assert K._wave_efficiency(169, 132) == pytest.approx(169 / 264)
+    assert K._wave_efficiency(338, 132) == pytest.approx(338 / 396) and K._wave_efficiency(264, 132) == 1.0
+
+
+def test_forward_fills_waves(device, monkeypatch):
+    """The launcher applies _fill_waves to the heuristic's config: with a wide tile forced and 132 SMs,
+    a small grid runs at 128x128 (half the wide tile), and the result matches float64."""
+    monkeypatch.setattr(K, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(K, "_config", lambda kind, dtype, m, n: dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32,
+                                                                      num_warps=8, num_stages=3))
+    spy = _LaunchSpy(K._conv2d_fwd_kernel)
+    monkeypatch.setattr(K, "_conv2d_fwd_kernel", spy)
+    x = make_input((2, 32, 5, 5), torch.float32, device, layout="channels_last")
+    w = make_input((200, 32, 3, 3), torch.float32, device, scale=0.2)
+    b = make_input((200,), torch.float32, device)
+    _check(device, torch.float32, x, w, b, padding=1)
+    kw = spy.kwargs[0]
+    assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_N2"]) == (128, 128, 0) and spy.grids[0][:2] == (1, 2)
+
+
+@pytest.mark.parametrize("tiles, k_blocks, split", [
+    (54, 1352, 7),  # conv4's per-tap wgrad: 4 ways fill 82% of 2 waves, 7 ways 95% of 3
+    (27, 676, 9), (36, 676, 7), (25, 2916, 10),  # conv5, conv3, conv2: two waves already >= 90% full
+    (3, 12100, 88),  # conv1's flat wgrad: two full waves
+    (18, 676, 14), (600, 1000, 1), (5, 40, 5),  # few K blocks: at least 8 a split
+])
+def test_split_k_fills_the_last_wave(tiles, k_blocks, split, monkeypatch):
+    monkeypatch.setattr(K, "is_interpreting", lambda: False)
+    monkeypatch.setattr(K, "_num_sms", lambda device: 132)
+    got = K._split_k(tiles, k_blocks, torch.device("meta"))
+    assert got == split
+    assert 1 <= got <= max(1, k_blocks // 8) and got <= 128
+
+
 def test_in_bounds():
     """The kernels skip the padding tests only where no tap of any output position leaves the image."""
     assert K._in_bounds(227, 227, 55, 55, 11, 11, (4, 4), (0, 0), (1, 1))  # conv1

@@ -296,11 +296,13 @@ def test_weight_grad_split_k(device, split):
     ((4, 3, 9, 21), (3, 5), 2, 5),  # OH 4, OW 9 < 16: the general path (no scalar rows)
     ((5, 3, 6, 20), 3, 1, 4),  # OH 4, OW 18: row crossings that are plane crossings
     ((2, 3, 75, 75), 11, 4, 3),  # conv1's kernel and stride: 17x17 outputs
+    ((2, 3, 10, 18), 3, 1, 3),  # K = 256 = 16 blocks (EVEN_K): the last split's range ends at K, not past it
 ])
 def test_weight_grad_flat_row_scalars(device, shape, kernel, stride, split, monkeypatch):
     """The flat kernel with a dense dy and no padding: K blocks of positions that cross at most one row
     (BLOCK_K <= OW) take scalar row positions (ROW_SCALARS), the rest the per-position carries; both
-    against float64, the K tail and mid-row splits included."""
+    against float64, the K tail and mid-row splits included, and K a whole number of blocks (EVEN_K:
+    no position mask; (4, 3, 9, 21) is one too, on the general path)."""
     spy = _LaunchSpy(K._conv2d_wgrad_kernel)
     monkeypatch.setattr(K, "_conv2d_wgrad_kernel", spy)
     k = kernel if isinstance(kernel, tuple) else (kernel, kernel)
@@ -312,6 +314,7 @@ def test_weight_grad_flat_row_scalars(device, shape, kernel, stride, split, monk
     st = (stride, stride)
     dw, db = K.conv2d_weight_grad(dy, x, w.shape, st, (0, 0), (1, 1), 1, split_k=split, config=cfg, taps=False)
     assert spy.kwargs[-1]["ROW_SCALARS"] == (y.shape[3] >= 16)
+    assert spy.kwargs[-1]["EVEN_K"] == (y.numel() // 8 % 16 == 0)
     xr, wr = ref_inputs(x, w)
     wr.requires_grad_()
     br = torch.zeros(8, dtype=torch.float64, requires_grad=True)

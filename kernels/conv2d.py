@@ -427,8 +427,9 @@ def _wgrad_flat_rows(acc, dbias, dy_ptr, x_ptr, co_off_dy, col_off, mask_m, mask
         base0 = n0 * sxn + (oh0 * stride_h - pad_h) * sxh + (ow0 * stride_w - pad_w) * sxw
         base1 = (tl.where(last, n0 + 1, n0) * sxn + (tl.where(last, 0, oh0 + 1) * stride_h - pad_h) * sxh
                  - pad_w * sxw - jc * cw)
-        rows = tl.where(j < jc, base0, base1) + j_off
-        b = tl.load(x_ptr + rows[:, None] + col_off[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        rows = j_off + tl.where(j < jc, 0, base1 - base0)
+        b = tl.load((x_ptr + base0) + (rows[:, None] + col_off[None, :]), mask=mask_k[:, None] & mask_n[None, :],
+                    other=0.0)
         acc, dbias = _wgrad_accumulate(acc, dbias, a, b, ACC, PRECISION, UPCAST, BIAS_2D)
         ow0 += BLOCK_K
         wrap = ow0 >= OW

@@ -470,18 +470,21 @@ def _wgrad_flat_positions(acc, dbias, dy_ptr, x_ptr, co_off_dy, col_off, mask_m,
 
 
 @triton.jit
-def _tap_dot(acc, a, x_rows, ih0, iw0, ok_k, mask_c, ci_off_x, t, T, KW, H, W, sxh, sxw,
+def _tap_dot(acc, a, x_base, row_off, oh_s, ow_s, ok_k, mask_c, c_off, t, T, KW, H, W, sxh, sxw,
              pad_h, pad_w, dil_h, dil_w, IN_BOUNDS: tl.constexpr,
              ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc += a @ x_t for tap t (scalar; none past T): x_t [BLOCK_K, BLOCK_N] is x at each output
-    position's window corner (x_rows, ih0, iw0: 1-D) shifted by the tap, zero in the padding."""
-    ih = ih0 + ((t // KW) * dil_h - pad_h)
-    iw = iw0 + ((t % KW) * dil_w - pad_w)
-    ok = ok_k & ((tl.zeros_like(ih0) + t) < T)  # (a tensor test: the interpreter's scalar compare is no mask)
+    """acc += a @ x_t for tap t (scalar): x_t [BLOCK_K, BLOCK_N] is x at each output position's window
+    corner (row_off from x_base, oh_s, ow_s: 1-D) shifted by the tap, zero in the padding. A tap past T
+    (the last block of taps) loads tap T - 1 again, which _tap_store drops: no per-element test."""
+    t = tl.minimum(t, T - 1)
+    dh = (t // KW) * dil_h - pad_h
+    dw = (t % KW) * dil_w - pad_w
+    ok = ok_k
     if not IN_BOUNDS:
-        ok = ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    b = tl.load((x_rows + ih * sxh + iw * sxw)[:, None] + ci_off_x[None, :], mask=ok[:, None] & mask_c[None, :],
-                other=0.0)
+        # 0 <= ih < H as one unsigned compare (H >= 0)
+        ok = ok & ((oh_s + dh).to(tl.uint32, bitcast=True) < H) & ((ow_s + dw).to(tl.uint32, bitcast=True) < W)
+    rows = (x_base + (dh * sxh + dw * sxw)) + row_off
+    b = tl.load(rows[:, None] + c_off[None, :], mask=ok[:, None] & mask_c[None, :], other=0.0)
     return _dot(acc, a, b, ACC, PRECISION, UPCAST)
 
 
@@ -508,6 +511,7 @@ def _conv2d_wgrad_taps_kernel(
     IN_BOUNDS: tl.constexpr,  # no padding: every tap of every output position lies in x (_in_bounds)
     BIAS_2D: tl.constexpr,  # see _wgrad_accumulate
     TAPS: tl.constexpr,  # taps a program (1-4): each trip's dy tile feeds TAPS products
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no position mask (_k_mask)
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -516,7 +520,9 @@ def _conv2d_wgrad_taps_kernel(
     # scalars and the input rows and padding tests are per output position (1-D), where the flat kernel
     # computes both per (position, column) element. The columns are channels of one tap: contiguous in
     # NHWC. Where the tile is narrow (the paper net's groups: 128 x 64) the loads, not the MMAs, bound
-    # the loop; TAPS > 1 reuses the dy tile for TAPS products, as a TAPS times wider tile would.
+    # the loop; TAPS > 1 reuses the dy tile for TAPS products, as a TAPS times wider tile would. In fp32
+    # the loads are 4-byte copies (tf32 wgmma takes K-major tiles; both tiles are K-strided here), so
+    # their address math is most of the loop: one row offset a position a trip, shared by the taps.
     pid = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
@@ -532,7 +538,12 @@ def _conv2d_wgrad_taps_kernel(
     mask_m = offs_m < Cog
     mask_c = offs_c < Cig
     co_off_dy = (g * Cog + offs_m) * sdc
-    ci_off_x = (g * Cig + offs_c) * sxc
+    # Scalar bases plus arange offsets: a thread's elements of a tile row then differ by constants that
+    # ptxas folds into the copies' immediate offsets, where i32 offsets holding pid * BLOCK (which might
+    # overflow before the sign extension, for all LLVM knows) took a 64-bit add per element.
+    x_base = x_ptr + (g * Cig + pid_c * BLOCK_N) * sxc
+    c_off = tl.arange(0, BLOCK_N) * sxc
+    m_off = tl.arange(0, BLOCK_M) * sdc
 
     acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)  # (unused accumulators are never carried)
@@ -541,27 +552,29 @@ def _conv2d_wgrad_taps_kernel(
     dbias = _bias_zeros(BLOCK_M, BLOCK_K, ACC, BIAS_2D)
     k_start = split * K_PER_SPLIT
     n, oh, ow, QN, QH, RW = _positions(k_start, OH, OW, BLOCK_K)
+    dy_cols = dy_ptr + (g * Cog + pid_m * BLOCK_M) * sdc + (k_start + tl.arange(0, BLOCK_K)) * sdw  # DY_DENSE
     for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
         mask_k = _k_mask(k0, K, EVEN_K, BLOCK_K)
         if DY_DENSE:
-            a = _dy_dense_tile(dy_ptr, k0, co_off_dy, sdw, mask_m, mask_k, BLOCK_K)
+            a = tl.load(dy_cols[None, :] + m_off[:, None], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            dy_cols += BLOCK_K * sdw
         else:
             a = tl.load(dy_ptr + co_off_dy[:, None] + (n * sdn + oh * sdh + ow * sdw)[None, :],
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        x_rows = x_ptr + n * sxn
-        ih0 = oh * stride_h
-        iw0 = ow * stride_w
-        acc0 = _tap_dot(acc0, a, x_rows, ih0, iw0, mask_k, mask_c, ci_off_x, t0, T, KW, H, W, sxh, sxw,
+        oh_s = oh * stride_h
+        ow_s = ow * stride_w
+        row_off = n * sxn + oh_s * sxh + ow_s * sxw
+        acc0 = _tap_dot(acc0, a, x_base, row_off, oh_s, ow_s, mask_k, mask_c, c_off, t0, T, KW, H, W, sxh, sxw,
                         pad_h, pad_w, dil_h, dil_w, IN_BOUNDS, ACC, PRECISION, UPCAST)
         if TAPS > 1:
-            acc1 = _tap_dot(acc1, a, x_rows, ih0, iw0, mask_k, mask_c, ci_off_x, t0 + 1, T, KW, H, W, sxh, sxw,
-                            pad_h, pad_w, dil_h, dil_w, IN_BOUNDS, ACC, PRECISION, UPCAST)
+            acc1 = _tap_dot(acc1, a, x_base, row_off, oh_s, ow_s, mask_k, mask_c, c_off, t0 + 1, T, KW, H, W, sxh,
+                            sxw, pad_h, pad_w, dil_h, dil_w, IN_BOUNDS, ACC, PRECISION, UPCAST)
         if TAPS > 2:
-            acc2 = _tap_dot(acc2, a, x_rows, ih0, iw0, mask_k, mask_c, ci_off_x, t0 + 2, T, KW, H, W, sxh, sxw,
-                            pad_h, pad_w, dil_h, dil_w, IN_BOUNDS, ACC, PRECISION, UPCAST)
+            acc2 = _tap_dot(acc2, a, x_base, row_off, oh_s, ow_s, mask_k, mask_c, c_off, t0 + 2, T, KW, H, W, sxh,
+                            sxw, pad_h, pad_w, dil_h, dil_w, IN_BOUNDS, ACC, PRECISION, UPCAST)
         if TAPS > 3:
-            acc3 = _tap_dot(acc3, a, x_rows, ih0, iw0, mask_k, mask_c, ci_off_x, t0 + 3, T, KW, H, W, sxh, sxw,
-                            pad_h, pad_w, dil_h, dil_w, IN_BOUNDS, ACC, PRECISION, UPCAST)
+            acc3 = _tap_dot(acc3, a, x_base, row_off, oh_s, ow_s, mask_k, mask_c, c_off, t0 + 3, T, KW, H, W, sxh,
+                            sxw, pad_h, pad_w, dil_h, dil_w, IN_BOUNDS, ACC, PRECISION, UPCAST)
         dbias = _bias_add(dbias, a, ACC, BIAS_2D)
         n, oh, ow = _advance(n, oh, ow, OH, OW, QN, QH, RW)
 
@@ -678,7 +691,8 @@ def _config(kind: str, dtype: torch.dtype, m: int, n: int) -> dict:
     stages = 3
     if kind == "wgrad_taps" and block_m == 256 and not small:
         # fp32 at BLOCK_K 32 kept 24 bytes of spills (255 registers); 16 a step, 4 deep: 242 registers,
-        # none spilled, ceiling 0.96 (perf.static).
+        # none spilled, ceiling 0.96 (perf.static). Since the loads' immediate offsets: 212 registers,
+        # ceiling 1.0; 32 x 3 would now fit too (242, no spills, 1.0): for a GPU to choose.
         block_k, stages = 16, 4
     if dtype == torch.float64:
         block_m, block_n, block_k = min(block_m, 64), min(block_n, 64), 16
@@ -948,9 +962,10 @@ def taps_per_program(T: int, cfg: dict) -> int:
 
 def _multi_tap_config(cfg: dict, taps_per: int, dtype: torch.dtype) -> dict:
     """The heuristic's per-tap config adjusted for TAPS > 1 (perf.static, the paper net's grouped
-    layers, 128x64 tiles): 8 warps (4 spilled the accumulators), 2 stages in fp32 (3: 72 B of spills at
-    4 taps), BLOCK_K 32 for 16-bit types at 4 taps (64: 32 B). No spills; ceiling 0.84-0.94 fp32,
-    0.91-0.92 bf16, against 0.45-0.54 a tap at a time."""
+    layers, 128x64 tiles): 8 warps (4 spilled the accumulators), 2 stages in fp32 (3 spilled 72 B at
+    4 taps before the loads' immediate offsets; now 216-252 registers, no spills: for a GPU to choose),
+    BLOCK_K 32 for 16-bit types at 4 taps (64: 32 B). No spills; ceiling 1.0 fp32 and bf16 (0.84-0.94
+    fp32, 0.91-0.92 bf16 before the immediate offsets), against 0.45-0.54 a tap at a time."""
     cfg = dict(cfg, num_warps=8)
     if dtype == torch.float32:
         cfg["num_stages"] = 2
@@ -1029,14 +1044,14 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
         # types, tiles up to 128x128; perf.static: bf16 conv1 0.23 -> 0.27, the paper net's grouped
         # layers 0.45 -> 0.52, no spills; fp32 and the 256-row tiles spilled with it).
         bias_2d = dtype in (torch.float16, torch.bfloat16) and cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 128 * 128
-        common = dict(DY_DENSE=_positions_dense(grad_output), BIAS_2D=bias_2d,
+        common = dict(DY_DENSE=_positions_dense(grad_output), BIAS_2D=bias_2d, EVEN_K=K % cfg["BLOCK_K"] == 0,
                       IN_BOUNDS=_in_bounds(H, W, OH, OW, KH, KW, stride, padding, dilation),
                       ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype, allow_tf32), UPCAST=dot_upcast(dtype), **cfg)
         if taps:
             _conv2d_wgrad_taps_kernel[(tiles, groups, split)](*args, TAPS=taps_per, **common)
         else:
             _conv2d_wgrad_kernel[(tiles, groups, split)](
-                *args, CI_FAST=ci_fast, EVEN_K=K % cfg["BLOCK_K"] == 0,
+                *args, CI_FAST=ci_fast,
                 ROW_SCALARS=common["IN_BOUNDS"] and common["DY_DENSE"] and cfg["BLOCK_K"] <= OW, **common)
     dw = empty(tuple(weight_shape), dtype=dtype, device=device)
     db = empty((C_out,), dtype=dtype, device=device)

@@ -406,6 +406,7 @@ WGRAD_TAPS = [
     (2, 16, 11, 11, 8, 3, 1, 2, 2, 1, 2, True, torch.float32, "channels_last", None),  # dilation 2
     (2, 24, 9, 8, 8, 3, 2, 1, 1, 1, 2, True, torch.float32, "contiguous", True),  # NCHW, forced
     (2, 24, 6, 6, 8, 1, 1, 0, 1, 1, 1, False, torch.float32, "channels_last", True),  # 1x1: one tap
+    (2, 80, 7, 7, 20, 3, 1, 1, 1, 2, 2, False, torch.float32, "channels_last", None),  # 2 ci blocks, 2nd partial
     # The positions advance by BLOCK_K (16) with carries: planes smaller than a block (3x3: a block
     # spans images), rows longer than a block (OW 21), several splits starting mid-plane.
     (5, 16, 5, 5, 8, 3, 1, 0, 1, 1, 2, False, torch.float32, "channels_last", None),
@@ -489,6 +490,49 @@ def test_weight_grad_taps_per_program(device, taps_per, kernel, padding, groups,
     TF.conv2d(xr, wr, br, padding=pad, groups=groups).backward(dy.double().cpu())
     assert_close(dw, wr.grad, torch.float32, device, "grad_weight")
     assert_close(db, br.grad, torch.float32, device, "grad_bias")
+
+
+@pytest.mark.skipif(not _common.is_interpreting(), reason="watches the interpreter's loads")
+@pytest.mark.parametrize("taps_per", [3, 4])
+def test_weight_grad_taps_loads_stay_in_bounds(taps_per, monkeypatch):
+    """The per-tap kernel reads only inside x and dy: a tap block past the last tap (6 taps in blocks of
+    4) loads tap T - 1 again rather than a row below the image, which with no padding (IN_BOUNDS) no
+    test masks; results cannot show it (those taps are never stored), so the addresses are checked."""
+    from triton.runtime import interpreter
+
+    monkeypatch.setattr(K, "taps_per_program", lambda T, cfg: taps_per)
+    x = make_input((2, 16, 5, 6), torch.float32, "cpu", layout="channels_last", requires_grad=False)
+    w = make_input((8, 16, 2, 3), torch.float32, "cpu", requires_grad=False, scale=0.3)
+    dy = torch.randn(TF.conv2d(x, w).shape).contiguous(memory_format=torch.channels_last)
+    spans = [(t.data_ptr(), t.data_ptr() + t.untyped_storage().nbytes()) for t in (x, dy)]
+    outside, watching, ran = [], [], []
+    load = interpreter.InterpreterBuilder.create_masked_load
+
+    def watched(self, ptrs, mask, other, *rest):
+        if watching:  # (the split sums read the partials)
+            addr = ptrs.data[mask.data.astype(bool)].astype("uint64")
+            outside.extend(int(a) for a in addr if not any(lo <= a < hi for lo, hi in spans))
+        return load(self, ptrs, mask, other, *rest)
+
+    class Watch(_LaunchSpy):
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                watching.append(True)
+                ran.append(kwargs["TAPS"])
+                self.kernel[grid](*args, **kwargs)
+                watching.clear()
+
+            return launch
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", watched)
+    monkeypatch.setattr(K, "_conv2d_wgrad_taps_kernel", Watch(K._conv2d_wgrad_taps_kernel))
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+    dw, _ = K.conv2d_weight_grad(dy, x, w.shape, (1, 1), (0, 0), (1, 1), 1, split_k=1, config=cfg, taps=True)
+    assert ran == [taps_per] and not outside, f"{len(outside)} loads outside x and dy"
+    xr, wr = ref_inputs(x, w)
+    wr.requires_grad_()
+    TF.conv2d(xr, wr).backward(dy.double())
+    assert_close(dw, wr.grad, torch.float32, "cpu", "grad_weight")
 
 
 def test_taps_per_program():

@@ -68,6 +68,7 @@ def _conv2d_fwd_kernel(
     IN_BOUNDS: tl.constexpr,  # no padding: every tap of every output position lies in x (_in_bounds)
     Y_DENSE: tl.constexpr,  # syn == OH * syh and syh == OW * syw (channels_last): position m of y at m * syw
     BLOCK_N2: tl.constexpr,  # 0, or a second column tile of BLOCK_N // 2 after the first (_split_n)
+    TAP_BITS: tl.constexpr,  # TAP_BLOCKS with padding, KH*KW <= 32: each position's valid taps as bits (_tap_bits)
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -125,6 +126,37 @@ def _conv2d_fwd_kernel(
                 b2 = tl.load(w_cols2[None, :] + (kh * swh + j)[:, None], mask=j_ok[:, None] & mask_n2[None, :],
                              other=0.0)
                 acc2 = _dot(acc2, a, b2, ACC, PRECISION, UPCAST)
+    elif TAP_BITS:
+        # TAP_BLOCKS with padding, the per-trip work cut to what a tap changes: the padding test of
+        # every (position, tap) once before the loop, as bit kh*KW + kw of a word per position, and
+        # each position's window origin as one int32 offset (the tap's own offset is a scalar). A
+        # trip then tests one bit and adds one offset per row, and carries (tap, kh, kw) instead of
+        # dividing k0. perf.static, the paper net's conv2 input gradient (128x64 tiles, 16 rows of A
+        # a thread): 618 -> 291 instructions a trip fp32, ceiling 0.83 -> 1.00; the per-row ih/iw
+        # arithmetic and compares were most of them. The other padded tap-block launches 212-256 -> 120-160.
+        taps_ok = _tap_bits(ih0, iw0, mask_m, H, W, KH, KW, dil_h, dil_w)
+        x_pos = n * sxn + ih0 * sxh + iw0 * sxw
+        x_base = x_ptr + g * Cig * sxc
+        tap = 0
+        kh = 0
+        kw = 0
+        for k0 in range(0, K_total, BLOCK_K):
+            c = (k0 - tap * Cig) + tl.arange(0, BLOCK_K)
+            a = tl.load((x_base + (kh * dil_h * sxh + kw * dil_w * sxw)) + (x_pos[:, None] + (c * sxc)[None, :]),
+                        mask=((taps_ok & (1 << tap)) != 0)[:, None], other=0.0)
+            w_off = (c * swc + kh * swh + kw * sww)[:, None]
+            b = tl.load(w_cols[None, :] + w_off, mask=mask_n[None, :], other=0.0)
+            acc = _dot(acc, a, b, ACC, PRECISION, UPCAST)
+            if BLOCK_N2 > 0:
+                b2 = tl.load(w_cols2[None, :] + w_off, mask=mask_n2[None, :], other=0.0)
+                acc2 = _dot(acc2, a, b2, ACC, PRECISION, UPCAST)
+            # The next block's tap: one more where this block ends the tap's channels.
+            step = (k0 + BLOCK_K == (tap + 1) * Cig).to(tl.int32)
+            tap += step
+            kw += step
+            wrap = kw == KW
+            kw = tl.where(wrap, 0, kw)
+            kh += wrap.to(tl.int32)
     else:
         for k0 in range(0, K_total, BLOCK_K):
             if TAP_BLOCKS:
@@ -176,6 +208,31 @@ def _conv2d_fwd_kernel(
     _store_y(acc, y_ptr, b_ptr, y_rows, offs_n, mask_m, mask_n, g, Cog, syc, HAS_BIAS, RELU, ACC)
     if BLOCK_N2 > 0:
         _store_y(acc2, y_ptr, b_ptr, y_rows, offs_n2, mask_m, mask_n2, g, Cog, syc, HAS_BIAS, RELU, ACC)
+
+
+@triton.jit
+def _tap_range(i0, size, K, dil):
+    """The taps k with 0 <= i0 + k * dil < size, as [lo, hi) (lo <= hi <= K), per position."""
+    lo = tl.minimum((tl.maximum(-i0, 0) + dil - 1) // dil, K)
+    hi = tl.where(i0 < size, tl.minimum((size - 1 - i0) // dil + 1, K), 0)
+    return lo, tl.maximum(hi, lo)
+
+
+@triton.jit
+def _tap_bits(ih0, iw0, mask_m, H, W, KH, KW, dil_h, dil_w):
+    """Per position (window origin ih0, iw0): bit kh*KW + kw set where tap (kh, kw) lies in x (KH*KW <= 32).
+
+    Elementwise, no loop over the taps (a loop-carried tensor kept the compiler from computing the
+    bits in the A tile's layout: it moved the bit test's result through shared memory every trip). The
+    valid taps are a rectangle [h_lo, h_hi) x [w_lo, w_hi): the row range's bits, at multiples of KW,
+    times the column range's bits (below 2**KW: no carries)."""
+    h_lo, h_hi = _tap_range(ih0, H, KH, dil_h)
+    w_lo, w_hi = _tap_range(iw0, W, KW, dil_w)
+    one = tl.cast(1, tl.int64)
+    rows = ((one << (KH * KW)) - 1) // ((one << KW) - 1)  # bit kh*KW for every kh
+    h_bits = rows & ((one << (h_hi * KW)) - (one << (h_lo * KW)))
+    w_bits = (one << w_hi) - (one << w_lo)
+    return tl.where(mask_m, (h_bits * w_bits).to(tl.int32), 0)
 
 
 @triton.jit
@@ -674,7 +731,9 @@ def _config(kind: str, dtype: torch.dtype, m: int, n: int) -> dict:
             block_m, block_n, block_k = 128, 256, 32
     if kind in ("fwd", "dgrad") and m >= 128 * 64 and n <= 64 and dtype != torch.float64:
         # Narrow GEMMs (the paper net's conv2 input gradient: 48 channels a group) are load-bound at
-        # 128x64: twice the K a trip halves the loop overhead (perf.static: ceiling 0.76 -> 0.83).
+        # 128x64: twice the K a trip halves the loop overhead (perf.static: ceiling 0.76 -> 0.83; with
+        # TAP_BITS 1.00 either way, 291 instructions for 512 tensor clocks a trip against 189 for 256 at
+        # the single K: the wider keeps more issue headroom).
         block_k *= 2
     if kind == "wgrad":
         block_m = 128 if m > 64 else 64
@@ -875,6 +934,8 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
         weight = weight.contiguous(memory_format=torch.channels_last)
     tap_blocks = Cig % cfg["BLOCK_K"] == 0
     row_blocks, cfg = _row_blocks(x, weight, dilation, tap_blocks, cfg, config is None)
+    in_bounds = _in_bounds(H, W, OH, OW, KH, KW, stride, padding, dilation)
+    tap_bits = tap_blocks and not in_bounds and KH * KW <= 32
     block_n2 = 0
     if config is None:
         cfg["BLOCK_N"], block_n2 = _split_n(Cog, cfg["BLOCK_M"], cfg["BLOCK_N"])
@@ -887,8 +948,8 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH, KW,
         HAS_BIAS=bias is not None, RELU=relu, TAP_BLOCKS=tap_blocks, ROW_BLOCKS=row_blocks,
-        IN_BOUNDS=_in_bounds(H, W, OH, OW, KH, KW, stride, padding, dilation),
-        Y_DENSE=_positions_dense(y), BLOCK_N2=block_n2,
+        IN_BOUNDS=in_bounds,
+        Y_DENSE=_positions_dense(y), BLOCK_N2=block_n2, TAP_BITS=tap_bits,
         ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, allow_tf32), UPCAST=dot_upcast(x.dtype),
         **cfg,
     )

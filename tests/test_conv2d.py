@@ -607,6 +607,55 @@ def test_forward_tap_blocks(device, case, monkeypatch):
     assert_close(y, TF.conv2d(xr, wr, br, stride=s, padding=p, dilation=d, groups=g).relu(), dtype, device)
 
 
+TAP_BITS = [
+    # (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups, extra (bottom, right) outputs, TAP_BITS)
+    (2, 16, 6, 7, 8, (4, 8), 1, (2, 3), 1, 1, (0, 0), True),  # 32 taps: bit 31 in use
+    (2, 32, 5, 6, 12, (3, 4), 1, (1, 2), (2, 1), 2, (4, 2), True),  # dilation; windows wholly below/right of x
+    (1, 16, 9, 8, 8, 5, 2, 2, 1, 1, (1, 0), True),  # stride 2
+    (1, 16, 8, 8, 8, (3, 11), 1, (1, 5), 1, 1, (0, 0), False),  # 33 taps: the per-tap tests
+]
+
+
+@pytest.mark.parametrize("case", TAP_BITS, ids=[f"tapbits{i}" for i in range(len(TAP_BITS))])
+def test_forward_tap_bits(device, case, monkeypatch):
+    """TAP_BITS (tap blocks with padding, up to 32 taps): each position's valid taps as one word of
+    bits from _tap_bits, the tap carried across trips. Asymmetric padding (extra output rows and
+    columns past the bottom/right edge, so whole windows outside x) against float64."""
+    N, C, H, W, Co, k, s, p, d, g, extra, bits = case
+    k, s, p, d = ((v, v) if isinstance(v, int) else v for v in (k, s, p, d))
+    x = make_input((N, C, H, W), torch.float32, device, layout="channels_last", requires_grad=False)
+    w = make_input((Co, C // g, *k), torch.float32, device, requires_grad=False, scale=0.3)
+    oh, ow = output_size(H, W, k, s, p, d)
+    out = (oh + extra[0], ow + extra[1])
+    spy = _LaunchSpy(K._conv2d_fwd_kernel)
+    monkeypatch.setattr(K, "_conv2d_fwd_kernel", spy)
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+    y = K.conv2d_forward(x, w, None, s, p, d, g, out, False, channels_last=True, config=cfg)
+    kw = spy.kwargs[0]
+    assert kw["TAP_BLOCKS"] is True and kw["IN_BOUNDS"] is False and kw["TAP_BITS"] is bits
+    xr, wr = ref_inputs(x, w)
+    # Bottom/right padding enough for the extra outputs (torch pads symmetrically).
+    xr = TF.pad(xr, (p[1], p[1] + extra[1] * s[1], p[0], p[0] + extra[0] * s[0]))
+    assert_close(y, TF.conv2d(xr, wr, stride=s, dilation=d, groups=g), torch.float32, device)
+
+
+def test_input_grad_tap_bits(device, monkeypatch):
+    """The paper net's conv2 input gradient, scaled down: stride 1, 5x5, padding 2, groups 2, on the
+    forward kernel with TAP_BITS (its channels a multiple of BLOCK_K), against float64 autograd."""
+    spy = _LaunchSpy(K._conv2d_fwd_kernel)
+    monkeypatch.setattr(K, "_conv2d_fwd_kernel", spy)
+    x = make_input((2, 12, 7, 6), torch.float32, device, layout="channels_last", requires_grad=False)
+    w = make_input((64, 6, 5, 5), torch.float32, device, requires_grad=False, scale=0.2)
+    dy = make_input((2, 64, 7, 6), torch.float32, device, layout="channels_last", requires_grad=False)
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+    dx = K.conv2d_input_grad(dy, w, x.shape, (1, 1), (2, 2), (1, 1), 2, channels_last=True, config=cfg)
+    assert spy.kwargs[0]["TAP_BITS"] is True
+    xr, wr = ref_inputs(x, w)
+    xr.requires_grad_()
+    TF.conv2d(xr, wr, padding=2, groups=2).backward(dy.double().cpu())
+    assert_close(dx, xr.grad, torch.float32, device, "grad_input")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_wide_layer_channels_last(device, dtype, monkeypatch):
     """A layer as wide as AlexNet's (C_in 128) in channels_last through the op: the forward takes the

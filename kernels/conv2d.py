@@ -66,8 +66,9 @@ def _conv2d_fwd_kernel(
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, TAP_BLOCKS: tl.constexpr,  # TAP_BLOCKS: Cig % BLOCK_K == 0
     ROW_BLOCKS: tl.constexpr,  # a K block is one kernel row: (kw, c) contiguous in x and w, KW*Cig <= BLOCK_K
     IN_BOUNDS: tl.constexpr,  # no padding: every tap of every output position lies in x (_in_bounds)
+    ROW_TAIL: tl.constexpr,  # 0, or ROW_BLOCKS with BLOCK_K < KW*Cig: the rows' rest in one block of ROW_TAIL
     Y_DENSE: tl.constexpr,  # syn == OH * syh and syh == OW * syw (channels_last): position m of y at m * syw
-    BLOCK_N2: tl.constexpr,  # 0, or a second column tile of BLOCK_N // 2 after the first (_split_n)
+    BLOCK_N2: tl.constexpr,  # 0, or a second column tile after the first (_split_n: BLOCK_N // 2; _row_tail_n)
     TAP_BITS: tl.constexpr,  # TAP_BLOCKS with padding, KH*KW <= 32: each position's valid taps as bits (_tap_bits)
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -79,19 +80,26 @@ def _conv2d_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output positions (n, oh, ow)
     offs_n = pid_n * (BLOCK_N + BLOCK_N2) + tl.arange(0, BLOCK_N)  # output channels within group g
     mask_n = offs_n < Cog
+    mask_m = offs_m < M
+    if ROW_TAIL > 0:
+        # The loads' rows and columns clamped into the tensors (see ROW_TAIL below): no load masks.
+        m_in = tl.minimum(offs_m, M - 1)
+        n_in = tl.minimum(offs_n, Cog - 1)
+    else:
+        m_in = offs_m
+        n_in = offs_n
     if BLOCK_N2 > 0:
         # 3 x 2^k columns (the launcher's _split_n: 192 for 384 or 192 channels): no empty quarter tile.
         offs_n2 = pid_n * (BLOCK_N + BLOCK_N2) + BLOCK_N + tl.arange(0, BLOCK_N2)
         mask_n2 = offs_n2 < Cog
-        w_cols2 = w_ptr + (g * Cog + offs_n2) * swo
+        w_cols2 = w_ptr + (g * Cog + (tl.minimum(offs_n2, Cog - 1) if ROW_TAIL > 0 else offs_n2)) * swo
         acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=ACC)
-    mask_m = offs_m < M
-    n = offs_m // (OH * OW)
-    ohw = offs_m % (OH * OW)
+    n = m_in // (OH * OW)
+    ohw = m_in % (OH * OW)
     ih0 = (ohw // OW) * stride_h - pad_h
     iw0 = (ohw % OW) * stride_w - pad_w
     x_rows = x_ptr + n * sxn + g * Cig * sxc  # (BLOCK_M,)
-    w_cols = w_ptr + (g * Cog + offs_n) * swo  # (BLOCK_N,)
+    w_cols = w_ptr + (g * Cog + n_in) * swo  # (BLOCK_N,)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     # K is flattened as (kh, kw, c), c fastest: a K block may span several taps, so few-channel
@@ -104,28 +112,72 @@ def _conv2d_fwd_kernel(
         # window's left edge) and in the channels_last weight. So the block's addresses are a 1-D row
         # start plus j, and the padding test along the row, 0 <= iw0*Cig + j < W*Cig (c < Cig keeps
         # kw = j // Cig in step), is the same for every kh: computed once, no division in the loop.
-        # The block is padded to a power of two (33 -> 64 for conv1): the MMA does more, the
-        # instruction stream (what bounds this layer) far less.
         j = tl.arange(0, BLOCK_K)
-        j_ok = j < KW * Cig
         col0 = iw0 * Cig
         a_rows = x_rows + iw0 * sxw  # sxw == Cig, sxc == 1
-        for kh in range(0, KH):
-            ih = ih0 + kh * dil_h
-            if IN_BOUNDS:  # (conv1: no padding) only the ragged M block and the row's padding to BLOCK_K
-                amask = mask_m[:, None] & j_ok[None, :]
-            else:
-                row_ok = mask_m & (ih >= 0) & (ih < H)
-                # (recomputed each row: cheaper than holding a BLOCK_M x BLOCK_K mask in registers)
-                col = col0[:, None] + j[None, :]
-                amask = row_ok[:, None] & (col >= 0) & (col < W * Cig) & j_ok[None, :]
-            a = tl.load((a_rows + ih * sxh)[:, None] + j[None, :], mask=amask, other=0.0)
-            b = tl.load(w_cols[None, :] + (kh * swh + j)[:, None], mask=j_ok[:, None] & mask_n[None, :], other=0.0)
+        if ROW_TAIL > 0:
+            # (_row_block_k) A row of 33 padded to 64 left half the block's loads and MMA empty; in
+            # bf16 each a 2-byte load with its own mask bit and zero fill (rows start at unaligned
+            # 6-byte steps: no vector or cp.async copies). Here the loop takes each row's
+            # first BLOCK_K elements (32 of 33: no padding, so no column mask), rows past M read
+            # position M - 1 and columns past Cog filter Cog - 1 (the store drops both), so the loop's
+            # loads carry no mask at all; one ROW_TAIL block after the loop takes what is left of
+            # every row (conv1: its last element, 11 rows -> 16). The launcher makes the second column
+            # tile BLOCK_K wide (_row_tail_n): its y store gives the x tile 8 consecutive elements a
+            # thread, one address a row and immediate offsets (perf.static: 394 -> 98 instructions a trip).
+            a_rows = a_rows + ih0 * sxh
+            for kh in range(0, KH):
+                a_ptrs = (a_rows + kh * dil_h * sxh)[:, None] + j[None, :]
+                if IN_BOUNDS:
+                    a = tl.load(a_ptrs)
+                else:
+                    ih = ih0 + kh * dil_h
+                    col = col0[:, None] + j[None, :]
+                    a = tl.load(a_ptrs, mask=((ih >= 0) & (ih < H))[:, None] & (col >= 0) & (col < W * Cig),
+                                other=0.0)
+                b = tl.load(w_cols[None, :] + (kh * swh + j)[:, None])
+                acc = _dot(acc, a, b, ACC, PRECISION, UPCAST)
+                if BLOCK_N2 > 0:
+                    b2 = tl.load(w_cols2[None, :] + (kh * swh + j)[:, None])
+                    acc2 = _dot(acc2, a, b2, ACC, PRECISION, UPCAST)
+            rest = KW * Cig - BLOCK_K  # per row
+            t = tl.arange(0, ROW_TAIL)
+            t_kh = t // rest
+            t_j = BLOCK_K + t - t_kh * rest
+            t_ok = t < KH * rest
+            ih = ih0[:, None] + (t_kh * dil_h)[None, :]
+            amask = t_ok[None, :]
+            if not IN_BOUNDS:
+                col = col0[:, None] + t_j[None, :]
+                amask = amask & (ih >= 0) & (ih < H) & (col >= 0) & (col < W * Cig)
+            a = tl.load(a_rows[:, None] + (t_kh * dil_h * sxh + t_j)[None, :], mask=amask, other=0.0)
+            w_tail = (t_kh * swh + t_j)[:, None]
+            b = tl.load(w_cols[None, :] + w_tail, mask=t_ok[:, None], other=0.0)
             acc = _dot(acc, a, b, ACC, PRECISION, UPCAST)
             if BLOCK_N2 > 0:
-                b2 = tl.load(w_cols2[None, :] + (kh * swh + j)[:, None], mask=j_ok[:, None] & mask_n2[None, :],
-                             other=0.0)
+                b2 = tl.load(w_cols2[None, :] + w_tail, mask=t_ok[:, None], other=0.0)
                 acc2 = _dot(acc2, a, b2, ACC, PRECISION, UPCAST)
+        else:
+            # The block is padded to a power of two (33 -> 64 for conv1): the MMA does more, the
+            # instruction stream (what bounds this layer) far less.
+            j_ok = j < KW * Cig
+            for kh in range(0, KH):
+                ih = ih0 + kh * dil_h
+                if IN_BOUNDS:  # (conv1: no padding) only the ragged M block and the row's padding to BLOCK_K
+                    amask = mask_m[:, None] & j_ok[None, :]
+                else:
+                    row_ok = mask_m & (ih >= 0) & (ih < H)
+                    # (recomputed each row: cheaper than holding a BLOCK_M x BLOCK_K mask in registers)
+                    col = col0[:, None] + j[None, :]
+                    amask = row_ok[:, None] & (col >= 0) & (col < W * Cig) & j_ok[None, :]
+                a = tl.load((a_rows + ih * sxh)[:, None] + j[None, :], mask=amask, other=0.0)
+                b = tl.load(w_cols[None, :] + (kh * swh + j)[:, None], mask=j_ok[:, None] & mask_n[None, :],
+                            other=0.0)
+                acc = _dot(acc, a, b, ACC, PRECISION, UPCAST)
+                if BLOCK_N2 > 0:
+                    b2 = tl.load(w_cols2[None, :] + (kh * swh + j)[:, None], mask=j_ok[:, None] & mask_n2[None, :],
+                                 other=0.0)
+                    acc2 = _dot(acc2, a, b2, ACC, PRECISION, UPCAST)
     elif TAP_BITS:
         # TAP_BLOCKS with padding, the per-trip work cut to what a tap changes: the padding test of
         # every (position, tap) once before the loop, as bit kh*KW + kw of a word per position, and
@@ -875,8 +927,9 @@ def _row_blocks(x, weight, dilation, tap_blocks: bool, cfg: dict, widen: bool) -
 
     It needs (kw, c) contiguous in x and in the weight (channels contiguous, one group's channels a
     whole pixel, no dilation along W) and a row of KW*Cig <= 128 elements. A heuristic config (widen)
-    gets BLOCK_K raised to the row's power of two, with pipeline stages dropped to fit shared memory;
-    a caller's config is taken as it is (row blocks only if its BLOCK_K holds a row).
+    gets BLOCK_K set for the row (_row_block_k: the power of two below it with the rest in a ROW_TAIL
+    block, or the row's power of two), with pipeline stages dropped to fit shared memory; a caller's config
+    is taken as it is (row blocks only if its BLOCK_K holds a row).
     """
     C_out, Cig, KH, KW = weight.shape
     row = KW * Cig
@@ -888,16 +941,52 @@ def _row_blocks(x, weight, dilation, tap_blocks: bool, cfg: dict, widen: bool) -
             return False, cfg
         # perf.static on sm_90 (conv1, 128 images): 128x64 with 4 warps keeps spills out of the loop
         # (128x128 x 8 warps: 10-30 local accesses a trip); issue-bound ceiling 1.0 fp32 (no padding
-        # tests: IN_BOUNDS), against 0.18 on the flat path (predicted 417 -> 77 us). 16-bit types take
-        # 256x64 with 8 warps: 180 registers, no spills, ceiling 0.65 (128x64: 12 B of spills, 0.56).
+        # tests: IN_BOUNDS), against 0.18 on the flat path (predicted 417 -> 77 us). With a tail
+        # (ROW_TAIL, conv1: 32 + 1 a row): 128 rows x (64 + 32) columns x 32, 8 warps, two CTAs an SM:
+        # bf16 127 registers, ceiling 0.98 (256 rows: 1.0 at 213 registers, one CTA an SM; the padded
+        # rows had 0.65 at 256x64, 0.56 and 12 B of spills at 128x64); fp32 124 registers (235 with
+        # padded rows at 128x64, 4 warps), ceiling 1.0; no spills.
         elem = torch.empty((), dtype=x.dtype).element_size()
-        block_m = min(cfg["BLOCK_M"], 256 if elem == 2 else 128)
-        cfg = dict(BLOCK_M=block_m, BLOCK_N=min(cfg["BLOCK_N"], 64), BLOCK_K=max(16, next_pow2(row)),
-                   num_warps=8 if block_m == 256 else 4, num_stages=3)
+        block_k = _row_block_k(row, KH, elem)
+        if block_k < row:
+            block_m = min(cfg["BLOCK_M"], 128)
+            warps = 8 if block_m == 128 else 4
+        else:
+            block_m = min(cfg["BLOCK_M"], 256 if elem == 2 else 128)
+            warps = 8 if block_m == 256 else 4
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=min(cfg["BLOCK_N"], 64), BLOCK_K=block_k, num_warps=warps, num_stages=3)
         while cfg["num_stages"] > 1 and cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem > SMEM_LIMIT:
             cfg["num_stages"] -= 1
         check_config(cfg, x.dtype)
     return True, cfg
+
+
+def _row_block_k(row: int, KH: int, elem: int) -> int:
+    """BLOCK_K of the heuristic's row blocks: the power of two below the row where the KH rows' rest
+    fits one block of 16 (ROW_TAIL; conv1: 32 a row in the loop, 11 x 1 after it), else the row's power
+    of two (33 -> 64, half of it padding). fp64 keeps the padded rows (no tensor cores to save)."""
+    block_k = max(16, next_pow2(row))
+    if elem <= 4 and block_k // 2 >= 16 and KH * (row - block_k // 2) <= 16:
+        return block_k // 2
+    return block_k
+
+
+def _row_tail(row: int, KH: int, block_k: int) -> int:
+    """ROW_TAIL of row blocks of block_k: 0 when a block holds a row, else the width of the block (a
+    power of two >= 16) that takes the KH x (row - block_k) elements the loop leaves."""
+    return 0 if block_k >= row else max(16, next_pow2(KH * (row - block_k)))
+
+
+def _row_tail_n(cog: int, block_k: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_N2) of ROW_TAIL launches: one column tile of BLOCK_K columns, after a first tile
+    of up to 64 where cog needs more (conv1's 96: 64 + 32, no padding). The y store of a
+    BLOCK_M x BLOCK_K tile is what gives the x tile's loads (the same shape) the layout of 8
+    consecutive elements a thread (Triton's coalescing groups memory accesses of one shape): one
+    address a row, the rest immediate offsets. Without it, each element took its own address and
+    2-byte shared store (perf.static, 256x64x32: 149 instructions a trip, 246 registers)."""
+    if cog <= block_k:
+        return block_k, 0
+    return max(16, min(64, next_pow2(cog - block_k))), block_k
 
 
 def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_size, relu,
@@ -936,8 +1025,11 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
     row_blocks, cfg = _row_blocks(x, weight, dilation, tap_blocks, cfg, config is None)
     in_bounds = _in_bounds(H, W, OH, OW, KH, KW, stride, padding, dilation)
     tap_bits = tap_blocks and not in_bounds and KH * KW <= 32
+    row_tail = _row_tail(KW * Cig, KH, cfg["BLOCK_K"]) if row_blocks else 0
     block_n2 = 0
-    if config is None:
+    if row_tail:
+        cfg["BLOCK_N"], block_n2 = _row_tail_n(Cog, cfg["BLOCK_K"])
+    elif config is None:
         cfg["BLOCK_N"], block_n2 = _split_n(Cog, cfg["BLOCK_M"], cfg["BLOCK_N"])
         cfg = _fill_waves(cfg, M, Cog, groups, x.dtype, x.device)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cog, cfg["BLOCK_N"] + block_n2), groups)
@@ -948,7 +1040,7 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH, KW,
         HAS_BIAS=bias is not None, RELU=relu, TAP_BLOCKS=tap_blocks, ROW_BLOCKS=row_blocks,
-        IN_BOUNDS=in_bounds,
+        IN_BOUNDS=in_bounds, ROW_TAIL=row_tail,
         Y_DENSE=_positions_dense(y), BLOCK_N2=block_n2, TAP_BITS=tap_bits,
         ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, allow_tf32), UPCAST=dot_upcast(x.dtype),
         **cfg,

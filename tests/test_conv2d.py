@@ -866,17 +866,19 @@ def test_row_blocks_only_where_rows_are_contiguous(device, monkeypatch):
 
 
 def test_row_blocks_gpu_config_widens_block_k_within_shared_memory():
-    """On a GPU the heuristic's BLOCK_K (32) is raised to hold a row (conv1: 11 taps x 3 channels = 33
-    -> 64), with a config the GPU compiler accepts (checked by check_config: powers of two >= 16, shared
-    memory within 227 KB); a caller's config with a shorter BLOCK_K is left alone (no row blocks)."""
+    """On a GPU the heuristic's BLOCK_K (32) is set for a row (conv1: 11 taps x 3 channels = 33: 32 and
+    a ROW_TAIL block in fp32 and bf16, raised to 64 in fp64), with a config the GPU compiler accepts
+    (checked by check_config: powers of two >= 16, shared memory within 227 KB); a caller's config with
+    a shorter BLOCK_K is left alone (no row blocks)."""
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         x = torch.empty(128, 3, 227, 227, dtype=dtype, device="meta").contiguous(memory_format=torch.channels_last)
         w = torch.empty(96, 3, 11, 11, dtype=dtype, device="meta").contiguous(memory_format=torch.channels_last)
         given = dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
         rows, cfg = K._row_blocks(x, w, (1, 1), False, given, widen=True)
-        wide = dtype == torch.bfloat16  # 16-bit types: 256 rows, 8 warps (no spills)
-        assert rows and cfg["BLOCK_K"] == 64 and cfg["BLOCK_M"] == (256 if wide else 128) and cfg["BLOCK_N"] == 64
-        assert cfg["num_warps"] == (8 if wide else 4)
+        tail = dtype != torch.float64  # 32 of a row in the loop, the rest in ROW_TAIL; 8 warps
+        assert rows and cfg["BLOCK_K"] == (32 if tail else 64) and cfg["BLOCK_M"] == 128 and cfg["BLOCK_N"] == 64
+        assert cfg["num_warps"] == (8 if tail else 4)
+        assert K._row_tail(33, 11, cfg["BLOCK_K"]) == (16 if tail else 0)
         K.check_config(cfg, dtype)
         assert K._row_blocks(x, w, (1, 1), False, given, widen=False) == (False, given)
     # a row longer than 128 elements (11 taps x 16 channels) stays on the flat path
@@ -884,6 +886,59 @@ def test_row_blocks_gpu_config_widens_block_k_within_shared_memory():
     w = torch.empty(8, 16, 11, 11, device="meta").contiguous(memory_format=torch.channels_last)
     assert K._row_blocks(x, w, (1, 1), False, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
                          widen=True)[0] is False
+
+
+def test_row_tail_sizes():
+    """Row blocks take the power of two below the row where the rows' rest fits a block of 16 (conv1:
+    32 + 11 x 1; not fp64); the second column tile is BLOCK_K wide (the x tile's load layout)."""
+    assert K._row_block_k(33, 11, 2) == 32 and K._row_block_k(33, 11, 4) == 32 and K._row_block_k(33, 11, 8) == 64
+    assert K._row_block_k(40, 5, 2) == 64  # 5 rows x 8 left: 40 > 16, padded rows instead
+    assert K._row_block_k(17, 16, 2) == 16 and K._row_block_k(17, 17, 2) == 32
+    assert K._row_block_k(12, 3, 2) == 16  # no power of two >= 16 below the row
+    assert K._row_tail(33, 11, 32) == 16 and K._row_tail(33, 11, 64) == 0 and K._row_tail(21, 7, 16) == 64
+    assert K._row_tail_n(96, 32) == (64, 32) and K._row_tail_n(40, 16) == (32, 16)
+    assert K._row_tail_n(20, 16) == (16, 16) and K._row_tail_n(6, 16) == (16, 0) and K._row_tail_n(384, 32) == (64, 32)
+
+
+ROW_TAIL_CASES = [
+    # (N, C_in, H, W, C_out, kernel, stride, padding, dilation, dtype): conv1 scaled down (no padding,
+    # 32 + 1 a row, 64 + 32 columns, a ragged M block), padding on both sides with 5 of each row left
+    # over (7 rows -> a tail of 64) and ragged 32 + 16 columns, dilation along H with a non-square
+    # kernel, and fewer channels than one column tile
+    (2, 3, 31, 31, 96, 11, 4, 0, 1, torch.float32),
+    (1, 3, 15, 13, 40, 7, 2, 3, 1, torch.float64),
+    (2, 5, 12, 11, 20, (3, 4), 1, (1, 0), (2, 1), torch.float16),
+    (1, 2, 9, 9, 6, 9, 1, 0, 1, torch.bfloat16),
+    (2, 3, 31, 31, 96, 11, 4, 0, 1, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", ROW_TAIL_CASES, ids=[f"tail{i}" for i in range(len(ROW_TAIL_CASES))])
+def test_forward_row_tail(device, case, monkeypatch):
+    """ROW_TAIL (on GPUs: conv1 in fp32 and bf16): the loop takes each row's first BLOCK_K elements with clamped,
+    unmasked loads, one block after it the rest of every row. Forced here in every dtype with a GPU-like
+    BLOCK_K and the power of two below the row."""
+    N, C, H, W, Co, k, s, p, d, dtype = case
+    kk = k if isinstance(k, tuple) else (k, k)
+    config = K._config
+    gpu_like = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=1)  # BLOCK_K < row: widened
+    monkeypatch.setattr(K, "_config", lambda kind, dt, m, n: dict(gpu_like) if kind == "fwd" else config(kind, dt, m, n))
+    monkeypatch.setattr(K, "_row_block_k", lambda row, KH, elem: 1 << (row.bit_length() - 1))
+    spy = _LaunchSpy(K._conv2d_fwd_kernel)
+    monkeypatch.setattr(K, "_conv2d_fwd_kernel", spy)
+    x = make_input((N, C, H, W), dtype, device, layout="channels_last", requires_grad=False)
+    w = make_input((Co, C, *kk), dtype, device, scale=0.3, requires_grad=False)
+    b = make_input((Co,), dtype, device, requires_grad=False)
+    xr, wr, br = ref_inputs(x, w, b)
+    ref = torch.relu(TF.conv2d(xr, wr, br, stride=s, padding=p, dilation=d))
+    with fastalex.backend("triton"):
+        y = F.conv2d(x, w, b, activation="relu", stride=s, padding=p, dilation=d)
+    assert_close(y, ref, dtype, device, "output")
+    kw = spy.kwargs[0]
+    row = kk[1] * C
+    assert kw["ROW_BLOCKS"] and kw["BLOCK_K"] < row and kw["ROW_TAIL"] == K._row_tail(row, kk[0], kw["BLOCK_K"]) > 0
+    assert (kw["BLOCK_N"], kw["BLOCK_N2"]) == K._row_tail_n(Co, kw["BLOCK_K"])
+    assert kw["IN_BOUNDS"] == (p == 0)
 
 
 # ---------------------------------------------------------------------------------------------

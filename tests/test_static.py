@@ -137,6 +137,29 @@ def test_cli_on_one_layer(tmp_path):
     assert md.read_text().startswith("| kernel |")
 
 
+@pytest.mark.slow
+def test_conv1_forward_row_tail(tmp_path):
+    """conv1's forward takes ROW_TAIL (32 of each 33-element row in the loop, the rest after it) at
+    128 x (64 + 32) x 32, fp32 and bf16: no spills, two CTAs an SM, HGMMA in the loop, ceiling >= 0.9
+    (fp32: cp.async). In bf16 the x tile loads 8 consecutive elements a thread only because the 32-wide
+    second column tile's y store has the x tile's shape (Triton's coalescing takes the widest access of
+    a shape in the slice); with one address and a 2-byte shared store per element the loop has ~120
+    instructions (ceiling ~0.8): this catches a kernel, config or compiler change that loses it."""
+    path = tmp_path / "static.json"
+    out = _run(["-m", "perf.static", "--dtype", "bf16,fp32", "--nets", "single", "--layouts", "nhwc", "--kinds",
+                "conv-fwd", "--layers", "conv1", "--json", str(path)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {r["dtype"]: r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {"bf16", "fp32"}
+    for r in rows.values():
+        c = r["constexprs"]
+        assert c["ROW_BLOCKS"] and c["ROW_TAIL"] == 16
+        assert (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_N2"], c["BLOCK_K"]) == (128, 64, 32, 32)
+        assert r["spill_bytes"] == 0 and r["hgmma"] > 0 and r["loop_mma"] > 0 and r["ctas_per_sm"] >= 2
+        assert r["ceiling"] >= 0.9
+    assert rows["fp32"]["ldgsts"] > 0
+
+
 def test_refuses_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-m", "perf.static", "--limit", "1"], cwd=ROOT, env=env,

@@ -266,7 +266,7 @@ def _conv2d_fwd_kernel(
 def _tap_range(i0, size, K, dil):
     """The taps k with 0 <= i0 + k * dil < size, as [lo, hi) (lo <= hi <= K), per position."""
     lo = tl.minimum((tl.maximum(-i0, 0) + dil - 1) // dil, K)
-    hi = tl.where(i0 < size, tl.minimum((size - 1 - i0) // dil + 1, K), 0)
+    hi = tl.where(i0 < size, tl.minimum((size - 1 - i0) // dil, K - 1) + 1, 0)  # last tap inside, plus one
     return lo, tl.maximum(hi, lo)
 
 

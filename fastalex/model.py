@@ -9,9 +9,10 @@ The tables PAPER and TORCHVISION below are the only place the architecture is wr
 from them: the three variants, the paper net's two towers, the hybrid net (fastalex.hybrid),
 explore's hidden features (AlexNet.hidden) and perf/shapes.py (feature_shapes). Layer order in the
 first two stages is conv -> ReLU -> LRN -> max-pool; with activation="relu" the ReLU after a conv is
-fused into the conv's epilogue, so it gets no module of its own, and each LRN and the max-pool after
-it are one fastalex.nn.LRNMaxPool2d named after the LRN (features.lrn1, whose children `lrn` and
-`pool` are the two layers), so the pool gets no module of its own either.
+fused into the op after it, so it gets no module of its own: each LRN and the max-pool after it are
+one fastalex.nn.LRNMaxPool2d named after the LRN (features.lrn1, whose children `lrn` and `pool` are
+the two layers, so the pool gets no module of its own either) that applies conv1's and conv2's ReLU
+first (relu=True), and conv3-5 take theirs in the conv's epilogue.
 """
 
 from __future__ import annotations
@@ -159,6 +160,14 @@ def _smallest_image_size(variant: str, pool: tuple[int, int]) -> int:
     return next(s for s in range(1, 1024) if feature_size(variant, s, pool) >= 1)
 
 
+def _relu_to_lrn(rows: Sequence[Layer], i: int, lrn: bool) -> bool:
+    """Whether the ReLU after the conv in rows[i] runs in the LRNMaxPool2d after it (conv -> act -> lrn ->
+    pool with LRN on) rather than in the conv's epilogue: the fused LRN + pool then returns the conv
+    output's gradient itself, and the conv's backward makes no ReLU mask pass over its output."""
+    kinds = tuple(r.kind for r in rows[i:i + 4]) if i >= 0 else ()
+    return lrn and kinds == ("conv", "act", "lrn", "pool")
+
+
 def _build(variant: str, num_classes: int, dropout: float, activation: str, lrn: bool, pool, fc_in: int,
            tower: int | None = None) -> list[tuple[Layer, str, nn.Module]]:
     """(layer, stage, module) for each table row that gets a module, in forward order; stage is
@@ -177,8 +186,9 @@ def _build(variant: str, num_classes: int, dropout: float, activation: str, lrn:
         m = None
         if layer.kind == "conv":
             c_in = c // 2 if tower is not None and layer.grouped else c  # a tower sees its own half only
+            fused = "relu" if activation == "relu" and not _relu_to_lrn(rows, i, lrn) else None
             m = fnn.Conv2d(c_in, part(layer.out), layer.kernel, stride=layer.stride, padding=layer.padding,
-                           groups=groups if layer.grouped else 1, activation="relu" if activation == "relu" else None)
+                           groups=groups if layer.grouped else 1, activation=fused)
             c = layer.out
         elif layer.kind == "act":
             if stage == "classifier":
@@ -192,7 +202,8 @@ def _build(variant: str, num_classes: int, dropout: float, activation: str, lrn:
             pooled = i + 1 < len(rows) and rows[i + 1].kind == "pool"
             # LRN then the max-pool: one fused module (one pass over the conv's output each way) under
             # the LRN's name; neither has parameters, so the state_dict is the unfused net's.
-            m = (fnn.LRNMaxPool2d(**LRN_ARGS, kernel_size=pool[0], stride=pool[1], groups=g) if pooled
+            m = (fnn.LRNMaxPool2d(**LRN_ARGS, kernel_size=pool[0], stride=pool[1], groups=g,
+                                  relu=activation == "relu" and _relu_to_lrn(rows, i - 2, lrn)) if pooled
                  else fnn.LocalResponseNorm(**LRN_ARGS, groups=g))
         elif layer.kind == "pool" and pooled:
             pooled = False  # done by the LRNMaxPool2d before it

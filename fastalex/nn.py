@@ -74,19 +74,28 @@ class LRNMaxPool2d(torch.nn.Module):
     The two layers are its children `lrn` and `pool`, so what inspects a model layer by layer
     (fastalex.flops, forward hooks on leaf modules) still sees both: on the Triton kernels forward is
     one fused pass each way (fastalex.functional.lrn_max_pool2d); on torch's ops it calls the children.
+    relu=True applies a ReLU to the input first, in the same pass (AlexNet's conv -> ReLU -> LRN ->
+    pool, with the conv's ReLU moved here: no ReLU mask pass over the conv's output in the backward).
     """
 
     def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, kernel_size=3,
-                 stride=2, *, groups: int = 1):
+                 stride=2, *, groups: int = 1, relu: bool = False):
         super().__init__()
+        if not isinstance(relu, bool):
+            raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+        self.relu = relu
         self.lrn = LocalResponseNorm(size, alpha, beta, k, groups=groups)
         self.pool = MaxPool2d(kernel_size, stride)
+
+    def extra_repr(self) -> str:
+        return "relu=True" if self.relu else ""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not isinstance(input, torch.Tensor) or input.dim() != 4:  # (the fused kernel's rule on every backend)
             raise ValueError(f"LRNMaxPool2d: input must be 4-D (N, C, H, W), got "
                              f"{tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__}")
         if not use_triton(input.device):
-            return self.pool(self.lrn(input))
+            return self.pool(self.lrn(torch.relu(input) if self.relu else input))
         n, p = self.lrn, self.pool
-        return F.lrn_max_pool2d(input, n.size, n.alpha, n.beta, n.k, p.kernel_size, p.stride, groups=n.groups)
+        return F.lrn_max_pool2d(input, n.size, n.alpha, n.beta, n.k, p.kernel_size, p.stride, groups=n.groups,
+                                relu=self.relu)

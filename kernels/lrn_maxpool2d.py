@@ -3,11 +3,14 @@
 AlexNet runs conv -> ReLU -> LRN -> 3x3/2 max-pool twice, on its largest activations. Run apart, the
 LRN writes its full-size output and the pool reads it back (and the backward writes and reads the
 full-size pool gradient). Fused, the forward reads x once and writes only the pooled y plus a
-1-byte argmax; the backward reads x, dy and the argmax and writes dx.
+1-byte argmax; the backward reads x, dy and the argmax and writes dx. With the ReLU before the LRN
+fused too (relu=True: x is the conv's output before its ReLU), the conv's backward has no ReLU mask
+to apply: torch's threshold_backward, three passes over the net's largest activation, is gone.
 
-Semantics: y = max_pool2d(lrn(x)) with lrn as kernels/lrn.py (torch's local_response_norm with size,
-alpha, beta, k; with `groups`, the channel window clipped to each of `groups` equal channel blocks)
-and a max-pool of kernel (KH, KW), stride (SH, SW), no padding, no dilation, floor mode. The LRN value
+Semantics: y = max_pool2d(lrn(x)) (with relu: max_pool2d(lrn(relu(x)))), lrn as kernels/lrn.py
+(torch's local_response_norm with size, alpha, beta, k; with `groups`, the channel window clipped to
+each of `groups` equal channel blocks) and a max-pool of kernel (KH, KW), stride (SH, SW), no padding,
+no dilation, floor mode. The LRN value
 of every window tap is rounded to y's dtype before the compare, so values AND argmax are those of
 lrn_forward followed by maxpool2d_forward (bit for bit in the interpreter): ties keep the first
 maximum, the last NaN wins (`take = (v > best) | (v != v)`, as torch). argmax holds the window
@@ -42,7 +45,7 @@ import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
 from fastalex.kernels import _common
-from fastalex.kernels.lrn import (MAX_UNROLL, _channel_block, _neg_sign, _pow, _scalar, _tile, _window_sumsq,
+from fastalex.kernels.lrn import (MAX_UNROLL, _channel_block, _neg_sign, _pow, _relu, _scalar, _tile, _window_sumsq,
                                   simple_pow)
 from fastalex.kernels._geometry import argmax_dtype, output_size
 
@@ -51,14 +54,14 @@ __all__ = ["lrn_maxpool2d_forward", "lrn_maxpool2d_backward"]
 
 @triton.jit
 def _tap_lrn(ptr, c, lo, hi, sx_c, a, k_, neg_beta, sign, SIZE: tl.constexpr, BLOCK_C: tl.constexpr,
-             BLOCK_P: tl.constexpr, ACC: tl.constexpr, SIMPLE_POW: tl.constexpr):
-    """The LRN value at `ptr` (channels c [BLOCK_C, 1] of one tap): kernels.lrn's window sum and
-    expression, op for op (so bit for bit), with the centre load reused as x."""
+             BLOCK_P: tl.constexpr, ACC: tl.constexpr, SIMPLE_POW: tl.constexpr, RELU: tl.constexpr):
+    """The LRN value at `ptr` (channels c [BLOCK_C, 1] of one tap; of relu(x) where RELU): kernels.lrn's
+    window sum and expression, op for op (so bit for bit), with the centre load reused as x."""
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
     x = acc
     for d in tl.static_range(SIZE):
         j = c + (d - SIZE // 2)
-        v = tl.load(ptr + (d - SIZE // 2) * sx_c, mask=(j >= lo) & (j < hi), other=0.0).to(ACC)
+        v = _relu(tl.load(ptr + (d - SIZE // 2) * sx_c, mask=(j >= lo) & (j < hi), other=0.0).to(ACC), RELU)
         acc += v * v
         if d == SIZE // 2:
             x = v  # masked exactly where c >= C (lo <= c < lo + CG always)
@@ -82,6 +85,7 @@ def _lrn_maxpool2d_fwd_kernel(
     ACC: tl.constexpr,  # fp32, or fp64 for fp64 inputs
     UNROLL: tl.constexpr,  # unroll the LRN window loop (SIZE <= MAX_UNROLL)
     SIMPLE_POW: tl.constexpr,  # kernels.lrn._pow
+    RELU: tl.constexpr,  # the input's ReLU first: y = pool(lrn(relu(x)))
 ):
     n, c, p, c_mask, p_mask, lo, hi = _tile(N, C, OH * OW, CG, BLOCK_C, BLOCK_P)
     mask = c_mask & p_mask
@@ -104,12 +108,12 @@ def _lrn_maxpool2d_fwd_kernel(
             # No padding, floor mode: every tap of a valid output lies inside the input.
             if UNROLL:
                 z = _tap_lrn(x_row + (kh * sx_h + kw * sx_w), c, lo, hi, sx_c, a, k_, neg_beta, sign,
-                             SIZE, BLOCK_C, BLOCK_P, ACC, SIMPLE_POW)
+                             SIZE, BLOCK_C, BLOCK_P, ACC, SIMPLE_POW, RELU)
             else:
                 s_off = (oh * SH + kh) * sx_h + (ow * SW + kw) * sx_w
                 sumsq = _window_sumsq(x_base, c, s_off, p_mask, lo, hi, sx_c, -(SIZE // 2), SIZE,
-                                      BLOCK_C, BLOCK_P, ACC, UNROLL)
-                x = tl.load(x_base + c * sx_c + s_off, mask=mask, other=0.0).to(ACC)
+                                      BLOCK_C, BLOCK_P, ACC, UNROLL, RELU)
+                x = _relu(tl.load(x_base + c * sx_c + s_off, mask=mask, other=0.0).to(ACC), RELU)
                 z = x * _pow(k_ + a * sumsq, neg_beta, sign, SIMPLE_POW)
             # Rounded as the unfused LRN stores it, so ties (and the argmax) are the unfused ops'.
             v = z.to(y_ptr.dtype.element_ty).to(ACC)
@@ -118,6 +122,16 @@ def _lrn_maxpool2d_fwd_kernel(
             arg = tl.where(take, kh * KW + kw, arg)
     tl.store(y_ptr + n * sy_n + c * sy_c + oh * sy_h + ow * sy_w, best.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(arg_ptr + n * sa_n + c * sa_c + oh * sa_h + ow * sa_w, arg.to(arg_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _relu_grad(g, r, RELU: tl.constexpr):
+    """The gradient g of r = relu(x) taken back to x where RELU: 0 where r <= 0 (torch's
+    threshold_backward(g, r, 0): a NaN r passes g), else g."""
+    if RELU:
+        return tl.where(r <= 0, 0.0, g)
+    else:
+        return g
 
 
 @triton.jit
@@ -152,27 +166,27 @@ def _mirror_terms(x_base, dy_base, arg_base, c, x_i, h, w, x_soff, s_mask, lo, h
                   sx_c, sd_c, sd_h, sd_w, sa_c, sa_h, sa_w, off, a, k_, neg_beta, sign,
                   SIZE: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, UNROLL: tl.constexpr,
-                  SIMPLE_POW: tl.constexpr):
+                  SIMPLE_POW: tl.constexpr, RELU: tl.constexpr):
     """For the LRN outputs cc = c + off: ((x_i / s_cc) * dz_cc * z_cc, dz_cc * s_cc^(-beta)), both 0
     where cc is outside c's group (kernels.lrn._mirror_term, with dz gathered from the pool)."""
     cc = c + off
     valid = (cc >= lo) & (cc < hi) & s_mask
-    x_c = tl.load(x_base + cc * sx_c + x_soff, mask=valid, other=0.0).to(ACC)
+    x_c = _relu(tl.load(x_base + cc * sx_c + x_soff, mask=valid, other=0.0).to(ACC), RELU)
     dz_c = _routed_grad(dy_base, arg_base, cc, h, w, valid, OH, OW, sd_c, sd_h, sd_w, sa_c, sa_h, sa_w,
                         KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC)
     s_c = k_ + a * _window_sumsq(x_base, c, x_soff, s_mask, lo, hi, sx_c, off - SIZE // 2, SIZE,
-                                 BLOCK_C, BLOCK_S, ACC, UNROLL)
+                                 BLOCK_C, BLOCK_S, ACC, UNROLL, RELU)
     r_c = _pow(s_c, neg_beta, sign, SIMPLE_POW)
     term = (x_i / s_c) * (dz_c * (x_c * r_c))
     return tl.where(valid, term, 0.0), tl.where(valid, dz_c * r_c, 0.0)
 
 
 @triton.jit
-def _xload(x_row, cb, C, sx_c, J: tl.constexpr, ACC: tl.constexpr):
-    """x at channels cb + J (0 outside [0, C)): one expression per J, so the compiler loads it once for
-    every window and mirror term that needs it."""
+def _xload(x_row, cb, C, sx_c, J: tl.constexpr, ACC: tl.constexpr, RELU: tl.constexpr):
+    """x (relu(x) where RELU) at channels cb + J (0 outside [0, C)): one expression per J, so the
+    compiler loads it once for every window and mirror term that needs it."""
     j = cb + J
-    return tl.load(x_row + J * sx_c, mask=(j >= 0) & (j < C), other=0.0).to(ACC)
+    return _relu(tl.load(x_row + J * sx_c, mask=(j >= 0) & (j < C), other=0.0).to(ACC), RELU)
 
 
 @triton.jit
@@ -195,7 +209,7 @@ def _channel_quantities(x_row, arg_w, dy_w, cb, h, w, C, CG, OH, OW, sx_c, sd_c,
                         a, k_, neg_beta, sign, lo_b, J: tl.constexpr, SIZE: tl.constexpr,
                         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, ONE_STEP: tl.constexpr,
-                        SAME_GROUP: tl.constexpr, SIMPLE_POW: tl.constexpr):
+                        SAME_GROUP: tl.constexpr, SIMPLE_POW: tl.constexpr, RELU: tl.constexpr):
     """For the LRN outputs cc = cb + J: (s_cc, dz_cc * (x_cc * r_cc), dz_cc * r_cc), r = s^(-beta), each
     computed once and shared by the (up to SIZE) inputs of the tile whose mirror window holds cc.
 
@@ -207,7 +221,7 @@ def _channel_quantities(x_row, arg_w, dy_w, cb, h, w, C, CG, OH, OW, sx_c, sd_c,
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
     x_c = acc
     for d in tl.static_range(SIZE):
-        v = _xload(x_row, cb, C, sx_c, J + d - SIZE // 2, ACC)
+        v = _xload(x_row, cb, C, sx_c, J + d - SIZE // 2, ACC, RELU)
         jj = cc + (d - SIZE // 2)
         vm = tl.where((jj >= g_lo) & (jj < g_hi), v, 0.0)
         acc += vm * vm
@@ -250,7 +264,7 @@ def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
                 a, k_, neg_beta, sign, SIZE: tl.constexpr,
                 KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, ONE_STEP: tl.constexpr,
-                SAME_GROUP: tl.constexpr, SIMPLE_POW: tl.constexpr):
+                SAME_GROUP: tl.constexpr, SIMPLE_POW: tl.constexpr, RELU: tl.constexpr):
     """The unrolled backward: each thread holds 4 consecutive channels cb + v (v < 4) at one position, so
     the SIZE + 3 LRN outputs their mirror windows cover get their s, pow and pool gather once (not
     4 * SIZE times); every dx is the same expression, in the same order, as the per-input form."""
@@ -282,10 +296,10 @@ def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
     hi1 = tl.minimum(lo1 + CG, C)
     hi2 = tl.minimum(lo2 + CG, C)
     hi3 = tl.minimum(lo3 + CG, C)
-    x0 = _xload(x_row, cb, C, sx_c, 0, ACC)
-    x1 = _xload(x_row, cb, C, sx_c, 1, ACC)
-    x2 = _xload(x_row, cb, C, sx_c, 2, ACC)
-    x3 = _xload(x_row, cb, C, sx_c, 3, ACC)
+    x0 = _xload(x_row, cb, C, sx_c, 0, ACC, RELU)
+    x1 = _xload(x_row, cb, C, sx_c, 1, ACC, RELU)
+    x2 = _xload(x_row, cb, C, sx_c, 2, ACC, RELU)
+    x3 = _xload(x_row, cb, C, sx_c, 3, ACC, RELU)
     acc0 = tl.zeros([BC, BLOCK_S], dtype=ACC)
     acc1 = acc0
     acc2 = acc0
@@ -300,7 +314,7 @@ def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
     for J in tl.static_range(OFF_LO, OFF_HI + 4):
         s_j, w_j, dr_j = _channel_quantities(x_row, arg_w, dy_w, cb, h, w, C, CG, OH, OW, sx_c, sd_c, sd_h, sd_w,
                                              sa_c, sa_h, sa_w, a, k_, neg_beta, sign, lo0, J, SIZE, KH, KW, SH, SW,
-                                             BC, BLOCK_S, ACC, ONE_STEP, SAME_GROUP, SIMPLE_POW)
+                                             BC, BLOCK_S, ACC, ONE_STEP, SAME_GROUP, SIMPLE_POW, RELU)
         if J <= OFF_HI:
             acc0 = _add_term(acc0, x0, s_j, w_j, cb, 0, J, lo0, hi0)
         if J - 1 >= OFF_LO:
@@ -323,11 +337,13 @@ def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
     g_row = dx_ptr + n * sg_n + cb * sg_c + h * sg_h + w * sg_w
     ty = dx_ptr.dtype.element_ty
     # beta = 0: no window gradient (as kernels.lrn; acc's inf/inf NaN must not leak in).
-    tl.store(g_row, (d0 + tl.where(neg_beta == 0, x0 * 0.0, scale * acc0)).to(ty), mask=(cb < c_end) & s_ok)
-    tl.store(g_row + sg_c, (d1 + tl.where(neg_beta == 0, x1 * 0.0, scale * acc1)).to(ty), mask=(cb + 1 < c_end) & s_ok)
-    tl.store(g_row + 2 * sg_c, (d2 + tl.where(neg_beta == 0, x2 * 0.0, scale * acc2)).to(ty),
+    tl.store(g_row, _relu_grad(d0 + tl.where(neg_beta == 0, x0 * 0.0, scale * acc0), x0, RELU).to(ty),
+             mask=(cb < c_end) & s_ok)
+    tl.store(g_row + sg_c, _relu_grad(d1 + tl.where(neg_beta == 0, x1 * 0.0, scale * acc1), x1, RELU).to(ty),
+             mask=(cb + 1 < c_end) & s_ok)
+    tl.store(g_row + 2 * sg_c, _relu_grad(d2 + tl.where(neg_beta == 0, x2 * 0.0, scale * acc2), x2, RELU).to(ty),
              mask=(cb + 2 < c_end) & s_ok)
-    tl.store(g_row + 3 * sg_c, (d3 + tl.where(neg_beta == 0, x3 * 0.0, scale * acc3)).to(ty),
+    tl.store(g_row + 3 * sg_c, _relu_grad(d3 + tl.where(neg_beta == 0, x3 * 0.0, scale * acc3), x3, RELU).to(ty),
              mask=(cb + 3 < c_end) & s_ok)
 
 
@@ -351,6 +367,7 @@ def _lrn_maxpool2d_bwd_kernel(
     ONE_STEP: tl.constexpr,  # every channel offset a thread's window spans is below CG (_group_lo)
     SAME_GROUP: tl.constexpr,  # a thread's 4 channels (from a multiple of 4) in one group: CG % 4 == 0
     SIMPLE_POW: tl.constexpr,  # kernels.lrn._pow
+    RELU: tl.constexpr,  # the forward's input ReLU: dx is the gradient of relu's input
 ):
     a = _scalar(alpha_over_size, ACC)
     neg_beta = -_scalar(beta, ACC)
@@ -360,7 +377,7 @@ def _lrn_maxpool2d_bwd_kernel(
         _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
                     sd_n, sd_c, sd_h, sd_w, sa_n, sa_c, sa_h, sa_w, sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w,
                     a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC, ONE_STEP, SAME_GROUP,
-                    SIMPLE_POW)
+                    SIMPLE_POW, RELU)
     else:
         n, c, s, c_mask, s_mask, lo, hi = _tile(N, C, H * W, CG, BLOCK_C, BLOCK_S)
         mask = c_mask & s_mask
@@ -370,7 +387,7 @@ def _lrn_maxpool2d_bwd_kernel(
         dy_base = dy_ptr + n * sd_n
         arg_base = arg_ptr + n * sa_n
         x_soff = h * sx_h + w * sx_w
-        x_i = tl.load(x_base + c * sx_c + x_soff, mask=mask, other=0.0).to(ACC)
+        x_i = _relu(tl.load(x_base + c * sx_c + x_soff, mask=mask, other=0.0).to(ACC), RELU)
         # The outputs cc = i + off in M(i); the one with off = 0 also gives the direct term dz_i * s_i^(-beta)
         # (SIZE window sums and SIZE gathers in all, for one uniform loop).
         acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
@@ -381,12 +398,12 @@ def _lrn_maxpool2d_bwd_kernel(
             term, d = _mirror_terms(x_base, dy_base, arg_base, c, x_i, h, w, x_soff, s_mask, lo, hi, OH, OW,
                                     sx_c, sd_c, sd_h, sd_w, sa_c, sa_h, sa_w, off,
                                     a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC, UNROLL,
-                                    SIMPLE_POW)
+                                    SIMPLE_POW, RELU)
             acc += term
             direct += tl.where(off == 0, d, 0.0)
         # beta = 0: no window gradient (as kernels.lrn; acc's inf/inf NaN must not leak in).
         cross = tl.where(neg_beta == 0, x_i * 0.0, (2.0 * neg_beta * a) * acc)
-        dx = direct + cross
+        dx = _relu_grad(direct + cross, x_i, RELU)
         tl.store(dx_ptr + n * sg_n + c * sg_c + h * sg_h + w * sg_w, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -430,10 +447,11 @@ def _lrn_consts(size: int, alpha: float, beta: float, k: float) -> tuple[float, 
 
 
 def lrn_maxpool2d_forward(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, groups: int = 1,
-                          kernel_size=(3, 3), stride=(2, 2)) -> tuple[torch.Tensor, torch.Tensor]:
+                          kernel_size=(3, 3), stride=(2, 2), relu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x (N, C, H, W) -> (y, argmax), both (N, C, OH, OW) in x's memory format (as torch's max_pool2d):
     y = max_pool2d(local_response_norm(x, size, alpha, beta, k, groups), kernel_size, stride), argmax the
-    window offset kh * KW + kw of each maximum (int8)."""
+    window offset kh * KW + kw of each maximum (int8). relu: of relu(x) instead (x is then the
+    pre-activation, and no ReLU output is ever written)."""
     kernel_size, stride = tuple(kernel_size), tuple(stride)
     _assert_args(x, size, groups, kernel_size, stride)
     N, C, H, W = x.shape
@@ -451,16 +469,18 @@ def lrn_maxpool2d_forward(x: torch.Tensor, size: int, alpha: float, beta: float,
         *_lrn_consts(size, alpha, beta, k),
         SIZE=size, KH=kernel_size[0], KW=kernel_size[1], SH=stride[0], SW=stride[1],
         BLOCK_C=block_c, BLOCK_P=block_p, ACC=_common.acc_dtype(x.dtype), UNROLL=size <= MAX_UNROLL,
-        SIMPLE_POW=simple_pow(size, alpha, beta, k),
+        SIMPLE_POW=simple_pow(size, alpha, beta, k), RELU=bool(relu),
         num_warps=num_warps,
     )
     return y, arg
 
 
 def lrn_maxpool2d_backward(dy: torch.Tensor, x: torch.Tensor, argmax: torch.Tensor, size: int, alpha: float,
-                           beta: float, k: float, groups: int = 1, kernel_size=(3, 3), stride=(2, 2)) -> torch.Tensor:
-    """dx of lrn_maxpool2d_forward. dy, argmax: (N, C, OH, OW), any strides; x: (N, C, H, W); dx: like
-    x (torch.empty_like's layout)."""
+                           beta: float, k: float, groups: int = 1, kernel_size=(3, 3), stride=(2, 2),
+                           relu: bool = False) -> torch.Tensor:
+    """dx of lrn_maxpool2d_forward (with the same relu: then the gradient of the ReLU's input x, masked
+    as torch's relu backward masks it). dy, argmax: (N, C, OH, OW), any strides; x: (N, C, H, W); dx:
+    like x (torch.empty_like's layout)."""
     kernel_size, stride = tuple(kernel_size), tuple(stride)
     _assert_args(x, size, groups, kernel_size, stride)
     N, C, H, W = x.shape
@@ -486,7 +506,7 @@ def lrn_maxpool2d_backward(dy: torch.Tensor, x: torch.Tensor, argmax: torch.Tens
         SIMPLE_POW=simple_pow(size, alpha, beta, k),
         ONE_STEP=C // groups > size // 2 + 3,  # the offsets -(size-1)//2 .. size//2 + 3 of _bwd_shared
         # (threads start at multiples of 4 where the channel block is; AlexNet's groups: 48-256 channels)
-        SAME_GROUP=(C // groups) % 4 == 0 and block_c % 4 == 0,
+        SAME_GROUP=(C // groups) % 4 == 0 and block_c % 4 == 0, RELU=bool(relu),
         num_warps=num_warps,
     )
     return dx

@@ -259,7 +259,8 @@ def _train_step(net: str, batch: int, dtype: torch.dtype, start: str) -> None:
     the fused conv+ReLU forward; its backward applies the ReLU mask with threshold_backward first, so
     the gradient kernels take the masked dy (no input gradient for conv1, whose input is the image);
     LRN and the max-pool after it fused (fastalex.nn.LRNMaxPool2d; groups=2 in the paper net, one pass
-    over (N, C, H, W) keeping the layout); pool5's max-pool without indices. The image starts in `start` layout (nhwc: what AlexNet feeds the kernels on a
+    over (N, C, H, W) keeping the layout) with the ReLU of the conv before it (relu=True: conv1 and
+    conv2 run without theirs, and their backward has no mask to apply); pool5's max-pool without indices. The image starts in `start` layout (nhwc: what AlexNet feeds the kernels on a
     GPU); every later layout is whatever the launchers and torch's reshapes return. The conv op runs
     any input channels_last on a GPU, so an NCHW start converts the image once (a torch copy, not in
     the table: 2 x 79 MB at 3.35 TB/s, ~47 us in fp32 at batch 128) and then makes the nhwc launches. The classifier is
@@ -275,7 +276,8 @@ def _train_step(net: str, batch: int, dtype: torch.dtype, start: str) -> None:
         x = x.contiguous(memory_format=torch.channels_last)
     pool_args = ((3, 3), (2, 2), (0, 0), (1, 1))
     saved = []
-    for kind, layer in _nets()[net]:
+    layers = _nets()[net]
+    for i, (kind, layer) in enumerate(layers):
         name = layer.name if kind == "conv" else layer
         with _at(layer=name, layout=_layout(x)):
             if kind == "conv":
@@ -285,14 +287,15 @@ def _train_step(net: str, batch: int, dtype: torch.dtype, start: str) -> None:
                 geometry = ((s.stride,) * 2, (s.padding,) * 2, (1, 1), s.groups)
                 if not _is_channels_last(x):  # fastalex.ops.conv2d on a GPU (CHANNELS_LAST_DEVICES)
                     x = x.contiguous(memory_format=torch.channels_last)
+                relu = i + 1 == len(layers) or layers[i + 1][0] != "lrn_pool"  # else the LRN's (model.py)
                 with _at(op="fwd", layout=_layout(x)):
-                    y = conv.conv2d_forward(x, w, b, *geometry, (s.out_size,) * 2, relu=True,
+                    y = conv.conv2d_forward(x, w, b, *geometry, (s.out_size,) * 2, relu=relu,
                                             channels_last=_is_channels_last(x), allow_tf32=True)
-                saved.append((kind, name, (x, w, y, geometry)))
+                saved.append((kind, name, (x, w, y if relu else None, geometry)))
             elif kind == "lrn_pool":
                 g = 2 if net == "paper" else 1  # per-tower LRN in the two-tower net: one pass, groups=2
                 with _at(op="fwd"):
-                    y, arg = lrn_maxpool2d.lrn_maxpool2d_forward(x, **LRN_ARGS, groups=g)
+                    y, arg = lrn_maxpool2d.lrn_maxpool2d_forward(x, **LRN_ARGS, groups=g, relu=True)
                 saved.append((kind, name, (x, arg, g)))
             else:
                 with _at(op="fwd"):
@@ -309,10 +312,11 @@ def _train_step(net: str, batch: int, dtype: torch.dtype, start: str) -> None:
             elif kind == "lrn_pool":
                 x, arg, g = t
                 with _at(layout=_layout(x)):
-                    dy = lrn_maxpool2d.lrn_maxpool2d_backward(dy, x, arg, **LRN_ARGS, groups=g)
+                    dy = lrn_maxpool2d.lrn_maxpool2d_backward(dy, x, arg, **LRN_ARGS, groups=g, relu=True)
             else:
                 x, w, y, geometry = t
-                dy = torch.ops.aten.threshold_backward(dy, y, 0)
+                if y is not None:  # the conv's own ReLU (conv3-5)
+                    dy = torch.ops.aten.threshold_backward(dy, y, 0)
                 with _at(layout=_layout(x)):
                     if name != "conv1":
                         with _at(op="dgrad"):

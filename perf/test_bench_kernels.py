@@ -106,18 +106,19 @@ def test_max_pool2d(benchmark, shape, dtype, pas, impl):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("shape", LRN, ids=lambda s: s[0])
 def test_lrn_max_pool2d(benchmark, shape, dtype, pas, impl):
-    """lrn1 -> pool1 and lrn2 -> pool2, channels_last as the model runs: fused, fastalex's two kernels, torch's."""
+    """relu -> lrn1 -> pool1 and lrn2 -> pool2 (the conv's ReLU first, as the model runs them), channels_last:
+    fused, fastalex's two kernels after torch's relu, torch's ops."""
     name, c, size = shape
     c, size = (c, size) if ON_GPU else (min(c, 16), min(size, 13))
     x = torch.randn(BATCH, c, size, size, device=DEVICE, dtype=dtype).contiguous(
         memory_format=torch.channels_last).requires_grad_()
     if impl == "fastalex":
-        fwd = lambda x: F.lrn_max_pool2d(x, **LRN_ARGS)  # noqa: E731
+        fwd = lambda x: F.lrn_max_pool2d(x, **LRN_ARGS, relu=True)  # noqa: E731
     elif impl == "fastalex-unfused":
-        fwd = lambda x: F.max_pool2d(F.local_response_norm(x, **LRN_ARGS), 3, 2)  # noqa: E731
+        fwd = lambda x: F.max_pool2d(F.local_response_norm(torch.relu(x), **LRN_ARGS), 3, 2)  # noqa: E731
     else:
-        fwd = lambda x: TF.max_pool2d(TF.local_response_norm(x, **LRN_ARGS), 3, 2)  # noqa: E731
+        fwd = lambda x: TF.max_pool2d(TF.local_response_norm(torch.relu(x), **LRN_ARGS), 3, 2)  # noqa: E731
     out = ((size - 3) // 2 + 1) ** 2 * BATCH * c
     # The fused op's own traffic: x in, y out (forward); dy, x in, dx out (backward; argmax not counted).
     nbytes = x.element_size() * (x.numel() + out if pas == "fwd" else 2 * x.numel() + out)
-    _run(benchmark, impl, fwd, [x], pas, 0, nbytes, f"lrn+pool {name} {str(dtype)[6:]} {pas}")
+    _run(benchmark, impl, fwd, [x], pas, 0, nbytes, f"relu+lrn+pool {name} {str(dtype)[6:]} {pas}")

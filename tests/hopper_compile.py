@@ -64,13 +64,15 @@ def _collect(batch: int) -> None:
 
 
 def _collect_lrn_maxpool2d(batch: int, dtype: torch.dtype) -> None:
-    """lrn1 -> pool1 and lrn2 -> pool2 fused: single net (groups 1) and towers (groups 2), NCHW and NHWC."""
+    """lrn1 -> pool1 and lrn2 -> pool2 fused: single net (groups 1) and towers (groups 2), NCHW and NHWC;
+    in NHWC also with the conv's ReLU first (relu=True: what AlexNet trains with)."""
     for _, c, size in LRN:
         for groups in (1, 2):
-            for fmt in (torch.contiguous_format, torch.channels_last):
+            for fmt, relus in ((torch.contiguous_format, (False,)), (torch.channels_last, (False, True))):
                 x = torch.empty(batch, c, size, size, dtype=dtype, device="meta").contiguous(memory_format=fmt)
-                y, arg = lrn_maxpool2d.lrn_maxpool2d_forward(x, **LRN_ARGS, groups=groups)
-                lrn_maxpool2d.lrn_maxpool2d_backward(y, x, arg, **LRN_ARGS, groups=groups)
+                for relu in relus:
+                    y, arg = lrn_maxpool2d.lrn_maxpool2d_forward(x, **LRN_ARGS, groups=groups, relu=relu)
+                    lrn_maxpool2d.lrn_maxpool2d_backward(y, x, arg, **LRN_ARGS, groups=groups, relu=relu)
 
 
 def main() -> int:

@@ -45,10 +45,11 @@ def _round_to(z, dtype, device):
     return torch.where(torch.isfinite(z), z + (rounded - zd), z)
 
 
-def reference(x, groups, cfg, kernel_size, stride):
-    """(xr, y, indices): float64 leaf copy of x, max_pool2d(rounded grouped LRN) and torch's int64 indices."""
+def reference(x, groups, cfg, kernel_size, stride, relu=False):
+    """(xr, y, indices): float64 leaf copy of x, max_pool2d(rounded grouped LRN (of relu(x) with relu)) and
+    torch's int64 indices."""
     (xr,) = ref_inputs(x)
-    z = _round_to(_lrn64(xr, groups, cfg), x.dtype, x.device.type)
+    z = _round_to(_lrn64(torch.relu(xr) if relu else xr, groups, cfg), x.dtype, x.device.type)
     y, idx = TF.max_pool2d(z, kernel_size, stride, return_indices=True)
     return xr, y, idx
 
@@ -61,21 +62,21 @@ def indices(argmax, W, kernel_size, stride):
     return (oh * stride[0] + a // kernel_size[1]) * W + ow * stride[1] + a % kernel_size[1]
 
 
-def run(x, groups=1, cfg=PAPER, kernel_size=(3, 3), stride=(2, 2)):
+def run(x, groups=1, cfg=PAPER, kernel_size=(3, 3), stride=(2, 2), relu=False):
     """(y, argmax) from the custom op, y also checked against the public function (Triton backend)."""
     with fastalex.backend("triton"):
         y, argmax = torch.ops.fastalex.lrn_max_pool2d(x, cfg["size"], cfg["alpha"], cfg["beta"], cfg["k"], groups,
-                                                      list(kernel_size), list(stride))
-        out = F.lrn_max_pool2d(x, **cfg, kernel_size=kernel_size, stride=stride, groups=groups)
+                                                      list(kernel_size), list(stride), relu)
+        out = F.lrn_max_pool2d(x, **cfg, kernel_size=kernel_size, stride=stride, groups=groups, relu=relu)
     torch.testing.assert_close(out.detach(), y.detach(), rtol=0, atol=0, equal_nan=True)
     return y, argmax
 
 
-def check(x, groups=1, cfg=PAPER, kernel_size=(3, 3), stride=(2, 2), grad=True):
+def check(x, groups=1, cfg=PAPER, kernel_size=(3, 3), stride=(2, 2), grad=True, relu=False):
     """Output, layout, argmax and input gradient of the fused op vs the float64 reference."""
     dtype, device = x.dtype, x.device
-    y, argmax = run(x, groups, cfg, kernel_size, stride)
-    xr, yr, idxr = reference(x, groups, cfg, kernel_size, stride)
+    y, argmax = run(x, groups, cfg, kernel_size, stride, relu)
+    xr, yr, idxr = reference(x, groups, cfg, kernel_size, stride, relu)
     assert y.dtype == dtype and argmax.dtype == torch.int8
     # torch's ungrouped ops give this layout (its grouped LRN reshapes, which makes channels_last contiguous)
     layout = TF.max_pool2d(torch.empty_like(x.detach()), kernel_size, stride).stride()
@@ -127,6 +128,71 @@ def test_hw_swapped_input(device):
     # Dense, but neither NCHW nor NHWC: read in place through its strides.
     x = torch.randn(2, 6, 9, 11, device=device).transpose(2, 3).requires_grad_()
     check(x, 2, STRONG)
+
+
+# ---------------------------------------------------------------------------------------------
+# relu=True: the ReLU before the LRN in the same pass (AlexNet's conv1 -> act1 -> lrn1 -> pool1)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("name", ["pool1_towers", "pool2_towers", "odd_c5", "groups3_window_gt_group"])
+def test_relu(name, dtype, device):
+    """max_pool2d(lrn(relu(x))) and the gradient of relu's input (zero where x <= 0) against float64,
+    on inputs about half negative."""
+    shape, groups, cfg = SHAPES[name]
+    x = make_input(shape, dtype, device)
+    assert (x < 0).any() and (x > 0).any()
+    y, _ = check(x, groups, cfg, relu=True)
+    with fastalex.backend("triton"):
+        (g,) = torch.autograd.grad(F.lrn_max_pool2d(x, **cfg, groups=groups, relu=True).sum(), x)
+    assert torch.all(g[x.detach() <= 0] == 0) and (g[x.detach() > 0] != 0).any()
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "noncontiguous"])
+def test_relu_layouts(layout, device):
+    check(make_input((2, 12, 13, 11), torch.float32, device, layout), 2, STRONG, relu=True)
+
+
+def test_relu_loop_path(device, monkeypatch):
+    # The non-unrolled window loops (forced for size 5, then a window of 11) with the ReLU.
+    monkeypatch.setattr(K, "MAX_UNROLL", 0)
+    check(make_input((2, 10, 7, 7), torch.float64, device), 2, STRONG, relu=True)
+    monkeypatch.undo()
+    check(make_input((1, 13, 7, 7), torch.float64, device), 1, dict(STRONG, size=11), relu=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relu_equals_unfused_kernels(dtype, device):
+    """Bitwise the fused op without ReLU on torch.relu(x), forward (values and argmax) and backward
+    (then torch's relu backward: threshold_backward on relu(x))."""
+    x = make_input((2, 12, 11, 13), dtype, device, "channels_last", requires_grad=False)
+    cfg = dict(STRONG, groups=2)
+    r = torch.relu(x)
+    y, argmax = K.lrn_maxpool2d_forward(x, **cfg, relu=True)
+    y2, argmax2 = K.lrn_maxpool2d_forward(r, **cfg)
+    assert torch.equal(y, y2) and torch.equal(argmax, argmax2)
+    dy = torch.randn_like(y)
+    dx = K.lrn_maxpool2d_backward(dy, x, argmax, **cfg, relu=True)
+    dx2 = torch.ops.aten.threshold_backward(K.lrn_maxpool2d_backward(dy, r, argmax2, **cfg), r, 0)
+    assert torch.equal(dx, dx2) and dx.stride() == x.stride()
+
+
+def test_relu_nan(device):
+    """relu keeps NaN (as torch.relu), and its backward lets the gradient through at NaN (threshold_backward:
+    NaN <= 0 is false): the fused op and torch's relu -> lrn -> pool agree on where NaN goes."""
+    x = make_input((1, 6, 9, 9), torch.float64, device, requires_grad=False)
+    x[0, 2, 3, 4] = float("nan")
+    x[0, 4, 0, 0] = -float("inf")
+    outs = {}
+    for backend in ("torch", "triton"):
+        xb = x.clone().requires_grad_()
+        with fastalex.backend(backend):
+            y = F.lrn_max_pool2d(xb, **STRONG, groups=2, relu=True)
+        (g,) = torch.autograd.grad(y, xb, torch.ones_like(y))
+        outs[backend] = (y, g)
+    for a, b in zip(outs["triton"], outs["torch"]):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    assert outs["triton"][0].isnan().any() and outs["triton"][1][0, 4, 0, 0] == 0
 
 
 @pytest.mark.parametrize("kernel_size, stride", [((2, 2), (2, 2)), ((2, 3), (2, 1)), ((3, 3), (1, 1)),
@@ -278,15 +344,16 @@ def test_equals_unfused_kernels(layout, dtype, device):
         assert_close(dx, dx2.double(), dtype, device, "grad_input")
 
 
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_torch_backend_matches(groups, dtype, device):
+def test_torch_backend_matches(groups, dtype, relu, device):
     x = make_input((2, 8, 11, 11), dtype, device, "channels_last")
     dy = torch.randn(2, 8, 5, 5, device=device, dtype=dtype)
     outs = {}
     for backend in ("torch", "triton"):
         with fastalex.backend(backend):
-            y = F.lrn_max_pool2d(x, **STRONG, groups=groups)
+            y = F.lrn_max_pool2d(x, **STRONG, groups=groups, relu=relu)
         outs[backend] = (y, *torch.autograd.grad(y, x, dy))
     for a, b in zip(outs["triton"], outs["torch"]):
         assert_close(a, b.double(), dtype, device)
@@ -305,9 +372,10 @@ def test_gradcheck(device):
                                         atol=1e-8, fast_mode=True)
 
 
-def test_opcheck(device):
+@pytest.mark.parametrize("relu", [False, True])
+def test_opcheck(relu, device):
     x = make_input((2, 6, 7, 7), torch.float32, device, "channels_last")
-    a = (5, 2.0, 0.75, 1.0, 2, [3, 3], [2, 2])
+    a = (5, 2.0, 0.75, 1.0, 2, [3, 3], [2, 2], relu)
     torch.library.opcheck(torch.ops.fastalex.lrn_max_pool2d.default, (x, *a))
     y, argmax = torch.ops.fastalex.lrn_max_pool2d(x.detach(), *a)
     torch.library.opcheck(torch.ops.fastalex.lrn_max_pool2d_backward.default,
@@ -340,6 +408,14 @@ def test_module(device):
         torch.testing.assert_close(m(x), TF.max_pool2d(m.lrn(x), 3, 2), rtol=0, atol=0)
     with pytest.raises(ValueError, match="groups"):
         fnn.LRNMaxPool2d(5, groups=0)
+    with pytest.raises(TypeError, match="relu"):
+        fnn.LRNMaxPool2d(5, relu=1)
+    r = fnn.LRNMaxPool2d(5, alpha=5e-4, beta=0.75, k=2.0, groups=2, relu=True)
+    assert repr(r).startswith("LRNMaxPool2d(\n  relu=True") and not r.state_dict()
+    with fastalex.backend("triton"):
+        torch.testing.assert_close(r(x), F.lrn_max_pool2d(x, **PAPER, groups=2, relu=True), rtol=0, atol=0)
+    with fastalex.backend("torch"):  # relu, then the children
+        torch.testing.assert_close(r(x), TF.max_pool2d(r.lrn(torch.relu(x)), 3, 2), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"4-D \(N, C, H, W\)"):
         m(x[0])
 
@@ -372,6 +448,8 @@ BAD_ARGS = [
     (dict(kernel_size="3"), TypeError, "kernel_size"),
     (dict(stride=0), ValueError, "stride"),
     (dict(stride=1.5), TypeError, "stride"),
+    (dict(relu=1), TypeError, "relu"),
+    (dict(relu="yes"), TypeError, "relu"),
 ]
 
 

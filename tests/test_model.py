@@ -249,8 +249,13 @@ def test_the_model_runs_the_fused_kernel_and_equals_the_unfused_ops(monkeypatch)
     fused_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
 
-    def unfused(m, inp, out):  # the same two layers as separate ops (fastalex's kernels)
-        return m.pool(m.lrn(inp[0]))
+    # conv1's and conv2's ReLU runs in the fused module (relu=True), not in the conv's epilogue
+    assert [model.features.lrn1.relu, model.features.lrn2.relu] == [True, True]
+    assert model.features.conv1.activation is None and model.features.conv2.activation is None
+    assert model.features.conv3.activation == "relu"
+
+    def unfused(m, inp, out):  # torch's relu, then the same two layers as separate ops (fastalex's kernels)
+        return m.pool(m.lrn(torch.relu(inp[0]) if m.relu else inp[0]))
 
     hooks = [m.register_forward_hook(unfused) for m in model.modules() if isinstance(m, fastalex.nn.LRNMaxPool2d)]
     with fastalex.backend("triton"):

@@ -164,7 +164,7 @@ def _relu_to_lrn(rows: Sequence[Layer], i: int, lrn: bool) -> bool:
     """Whether the ReLU after the conv in rows[i] runs in the LRNMaxPool2d after it (conv -> act -> lrn ->
     pool with LRN on) rather than in the conv's epilogue: the fused LRN + pool then returns the conv
     output's gradient itself, and the conv's backward makes no ReLU mask pass over its output."""
-    kinds = tuple(r.kind for r in rows[i:i + 4]) if i >= 0 else ()
+    kinds = tuple(r.kind for r in rows[i:i + 4])
     return lrn and kinds == ("conv", "act", "lrn", "pool")
 
 
@@ -179,6 +179,7 @@ def _build(variant: str, num_classes: int, dropout: float, activation: str, lrn:
 
     rows = table(variant)
     built, c, stage, pooled = [], 3, "features", False  # c: the whole net's channels (then features) so far
+    relu_to_lrn = False  # the last conv's ReLU is the next LRNMaxPool2d's (_relu_to_lrn)
     for i, layer in enumerate(rows):
         if _STAGE.get(layer.kind, stage) != stage:
             stage = _STAGE[layer.kind]
@@ -186,9 +187,10 @@ def _build(variant: str, num_classes: int, dropout: float, activation: str, lrn:
         m = None
         if layer.kind == "conv":
             c_in = c // 2 if tower is not None and layer.grouped else c  # a tower sees its own half only
-            fused = "relu" if activation == "relu" and not _relu_to_lrn(rows, i, lrn) else None
+            relu_to_lrn = activation == "relu" and _relu_to_lrn(rows, i, lrn)
             m = fnn.Conv2d(c_in, part(layer.out), layer.kernel, stride=layer.stride, padding=layer.padding,
-                           groups=groups if layer.grouped else 1, activation=fused)
+                           groups=groups if layer.grouped else 1,
+                           activation="relu" if activation == "relu" and not relu_to_lrn else None)
             c = layer.out
         elif layer.kind == "act":
             if stage == "classifier":
@@ -202,8 +204,8 @@ def _build(variant: str, num_classes: int, dropout: float, activation: str, lrn:
             pooled = i + 1 < len(rows) and rows[i + 1].kind == "pool"
             # LRN then the max-pool: one fused module (one pass over the conv's output each way) under
             # the LRN's name; neither has parameters, so the state_dict is the unfused net's.
-            m = (fnn.LRNMaxPool2d(**LRN_ARGS, kernel_size=pool[0], stride=pool[1], groups=g,
-                                  relu=activation == "relu" and _relu_to_lrn(rows, i - 2, lrn)) if pooled
+            m = (fnn.LRNMaxPool2d(**LRN_ARGS, kernel_size=pool[0], stride=pool[1], groups=g, relu=relu_to_lrn)
+                 if pooled
                  else fnn.LocalResponseNorm(**LRN_ARGS, groups=g))
         elif layer.kind == "pool" and pooled:
             pooled = False  # done by the LRNMaxPool2d before it

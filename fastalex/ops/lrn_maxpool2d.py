@@ -90,7 +90,7 @@ _lrn_max_pool2d_op.register_autograd(_backward, setup_context=_setup_context)
 # Public function
 
 
-def _check_args(input, size, alpha, beta, k, kernel_size, stride, groups):
+def _check_args(input, size, alpha, beta, k, kernel_size, stride, groups, relu):
     """Validate; return (size, alpha, beta, k, groups, (KH, KW), (SH, SW))."""
     op = "lrn_max_pool2d"
     check_float_tensor(input, f"{op}: input", dims=(4,))
@@ -104,6 +104,8 @@ def _check_args(input, size, alpha, beta, k, kernel_size, stride, groups):
     st = ks if stride is None else pair(stride, f"{op}: stride", minimum=1)
     if H < ks[0] or W < ks[1]:
         raise ValueError(f"{op}: kernel_size {ks} is larger than the input plane ({H}, {W})")
+    if not isinstance(relu, bool):
+        raise TypeError(f"{op}: relu must be a bool, got {type(relu).__name__}")
     return size, alpha, beta, k, groups, ks, st
 
 
@@ -136,9 +138,7 @@ def lrn_max_pool2d(input: torch.Tensor, size: int, alpha: float = 1e-4, beta: fl
 
     AlexNet (paper constants): lrn_max_pool2d(x, 5, 5e-4, 0.75, 2.0, 3, 2, groups=2 for the towers).
     """
-    size, alpha, beta, k, groups, ks, st = _check_args(input, size, alpha, beta, k, kernel_size, stride, groups)
-    if not isinstance(relu, bool):
-        raise TypeError(f"lrn_max_pool2d: relu must be a bool, got {type(relu).__name__}")
+    size, alpha, beta, k, groups, ks, st = _check_args(input, size, alpha, beta, k, kernel_size, stride, groups, relu)
     if not use_triton(input.device):
         return _torch_lrn_max_pool2d(input, size, alpha, beta, k, groups, ks, st, relu)
     y, _argmax = torch.ops.fastalex.lrn_max_pool2d(input, size, alpha, beta, k, groups, list(ks), list(st), relu)

@@ -160,6 +160,13 @@ def _smallest_image_size(variant: str, pool: tuple[int, int]) -> int:
     return next(s for s in range(1, 1024) if feature_size(variant, s, pool) >= 1)
 
 
+def convs_relu_in_lrn(variant: str) -> set[str]:
+    """The convs whose ReLU runs in the fused LRN + max-pool after them rather than in their own
+    epilogue, as _build makes them (activation "relu", LRN on): conv1 and conv2."""
+    rows = table(variant)
+    return {r.name for i, r in enumerate(rows) if r.kind == "conv" and _relu_to_lrn(rows, i, True)}
+
+
 def _relu_to_lrn(rows: Sequence[Layer], i: int, lrn: bool) -> bool:
     """Whether the ReLU after the conv in rows[i] runs in the LRNMaxPool2d after it (conv -> act -> lrn ->
     pool with LRN on) rather than in the conv's epilogue: the fused LRN + pool then returns the conv

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastalex.model import LRN_ARGS, feature_shapes
+from fastalex.model import LRN_ARGS, convs_relu_in_lrn, feature_shapes
 from fastalex.ops._checks import output_length
 
 __all__ = ["ConvShape", "CONV", "LRN", "LRN_ARGS", "POOL", "tiny"]
@@ -24,6 +24,7 @@ class ConvShape:
     stride: int
     padding: int
     groups: int  # 2 in the paper's two-tower net for conv2, conv4, conv5; 1 for the single tower
+    relu: bool = True  # the ReLU in the conv's epilogue; False where the LRN + pool after it takes it (conv1, 2)
 
     @property
     def out_size(self) -> int:
@@ -38,8 +39,9 @@ class ConvShape:
 
 
 def _convs(variant: str, suffix: str = "") -> list[ConvShape]:
+    in_lrn = convs_relu_in_lrn(variant)
     return [ConvShape(s.layer.name + suffix, s.c_in, s.size_in, s.c_out, s.layer.kernel, s.layer.stride,
-                      s.layer.padding, s.groups)
+                      s.layer.padding, s.groups, relu=s.layer.name not in in_lrn)
             for s in feature_shapes(variant, 227) if s.layer.kind == "conv" and (not suffix or s.groups > 1)]
 
 
@@ -50,7 +52,7 @@ CONV = _convs("single") + _convs("paper", "-g2")
 def tiny(s: ConvShape) -> ConvShape:
     """The same layer with few channels and a small image: for smoke runs in Triton's CPU interpreter."""
     return ConvShape(s.name, min(s.c_in, 4 * s.groups), min(s.size, s.kernel + 4), min(s.c_out, 4 * s.groups),
-                     s.kernel, s.stride, s.padding, s.groups)
+                     s.kernel, s.stride, s.padding, s.groups, s.relu)
 
 
 # (name, channels, size): LRN follows ReLU after conv1 and conv2 (lrn1: 96 channels at 55x55, lrn2: 256 at 27x27).

@@ -277,7 +277,7 @@ def _train_step(net: str, batch: int, dtype: torch.dtype, start: str) -> None:
     pool_args = ((3, 3), (2, 2), (0, 0), (1, 1))
     saved = []
     layers = _nets()[net]
-    for i, (kind, layer) in enumerate(layers):
+    for kind, layer in layers:
         name = layer.name if kind == "conv" else layer
         with _at(layer=name, layout=_layout(x)):
             if kind == "conv":
@@ -287,7 +287,7 @@ def _train_step(net: str, batch: int, dtype: torch.dtype, start: str) -> None:
                 geometry = ((s.stride,) * 2, (s.padding,) * 2, (1, 1), s.groups)
                 if not _is_channels_last(x):  # fastalex.ops.conv2d on a GPU (CHANNELS_LAST_DEVICES)
                     x = x.contiguous(memory_format=torch.channels_last)
-                relu = i + 1 == len(layers) or layers[i + 1][0] != "lrn_pool"  # else the LRN's (model.py)
+                relu = s.relu  # conv1's and conv2's are the LRN + pool's (model.convs_relu_in_lrn)
                 with _at(op="fwd", layout=_layout(x)):
                     y = conv.conv2d_forward(x, w, b, *geometry, (s.out_size,) * 2, relu=relu,
                                             channels_last=_is_channels_last(x), allow_tf32=True)

@@ -4,10 +4,12 @@
                         [--kinds fwd,dgrad,wgrad,wgrad_taps] [--layers conv1,...] [--compile-workers 8]
                         [--out DIR]
 
-For each layer, kind (fwd: conv + bias + ReLU; dgrad: input gradient, at stride 1 the forward kernel on
-the flipped weight as autograd runs it; all with dy already under the ReLU mask; wgrad: weight and bias
-gradients with the flat kernel, wgrad_taps: with the per-tap kernel), dtype and layout, every
-config in CONFIGS[kind] (and, for the weight gradients, three split-K factors) is timed with triton.testing.do_bench (median) next to the heuristic's choice and
+For each layer, kind (fwd: conv + bias, with the ReLU where the model has it in the conv's epilogue
+(ConvShape.relu: not conv1's and conv2's, which the LRN + max-pool after them apply); dgrad: input
+gradient, at stride 1 the forward kernel on the flipped weight as autograd runs it; all with dy
+already under the ReLU mask; wgrad: weight and bias gradients with the flat kernel, wgrad_taps: with
+the per-tap kernel), dtype and layout, every config in CONFIGS[kind] (and, for the weight gradients,
+three split-K factors) is timed with triton.testing.do_bench (median) next to the heuristic's choice and
 cuDNN's own kernel for the same GEMM (aten.convolution_backward for the gradients). The launches
 take the flags fastalex.ops.conv2d gives them (memory format, tf32). Autograd runs one of the two
 weight-gradient kernels per case (kernels.conv2d.default_taps); a row's `autograd` says whether it is
@@ -79,7 +81,8 @@ def _tensors(s, dtype: str, layout: str, batch: int):
     w = w.contiguous(memory_format=fmt)
     b = torch.randn(s.c_out, device=DEVICE, dtype=dt)
     y = torch.relu(torch.nn.functional.conv2d(x, w, b, s.stride, s.padding, 1, s.groups))
-    # The output gradient as autograd hands it to both gradient kernels: already under the ReLU's mask.
+    # The output gradient as autograd hands it to both gradient kernels: already under the ReLU's mask
+    # (the conv's own, or for conv1 and conv2 the fused LRN + max-pool's).
     dy = torch.ops.aten.threshold_backward(torch.randn_like(y), y, 0)
     return x, w, b, y, dy
 
@@ -98,10 +101,11 @@ def _calls(s, kind, x, w, b, y, dy):
     autograd = autograd and (cl or torch.device(DEVICE).type not in CHANNELS_LAST_DEVICES)
     if kind == "fwd":
         def fast(cfg, split=None):
-            return K.conv2d_forward(x, w, b, st, pad, dil, s.groups, y.shape[2:], True, cl, tf32, config=cfg)
+            return K.conv2d_forward(x, w, b, st, pad, dil, s.groups, y.shape[2:], s.relu, cl, tf32, config=cfg)
 
         def ref():
-            return torch.relu(torch.nn.functional.conv2d(x, w, b, s.stride, s.padding, 1, s.groups))
+            z = torch.nn.functional.conv2d(x, w, b, s.stride, s.padding, 1, s.groups)
+            return torch.relu(z) if s.relu else z
     elif kind == "dgrad":
         def fast(cfg, split=None):
             return K.conv2d_input_grad(dy, w, x.shape, st, pad, dil, s.groups, cl, tf32, config=cfg)

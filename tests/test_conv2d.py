@@ -945,11 +945,13 @@ def test_forward_row_tail(device, case, monkeypatch):
 # perf.tune times the launches autograd makes
 
 
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "relu-in-lrn"])
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
-def test_tune_times_the_launches_autograd_makes(layout, monkeypatch):
+def test_tune_times_the_launches_autograd_makes(layout, relu, monkeypatch):
     """perf.tune's heuristic launches (fwd, dgrad, and the weight-gradient kind it marks autograd's)
-    are those a training step's conv2d_relu forward and backward make: same kernels, launch options,
-    constexprs, scalars, grids and tensor shapes, strides and dtypes. Launches are recorded, not run."""
+    are those a training step's conv2d_relu (conv2d where the LRN + pool after it takes the ReLU: conv1,
+    conv2) forward and backward make: same kernels, launch options, constexprs, scalars, grids and
+    tensor shapes, strides and dtypes. Launches are recorded, not run."""
     from perf import static, tune
     from perf.shapes import ConvShape
 
@@ -960,7 +962,7 @@ def test_tune_times_the_launches_autograd_makes(layout, monkeypatch):
                       for la in launches)
 
     monkeypatch.setattr(tune, "DEVICE", "cpu")
-    s = ConvShape("conv3", 32, 6, 16, 3, 1, 1, 1)  # 32 input channels: NHWC takes the per-tap weight gradient
+    s = ConvShape("conv3", 32, 6, 16, 3, 1, 1, 1, relu)  # 32 input channels: NHWC takes the per-tap weight gradient
     x, w, b, y, dy = tune._tensors(s, "float32", layout, 2)
     marked = []
     with static.intercept() as tuned:
@@ -979,5 +981,5 @@ def test_tune_times_the_launches_autograd_makes(layout, monkeypatch):
     monkeypatch.setattr(tune, "DEVICE", "cpu")
     xa, wa, ba = (t.detach().clone().requires_grad_() for t in (x, w, b))
     with static.intercept() as trained, fastalex.backend("triton"):
-        F.conv2d_relu(xa, wa, ba, s.stride, s.padding).backward(dy)
+        (F.conv2d_relu if relu else F.conv2d)(xa, wa, ba, s.stride, s.padding).backward(dy)
     assert signature(tuned) == signature(trained)

@@ -349,14 +349,27 @@ def test_modules_follow_the_layer_table(variant, activation, lrn):
     assert len(conv_acts) == (0 if activation == "relu" and variant != "torchvision" else 5)  # fused, or a module
 
 
+@pytest.mark.parametrize("variant", ["single", "paper"])
+def test_convs_relu_in_lrn_is_what_the_model_builds(variant):
+    """perf (ConvShape.relu: tune, static) times the convs' epilogue ReLU where the model has it: not
+    conv1's and conv2's, which the fused LRN + max-pool after them apply."""
+    from fastalex.model import convs_relu_in_lrn
+
+    model = AlexNet(variant=variant, num_classes=10)
+    acts = {layer.name: model.get_submodule(p).activation for layer, p in model.layers if layer.kind == "conv"}
+    assert convs_relu_in_lrn(variant) == {"conv1", "conv2"}
+    assert acts == {n: None if n in ("conv1", "conv2") else "relu" for n in acts} and len(acts) == 5
+
+
 def test_perf_shapes_come_from_the_table():
     """perf/shapes.py's layers, as written out by hand before they were read off the table."""
     from perf.shapes import CONV, LRN, LRN_ARGS, POOL, ConvShape
 
     assert CONV == [
-        ConvShape("conv1", 3, 227, 96, 11, 4, 0, 1), ConvShape("conv2", 96, 27, 256, 5, 1, 2, 1),
+        ConvShape("conv1", 3, 227, 96, 11, 4, 0, 1, relu=False),
+        ConvShape("conv2", 96, 27, 256, 5, 1, 2, 1, relu=False),
         ConvShape("conv3", 256, 13, 384, 3, 1, 1, 1), ConvShape("conv4", 384, 13, 384, 3, 1, 1, 1),
-        ConvShape("conv5", 384, 13, 256, 3, 1, 1, 1), ConvShape("conv2-g2", 96, 27, 256, 5, 1, 2, 2),
+        ConvShape("conv5", 384, 13, 256, 3, 1, 1, 1), ConvShape("conv2-g2", 96, 27, 256, 5, 1, 2, 2, relu=False),
         ConvShape("conv4-g2", 384, 13, 384, 3, 1, 1, 2), ConvShape("conv5-g2", 384, 13, 256, 3, 1, 1, 2)]
     assert [s.out_size for s in CONV] == [55, 27, 13, 13, 13, 27, 13, 13]
     assert LRN == [("lrn1", 96, 55), ("lrn2", 256, 27)]

@@ -458,6 +458,8 @@ def _conv2d_wgrad_kernel(
     IN_BOUNDS: tl.constexpr,  # no padding: every tap of every output position lies in x (_in_bounds)
     DY_DENSE: tl.constexpr,  # as in _conv2d_wgrad_taps_kernel
     BIAS_2D: tl.constexpr,  # see _wgrad_accumulate
+    IMAGE_BLOCKS: tl.constexpr,  # N % BLOCK_K == 0: K blocks of images at one output position (_wgrad_flat_images)
+    BIAS_COL: tl.constexpr,  # IMAGE_BLOCKS, IN_BOUNDS, 16-bit, CKK % BLOCK_N > 0: db is the product's column CKK
     ROW_SCALARS: tl.constexpr,  # IN_BOUNDS, DY_DENSE and BLOCK_K <= OW: see _wgrad_flat_rows
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no position mask (_k_mask)
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -494,7 +496,12 @@ def _conv2d_wgrad_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     dbias = _bias_zeros(BLOCK_M, BLOCK_K, ACC, BIAS_2D)
     k_start = split * K_PER_SPLIT
-    if ROW_SCALARS:
+    if IMAGE_BLOCKS:
+        acc, dbias = _wgrad_flat_images(acc, dbias, dy_ptr, x_ptr, co_off_dy, col_off, mask_m, mask_n, kh, kw,
+                                        H, W, OH, OW, K, k_start, K_PER_SPLIT, sdn, sdh, sdw, sxn, sxh, sxw,
+                                        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                                        IN_BOUNDS, BIAS_2D, BIAS_COL, ACC, PRECISION, UPCAST, BLOCK_K)
+    elif ROW_SCALARS:
         acc, dbias = _wgrad_flat_rows(acc, dbias, dy_ptr, x_ptr, co_off_dy, col_off, mask_m, mask_n, OH, OW, K,
                                       k_start, K_PER_SPLIT, sdw, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w,
                                       EVEN_K, BIAS_2D, ACC, PRECISION, UPCAST, BLOCK_K)
@@ -506,9 +513,66 @@ def _conv2d_wgrad_kernel(
 
     dw_ptrs = dw_ptr + split * C_out * CKK + ((g * Cog + offs_m) * CKK)[:, None] + offs_n[None, :]
     tl.store(dw_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
+    if BIAS_COL:
+        if pid_n == CKK // BLOCK_N:  # the block holding column CKK
+            db = tl.sum(tl.where(offs_n[None, :] == CKK, acc, 0.0), axis=1)
+            tl.store(db_ptr + split * C_out + g * Cog + offs_m, db, mask=mask_m)
     # Every column block computed the same bias sums; the first one writes them.
-    if pid_n == 0:
+    elif pid_n == 0:
         tl.store(db_ptr + split * C_out + g * Cog + offs_m, _bias_sums(dbias, BIAS_2D), mask=mask_m)
+
+
+@triton.jit
+def _wgrad_flat_images(acc, dbias, dy_ptr, x_ptr, co_off_dy, col_off, mask_m, mask_n, kh, kw, H, W, OH, OW, K,
+                       k_start, K_PER_SPLIT, sdn, sdh, sdw, sxn, sxh, sxw, stride_h, stride_w, pad_h, pad_w,
+                       dil_h, dil_w, IN_BOUNDS: tl.constexpr, BIAS_2D: tl.constexpr, BIAS_COL: tl.constexpr,
+                       ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The flat kernel's K loop over the positions in (oh, ow, n) order, where N % BLOCK_K == 0: a K block
+    is BLOCK_K images at one output position (oh, ow), so position j of the block lies j images on from
+    one corner in x and in dy. Each element's offset from the trip's scalar base is then loop-invariant
+    (j * sxn + its column's offset), the padding test is per column, and a trip moves three scalars,
+    where blocks along a row of OW positions crossed rows (a compare and select per element) and, in
+    fp32, each of a thread's 16 x elements took 7 instructions (conv1: 297 -> 241 a trip).
+    The sum's order differs from the other loops' (the result is as deterministic).
+    BIAS_COL: x's columns past CKK load as 1.0 instead of 0.0, so the product's column CKK is dy's row
+    sums, db, and the loop sums no bias: 16-bit x tiles go through registers, where the load's `other`
+    costs what the zero did, while the sums took a shared-memory read, an unpack and an add an element
+    of dy a trip (conv1 bf16: 34 of 204 instructions). Not for tf32, whose products would round dy."""
+    N = K // (OH * OW)
+    q = k_start // N
+    n0 = k_start % N
+    oh = q // OW
+    ow = q % OW
+    j = tl.arange(0, BLOCK_K)
+    a_off = co_off_dy[:, None] + (j * sdn)[None, :]
+    b_off = (j * sxn)[:, None] + col_off[None, :]
+    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
+        a = tl.load((dy_ptr + (n0 * sdn + oh * sdh + ow * sdw)) + a_off, mask=mask_m[:, None], other=0.0)
+        ih0 = oh * stride_h - pad_h
+        iw0 = ow * stride_w - pad_w
+        bmask = mask_n
+        if not IN_BOUNDS:
+            ih = ih0 + kh * dil_h
+            iw = iw0 + kw * dil_w
+            bmask = bmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_trip = x_ptr + (n0 * sxn + ih0 * sxh + iw0 * sxw)
+        if BIAS_COL:
+            b = tl.load(x_trip + b_off, mask=bmask[None, :], other=1.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+        else:
+            b = tl.load(x_trip + b_off, mask=bmask[None, :], other=0.0)
+            acc, dbias = _wgrad_accumulate(acc, dbias, a, b, ACC, PRECISION, UPCAST, BIAS_2D)
+        n0 += BLOCK_K
+        wrap = n0 >= N
+        n0 = tl.where(wrap, 0, n0)
+        ow = tl.where(wrap, ow + 1, ow)
+        wrap2 = ow >= OW
+        ow = tl.where(wrap2, 0, ow)
+        oh = tl.where(wrap2, oh + 1, oh)
+    return acc, dbias
 
 
 @triton.jit
@@ -1163,6 +1227,7 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
     dtype, device = grad_output.dtype, grad_output.device
     acc_t = torch.float64 if dtype == torch.float64 else torch.float32
     channels_fast = x.stride(1) == 1 and Cig > 1
+    in_bounds = _in_bounds(H, W, OH, OW, KH, KW, stride, padding, dilation)
     if taps is None:
         taps = default_taps(x, weight_shape)
     taps_per = 1
@@ -1174,6 +1239,11 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
         tiles = triton.cdiv(Cog, cfg["BLOCK_M"]) * triton.cdiv(T, taps_per) * triton.cdiv(Cig, cfg["BLOCK_N"])
     else:
         cfg = _pick(config, "wgrad", dtype, Cog, CKK)
+        if config is None and not is_interpreting() and _bias_col(dict(cfg, BLOCK_K=64), dtype, N, CKK, in_bounds):
+            # With the bias as a column the 16-bit loop keeps no bias sums in registers, and K 64 fits:
+            # twice the MMA a trip against the same fixed cost (perf.static, conv1 bf16: ceiling 0.78 ->
+            # 0.98, 210 registers, no spills).
+            cfg = dict(cfg, BLOCK_K=64)
         tiles = triton.cdiv(Cog, cfg["BLOCK_M"]) * triton.cdiv(CKK, cfg["BLOCK_N"])
     k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
     split = split_k if split_k is not None else _split_k(tiles * groups, k_blocks, device)
@@ -1196,16 +1266,19 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
         # The bias sums a trip's dy tile into a 2-D accumulator where the registers allow (16-bit
         # types, tiles up to 128x128; perf.static: bf16 conv1 0.23 -> 0.27, the paper net's grouped
         # layers 0.45 -> 0.52, no spills; fp32 and the 256-row tiles spilled with it).
-        bias_2d = dtype in (torch.float16, torch.bfloat16) and cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 128 * 128
+        bias_col = not taps and _bias_col(cfg, dtype, N, CKK, in_bounds)  # then no sums in the loop
+        bias_2d = (dtype in (torch.float16, torch.bfloat16) and cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 128 * 128
+                   and not bias_col)
         common = dict(DY_DENSE=_positions_dense(grad_output), BIAS_2D=bias_2d, EVEN_K=K % cfg["BLOCK_K"] == 0,
-                      IN_BOUNDS=_in_bounds(H, W, OH, OW, KH, KW, stride, padding, dilation),
+                      IN_BOUNDS=in_bounds,
                       ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype, allow_tf32), UPCAST=dot_upcast(dtype), **cfg)
         if taps:
             _conv2d_wgrad_taps_kernel[(tiles, groups, split)](*args, TAPS=taps_per, **common)
         else:
             _conv2d_wgrad_kernel[(tiles, groups, split)](
-                *args, CI_FAST=ci_fast,
-                ROW_SCALARS=common["IN_BOUNDS"] and common["DY_DENSE"] and cfg["BLOCK_K"] <= OW, **common)
+                *args, CI_FAST=ci_fast, IMAGE_BLOCKS=N % cfg["BLOCK_K"] == 0,
+                BIAS_COL=bias_col,
+                ROW_SCALARS=in_bounds and common["DY_DENSE"] and cfg["BLOCK_K"] <= OW, **common)
     dw = empty(tuple(weight_shape), dtype=dtype, device=device)
     db = empty((C_out,), dtype=dtype, device=device)
     parts = ((dw_part, dw), (db_part, db))
@@ -1224,6 +1297,15 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
         _sum_splits_kernel[(triton.cdiv(L, block),)](part, out, L, split, BLOCK=block,
                                                       BLOCK_S=_sum_blocks(split, block))
     return dw, db
+
+
+def _bias_col(cfg: dict, dtype: torch.dtype, N: int, CKK: int, in_bounds: bool) -> bool:
+    """Whether the flat weight gradient takes db as its product's column CKK (BIAS_COL, see
+    _wgrad_flat_images): K blocks of images (N % BLOCK_K == 0), no padding (the masked x columns load
+    as 1.0, and only they are masked), a 16-bit type (exact dy products; tf32 would round dy) and a
+    column past CKK in the last column block."""
+    return (N % cfg["BLOCK_K"] == 0 and in_bounds and dtype in (torch.float16, torch.bfloat16)
+            and CKK % cfg["BLOCK_N"] != 0)
 
 
 def _sum_blocks(split: int, block: int) -> int:

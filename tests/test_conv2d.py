@@ -323,6 +323,62 @@ def test_weight_grad_flat_row_scalars(device, shape, kernel, stride, split, monk
     assert_close(db, br.grad, torch.float32, device, "grad_bias")
 
 
+@pytest.mark.parametrize("case", [
+    # (N, C_in, H, W, C_out, kernel, stride, padding, layout, dtype, split): N % BLOCK_K 16 == 0
+    (32, 3, 19, 19, 10, 11, 4, 0, "channels_last", torch.float32, 3),  # conv1's kernel: 3x3 outputs, 363 columns
+    (32, 3, 19, 19, 10, 11, 4, 0, "channels_last", torch.bfloat16, 3),  # BIAS_COL: db from column 363
+    (32, 3, 19, 19, 10, 11, 4, 0, "contiguous", torch.float16, 2),  # NCHW x: (ci, kh, kw) columns, BIAS_COL
+    (16, 5, 6, 7, 6, 3, 1, 1, "channels_last", torch.bfloat16, 5),  # padding: per-column masks, no BIAS_COL
+    (16, 2, 6, 6, 6, 4, 2, 0, "channels_last", torch.bfloat16, 1),  # CKK 32 = BLOCK_N: no column past CKK
+    (48, 3, 9, 9, 5, 5, 2, 0, "channels_last", torch.float64, 4),  # splits starting mid-position (48 = 3 blocks)
+])
+def test_weight_grad_flat_image_blocks(device, case, monkeypatch):
+    """The flat kernel's K blocks of images at one output position (IMAGE_BLOCKS, N % BLOCK_K == 0: the
+    positions in (oh, ow, n) order), with db as the product's column CKK where the x tile is 16-bit and
+    unpadded (BIAS_COL); against float64, splits included. Every partial is written: dw and db come
+    from sums over splits of `empty` partials."""
+    N, C, H, W, Co, k, st, p, layout, dtype, split = case
+    spy = _LaunchSpy(K._conv2d_wgrad_kernel)
+    monkeypatch.setattr(K, "_conv2d_wgrad_kernel", spy)
+    x = make_input((N, C, H, W), dtype, device, layout=layout, requires_grad=False)
+    w = make_input((Co, C, k, k), dtype, device, requires_grad=False, scale=0.3)
+    y = TF.conv2d(x.float(), w.float(), stride=st, padding=p).relu()
+    dy = _masked(torch.randn_like(y), y, True).to(dtype).contiguous(memory_format=torch.channels_last)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
+    dw, db = K.conv2d_weight_grad(dy, x, w.shape, (st, st), (p, p), (1, 1), 1, split_k=split, config=cfg, taps=False)
+    kw = spy.kwargs[-1]
+    assert kw["IMAGE_BLOCKS"]
+    assert kw["BIAS_COL"] == (dtype in (torch.float16, torch.bfloat16) and p == 0 and C * k * k % 32 != 0)
+    assert not (kw["BIAS_COL"] and kw["BIAS_2D"])
+    xr, wr = ref_inputs(x, w)
+    wr.requires_grad_()
+    br = torch.zeros(Co, dtype=torch.float64, requires_grad=True)
+    TF.conv2d(xr, wr, br, stride=st, padding=p).backward(dy.double().cpu())
+    assert_close(dw, wr.grad, dtype, device, "grad_weight")
+    assert_close(db, br.grad, dtype, device, "grad_bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_bias_col_gpu_config(dtype, monkeypatch):
+    """On a GPU, conv1's flat weight gradient at batch 128 in a 16-bit type takes db as a column with K
+    blocks of 64 (no bias sums in registers); fp32 keeps 32 and its sums. Recorded, not run."""
+    from perf import static
+
+    monkeypatch.setattr(K, "is_interpreting", lambda: False)
+    x = torch.empty(128, 3, 227, 227, dtype=dtype, device="meta").contiguous(memory_format=torch.channels_last)
+    dy = torch.empty(128, 96, 55, 55, dtype=dtype, device="meta").contiguous(memory_format=torch.channels_last)
+    with static.intercept() as launches:
+        K.conv2d_weight_grad(dy, x, (96, 3, 11, 11), (4, 4), (0, 0), (1, 1), 1)
+    kw = next(la.kwargs for la in launches if la.kernel.__name__ == "_conv2d_wgrad_kernel")
+    small = dtype != torch.float32
+    assert kw["IMAGE_BLOCKS"] and kw["BIAS_COL"] == small and kw["BLOCK_K"] == (64 if small else 32)
+    assert not kw["BIAS_2D"] or not small
+    K.check_config({k: kw[k] for k in K.CONFIG_KEYS}, dtype)
+    assert not K._bias_col(dict(BLOCK_N=128, BLOCK_K=64), dtype, 96, 363, True)  # 96 images: not whole blocks
+    assert not K._bias_col(dict(BLOCK_N=128, BLOCK_K=64), dtype, 128, 363, False)  # padding
+    assert not K._bias_col(dict(BLOCK_N=128, BLOCK_K=64), dtype, 128, 384, True)  # no column past CKK
+
+
 WGRAD_NHWC = [
     # (N, C_in, H, W, C_out, kernel, stride, padding, groups, split, relu, dtype)
     (2, 5, 7, 8, 7, (3, 5), 1, (1, 2), 1, 1, True, torch.float32),

@@ -160,6 +160,25 @@ def test_conv1_forward_row_tail(tmp_path):
     assert rows["fp32"]["ldgsts"] > 0
 
 
+def test_conv1_weight_grad_image_blocks(tmp_path):
+    """conv1's flat weight gradient takes K blocks of images at one output position (IMAGE_BLOCKS: a
+    thread's x offsets loop-invariant, no row select), fp32 at 128 x 128 x 32 with its bias sums, bf16
+    at 128 x 128 x 64 with db as the product's column 363 (BIAS_COL): no spills, HGMMA, ceiling >= 0.9
+    (0.86 fp32 and 0.50 bf16 in blocks along rows)."""
+    path = tmp_path / "static.json"
+    out = _run(["-m", "perf.static", "--dtype", "bf16,fp32", "--nets", "single", "--layouts", "nhwc", "--kinds",
+                "conv-wgrad", "--layers", "conv1", "--json", str(path)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {r["dtype"]: r for r in json.loads(path.read_text())["rows"] if r["kernel"] == "_conv2d_wgrad_kernel"}
+    assert set(rows) == {"bf16", "fp32"}
+    for dtype, r in rows.items():
+        c = r["constexprs"]
+        assert c["IMAGE_BLOCKS"] and c["BIAS_COL"] == (dtype == "bf16")
+        assert c["BLOCK_K"] == (64 if dtype == "bf16" else 32)
+        assert r["spill_bytes"] == 0 and r["hgmma"] > 0 and r["loop_mma"] > 0
+        assert r["ceiling"] >= 0.9 and r["wave_eff"] >= 0.85
+
+
 def test_refuses_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-m", "perf.static", "--limit", "1"], cwd=ROOT, env=env,

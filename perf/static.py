@@ -475,15 +475,16 @@ def parse_sass(text: str) -> list[tuple[int, str, str]]:
 def _mma_shape(op: str) -> tuple[str, int, int, int] | None:
     """(operand type, m, n, k) of a tensor-core instruction, None for anything else.
 
-    HGMMA.64x256x8.F32.TF32 (wgmma: one warpgroup of 4 warps), HMMA.16816.F32.BF16 (mma.sync: one warp)."""
-    m = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)\.\w+\.(\w+)", op)
+    HGMMA.64x256x8.F32.TF32 (wgmma: one warpgroup of 4 warps), HMMA.16816.F32.BF16 (mma.sync: one warp).
+    fp16 operands have no suffix (HGMMA.64x128x16.F32, HMMA.16816.F32): F16."""
+    m = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)\.\w+(?:\.(\w+))?", op)
     if m:
-        return m.group(4), int(m.group(1)), int(m.group(2)), int(m.group(3))
-    m = re.match(r"HMMA\.(\d+)\.\w+\.(\w+)", op)
+        return m.group(4) or "F16", int(m.group(1)), int(m.group(2)), int(m.group(3))
+    m = re.match(r"HMMA\.(\d+)\.\w+(?:\.(\w+))?", op)
     if m:
         digits = m.group(1)  # 16816 -> 16x8x16, 1688 -> 16x8x8
         if digits.startswith("168"):
-            return m.group(2), 16, 8, int(digits[3:])
+            return m.group(2) or "F16", 16, 8, int(digits[3:])
     return None
 
 

@@ -54,6 +54,11 @@ def test_sass_loops_and_counts():
     assert info["loop_warp_fmas"] == 2 * 64 * 128 * 16 / 4
     assert static._mma_shape("HMMA.16816.F32.BF16") == ("BF16", 16, 8, 16)
     assert static._mma_shape("HMMA.1688.F32.TF32") == ("TF32", 16, 8, 8)
+    # fp16 operands carry no type suffix (sm_90 SASS of an fp16 conv: HGMMA.64x128x16.F32)
+    assert static._mma_shape("HGMMA.64x128x16.F32") == ("F16", 64, 128, 16)
+    assert static._mma_shape("HMMA.16816.F32") == ("F16", 16, 8, 16)
+    assert static._mma_shape("HGMMA.64x256x8.F32.TF32") == ("TF32", 64, 256, 8)
+    assert static._mma_shape("LDGSTS.E.128") is None
     # No MMA: the innermost loop of the kernel.
     plain = "\n".join(line for line in SASS.splitlines() if "HGMMA" not in line)
     assert static.sass_info(plain)["loop_instrs"] == 3 and static.sass_info(plain)["loop_mma"] == 0

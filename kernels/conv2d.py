@@ -436,11 +436,7 @@ def _wgrad_accumulate(acc, dbias, a, b, ACC: tl.constexpr, PRECISION: tl.constex
     """acc += a @ b and dbias += the rows of a (BIAS_2D: += a, one add an element instead of a
     reduction across lanes each trip, for a BLOCK_M x BLOCK_K accumulator's registers), in the
     accumulator dtype."""
-    dbias = _bias_add(dbias, a, ACC, BIAS_2D)
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC), dbias
+    return _dot(acc, a, b, ACC, PRECISION, UPCAST), _bias_add(dbias, a, ACC, BIAS_2D)
 
 
 @triton.jit
@@ -555,15 +551,11 @@ def _wgrad_flat_images(acc, dbias, dy_ptr, x_ptr, co_off_dy, col_off, mask_m, ma
             ih = ih0 + kh * dil_h
             iw = iw0 + kw * dil_w
             bmask = bmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_trip = x_ptr + (n0 * sxn + ih0 * sxh + iw0 * sxw)
+        b = tl.load((x_ptr + (n0 * sxn + ih0 * sxh + iw0 * sxw)) + b_off, mask=bmask[None, :],
+                    other=1.0 if BIAS_COL else 0.0)
         if BIAS_COL:
-            b = tl.load(x_trip + b_off, mask=bmask[None, :], other=1.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+            acc = _dot(acc, a, b, ACC, PRECISION, UPCAST)
         else:
-            b = tl.load(x_trip + b_off, mask=bmask[None, :], other=0.0)
             acc, dbias = _wgrad_accumulate(acc, dbias, a, b, ACC, PRECISION, UPCAST, BIAS_2D)
         n0 += BLOCK_K
         wrap = n0 >= N

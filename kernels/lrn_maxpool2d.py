@@ -69,6 +69,143 @@ def _tap_lrn(ptr, c, lo, hi, sx_c, a, k_, neg_beta, sign, SIZE: tl.constexpr, BL
 
 
 @triton.jit
+def _split4(v, B0: tl.constexpr, B1: tl.constexpr):
+    """[B0, B1, 4] -> its four [B0, B1] slices v[..., 0..3]. The 4 lie in one thread (a vector load's
+    elements), so the splits are register renames."""
+    even, odd = tl.split(tl.reshape(v, [B0, B1, 2, 2]))
+    v0, v2 = tl.split(even)
+    v1, v3 = tl.split(odd)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _join4(v0, v1, v2, v3, B0: tl.constexpr, B1: tl.constexpr):
+    """_split4's inverse: four [B0, B1] tensors -> [B0, B1, 4] (for one vector store)."""
+    return tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), [B0, B1, 4])
+
+
+@triton.jit
+def _pick(J: tl.constexpr, l0, l1, l2, l3, m0, m1, m2, m3, r0, r1, r2, r3):
+    """Channel cb + J (-4 <= J < 8) of a thread's strip of 12: the quads before (l), at (m) and after
+    (r) its own quad cb."""
+    if J < 0:
+        if J == -4:
+            v = l0
+        elif J == -3:
+            v = l1
+        elif J == -2:
+            v = l2
+        else:
+            v = l3
+    elif J < 4:
+        if J == 0:
+            v = m0
+        elif J == 1:
+            v = m1
+        elif J == 2:
+            v = m2
+        else:
+            v = m3
+    else:
+        if J == 4:
+            v = r0
+        elif J == 5:
+            v = r1
+        elif J == 6:
+            v = r2
+        else:
+            v = r3
+    return v
+
+
+@triton.jit
+def _quad_tap(x_q, off, left_ok, mid_ok, right_ok, best0, best1, best2, best3, arg0, arg1, arg2, arg3,
+              a, k_, neg_beta, sign, T: tl.constexpr, y_ty: tl.constexpr, SIZE: tl.constexpr,
+              BLOCK_P: tl.constexpr, BQ: tl.constexpr, ACC: tl.constexpr, SIMPLE_POW: tl.constexpr,
+              RELU: tl.constexpr):
+    """One pool tap for a thread's 4 channels: the three quads' loads (whole vectors, masked by group),
+    each channel's LRN value as _tap_lrn computes it (same ops, same order), the running max."""
+    l0, l1, l2, l3 = _split4(_relu(tl.load(x_q + (off - 4), mask=left_ok, other=0.0).to(ACC), RELU), BLOCK_P, BQ)
+    m0, m1, m2, m3 = _split4(_relu(tl.load(x_q + off, mask=mid_ok, other=0.0).to(ACC), RELU), BLOCK_P, BQ)
+    r0, r1, r2, r3 = _split4(_relu(tl.load(x_q + (off + 4), mask=right_ok, other=0.0).to(ACC), RELU), BLOCK_P, BQ)
+    for i in tl.static_range(4):
+        acc = tl.zeros([BLOCK_P, BQ], dtype=ACC)
+        for d in tl.static_range(SIZE):
+            v = _pick(i + d - SIZE // 2, l0, l1, l2, l3, m0, m1, m2, m3, r0, r1, r2, r3)
+            acc += v * v
+        x = _pick(i, l0, l1, l2, l3, m0, m1, m2, m3, r0, r1, r2, r3)
+        z = x * _pow(k_ + a * acc, neg_beta, sign, SIMPLE_POW)
+        v = z.to(y_ty).to(ACC)
+        if i == 0:
+            take = (v > best0) | (v != v)
+            best0 = tl.where(take, v, best0)
+            arg0 = tl.where(take, T, arg0)
+        elif i == 1:
+            take = (v > best1) | (v != v)
+            best1 = tl.where(take, v, best1)
+            arg1 = tl.where(take, T, arg1)
+        elif i == 2:
+            take = (v > best2) | (v != v)
+            best2 = tl.where(take, v, best2)
+            arg2 = tl.where(take, T, arg2)
+        else:
+            take = (v > best3) | (v != v)
+            best3 = tl.where(take, v, best3)
+            arg3 = tl.where(take, T, arg3)
+    return best0, best1, best2, best3, arg0, arg1, arg2, arg3
+
+
+@triton.jit
+def _fwd_quads(x_ptr, y_ptr, arg_ptr, N, C, OH, OW, CG, sx_n, sx_h, sx_w, sy_n, sy_h, sy_w, sa_n, sa_h, sa_w,
+               a, k_, neg_beta, sign, SIZE: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
+               SW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
+               SIMPLE_POW: tl.constexpr, RELU: tl.constexpr):
+    """The forward where channels are contiguous (unit channel stride) and come in groups of whole
+    quads (C and CG multiples of 4): each thread takes 4 consecutive channels of one pooled position
+    and loads each tap's x as three vectors, its quad and the quads either side (the LRN window's
+    neighbours, SIZE <= 9), masked a whole quad at a time by the group (so no channel needs a mask).
+    Tiles are [BLOCK_P positions, BLOCK_C // 4 quads, 4]."""
+    BQ: tl.constexpr = BLOCK_C // 4
+    pid = tl.program_id(0)
+    P = OH * OW
+    num_p = tl.cdiv(P, BLOCK_P)
+    num_c = tl.cdiv(C, BLOCK_C)
+    pid_p = pid % num_p
+    c0 = ((pid // num_p) % num_c) * BLOCK_C
+    n = pid // (num_p * num_c)
+    cb = c0 + 4 * tl.arange(0, BQ)[None, :]  # [1, BQ]: each thread's first channel
+    p = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P))[:, None]  # [BLOCK_P, 1]
+    lo = (cb // CG) * CG
+    mid_ok = cb < C
+    left_ok = (cb > lo) & mid_ok  # cb - 4 >= lo: the groups hold whole quads
+    right_ok = cb + 4 < lo + CG
+    pc = tl.minimum(p, P - 1)  # in-bounds loads for padded lanes (never stored)
+    e = tl.arange(0, 4)[None, None, :]
+    x_q = (x_ptr + n * sx_n + ((pc // OW) * SH) * sx_h + ((pc % OW) * SW) * sx_w + cb)[:, :, None] + e
+    best0 = tl.full([BLOCK_P, BQ], float("-inf"), ACC)
+    best1 = best0
+    best2 = best0
+    best3 = best0
+    arg0 = tl.zeros([BLOCK_P, BQ], tl.int32)  # an all -inf window reports offset 0, as torch
+    arg1 = arg0
+    arg2 = arg0
+    arg3 = arg0
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            best0, best1, best2, best3, arg0, arg1, arg2, arg3 = _quad_tap(
+                x_q, kh * sx_h + kw * sx_w, left_ok[:, :, None], mid_ok[:, :, None], right_ok[:, :, None],
+                best0, best1, best2, best3, arg0, arg1, arg2, arg3, a, k_, neg_beta, sign, kh * KW + kw,
+                y_ptr.dtype.element_ty, SIZE, BLOCK_P, BQ, ACC, SIMPLE_POW, RELU)
+    out = (p < P)[:, :, None] & mid_ok[:, :, None]
+    oh = p // OW
+    ow = p % OW
+    y_q = (y_ptr + n * sy_n + oh * sy_h + ow * sy_w + cb)[:, :, None] + e
+    tl.store(y_q, _join4(best0, best1, best2, best3, BLOCK_P, BQ).to(y_ptr.dtype.element_ty), mask=out)
+    a_q = (arg_ptr + n * sa_n + oh * sa_h + ow * sa_w + cb)[:, :, None] + e
+    tl.store(a_q, _join4(arg0, arg1, arg2, arg3, BLOCK_P, BQ).to(arg_ptr.dtype.element_ty), mask=out)
+
+
+@triton.jit
 def _lrn_maxpool2d_fwd_kernel(
     x_ptr,  # (N, C, H, W) input, strides sx_*
     y_ptr,  # (N, C, OH, OW) pooled output, strides sy_*
@@ -86,42 +223,48 @@ def _lrn_maxpool2d_fwd_kernel(
     UNROLL: tl.constexpr,  # unroll the LRN window loop (SIZE <= MAX_UNROLL)
     SIMPLE_POW: tl.constexpr,  # kernels.lrn._pow
     RELU: tl.constexpr,  # the input's ReLU first: y = pool(lrn(relu(x)))
+    QUADS: tl.constexpr,  # channels contiguous in whole quads (_fwd_quads)
 ):
-    n, c, p, c_mask, p_mask, lo, hi = _tile(N, C, OH * OW, CG, BLOCK_C, BLOCK_P)
-    mask = c_mask & p_mask
-    a = _scalar(alpha_over_size, ACC)
-    neg_beta = -_scalar(beta, ACC)
-    k_ = _scalar(k, ACC)
-    sign = _scalar(neg_sign, ACC)
-    oh = p // OW
-    ow = p % OW
-    x_base = x_ptr + n * sx_n
-    # Loads read clamped positions (padded lanes repeat the last output: in bounds, never stored), so
-    # their masks depend on the channel row only and are shared by every tap; one pointer per element,
-    # each tap and window channel a scalar (or, for a unit stride, an immediate) offset from it.
-    pc = tl.minimum(p, OH * OW - 1)
-    x_row = x_base + c * sx_c + ((pc // OW) * SH) * sx_h + ((pc % OW) * SW) * sx_w
-    best = tl.full([BLOCK_C, BLOCK_P], float("-inf"), ACC)
-    arg = tl.zeros([BLOCK_C, BLOCK_P], tl.int32)  # an all -inf window reports offset 0, as torch
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
-            # No padding, floor mode: every tap of a valid output lies inside the input.
-            if UNROLL:
-                z = _tap_lrn(x_row + (kh * sx_h + kw * sx_w), c, lo, hi, sx_c, a, k_, neg_beta, sign,
-                             SIZE, BLOCK_C, BLOCK_P, ACC, SIMPLE_POW, RELU)
-            else:
-                s_off = (oh * SH + kh) * sx_h + (ow * SW + kw) * sx_w
-                sumsq = _window_sumsq(x_base, c, s_off, p_mask, lo, hi, sx_c, -(SIZE // 2), SIZE,
-                                      BLOCK_C, BLOCK_P, ACC, UNROLL, RELU)
-                x = _relu(tl.load(x_base + c * sx_c + s_off, mask=mask, other=0.0).to(ACC), RELU)
-                z = x * _pow(k_ + a * sumsq, neg_beta, sign, SIMPLE_POW)
-            # Rounded as the unfused LRN stores it, so ties (and the argmax) are the unfused ops'.
-            v = z.to(y_ptr.dtype.element_ty).to(ACC)
-            take = (v > best) | (v != v)
-            best = tl.where(take, v, best)
-            arg = tl.where(take, kh * KW + kw, arg)
-    tl.store(y_ptr + n * sy_n + c * sy_c + oh * sy_h + ow * sy_w, best.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(arg_ptr + n * sa_n + c * sa_c + oh * sa_h + ow * sa_w, arg.to(arg_ptr.dtype.element_ty), mask=mask)
+    if QUADS:
+        _fwd_quads(x_ptr, y_ptr, arg_ptr, N, C, OH, OW, CG, sx_n, sx_h, sx_w, sy_n, sy_h, sy_w, sa_n, sa_h, sa_w,
+                   _scalar(alpha_over_size, ACC), _scalar(k, ACC), -_scalar(beta, ACC), _scalar(neg_sign, ACC),
+                   SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_P, ACC, SIMPLE_POW, RELU)
+    else:
+        n, c, p, c_mask, p_mask, lo, hi = _tile(N, C, OH * OW, CG, BLOCK_C, BLOCK_P)
+        mask = c_mask & p_mask
+        a = _scalar(alpha_over_size, ACC)
+        neg_beta = -_scalar(beta, ACC)
+        k_ = _scalar(k, ACC)
+        sign = _scalar(neg_sign, ACC)
+        oh = p // OW
+        ow = p % OW
+        x_base = x_ptr + n * sx_n
+        # Loads read clamped positions (padded lanes repeat the last output: in bounds, never stored), so
+        # their masks depend on the channel row only and are shared by every tap; one pointer per element,
+        # each tap and window channel a scalar (or, for a unit stride, an immediate) offset from it.
+        pc = tl.minimum(p, OH * OW - 1)
+        x_row = x_base + c * sx_c + ((pc // OW) * SH) * sx_h + ((pc % OW) * SW) * sx_w
+        best = tl.full([BLOCK_C, BLOCK_P], float("-inf"), ACC)
+        arg = tl.zeros([BLOCK_C, BLOCK_P], tl.int32)  # an all -inf window reports offset 0, as torch
+        for kh in tl.static_range(KH):
+            for kw in tl.static_range(KW):
+                # No padding, floor mode: every tap of a valid output lies inside the input.
+                if UNROLL:
+                    z = _tap_lrn(x_row + (kh * sx_h + kw * sx_w), c, lo, hi, sx_c, a, k_, neg_beta, sign,
+                                 SIZE, BLOCK_C, BLOCK_P, ACC, SIMPLE_POW, RELU)
+                else:
+                    s_off = (oh * SH + kh) * sx_h + (ow * SW + kw) * sx_w
+                    sumsq = _window_sumsq(x_base, c, s_off, p_mask, lo, hi, sx_c, -(SIZE // 2), SIZE,
+                                          BLOCK_C, BLOCK_P, ACC, UNROLL, RELU)
+                    x = _relu(tl.load(x_base + c * sx_c + s_off, mask=mask, other=0.0).to(ACC), RELU)
+                    z = x * _pow(k_ + a * sumsq, neg_beta, sign, SIMPLE_POW)
+                # Rounded as the unfused LRN stores it, so ties (and the argmax) are the unfused ops'.
+                v = z.to(y_ptr.dtype.element_ty).to(ACC)
+                take = (v > best) | (v != v)
+                best = tl.where(take, v, best)
+                arg = tl.where(take, kh * KW + kw, arg)
+        tl.store(y_ptr + n * sy_n + c * sy_c + oh * sy_h + ow * sy_w, best.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(arg_ptr + n * sa_n + c * sa_c + oh * sa_h + ow * sa_w, arg.to(arg_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -411,8 +554,21 @@ def _lrn_maxpool2d_bwd_kernel(
 # Launchers
 
 
-def _block_sizes(C: int, P: int, backward: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_P, num_warps), powers of two; P is the pooled (forward) or input (backward) plane."""
+def _quads(x: torch.Tensor, out: torch.Tensor, arg: torch.Tensor, size: int, groups: int) -> bool:
+    """Whether the forward takes _fwd_quads: channels contiguous in x, y and argmax, whole quads per
+    group, and the LRN window within the neighbouring quads."""
+    C = x.shape[1]
+    return (x.stride(1) == out.stride(1) == arg.stride(1) == 1 and C % 4 == 0 and (C // groups) % 4 == 0
+            and size <= 9)
+
+
+def _block_sizes(C: int, P: int, backward: bool = False, quads: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_P, num_warps), powers of two; P is the pooled (forward) or input (backward) plane.
+    quads: one quad of 4 channels a thread (_fwd_quads)."""
+    if quads and not _common.is_interpreting():
+        block_c = _channel_block(C)
+        block_p = min(_common.next_pow2(P), max(1024 // block_c, 1))
+        return block_c, block_p, max(1, min(8, block_c * block_p // (32 * 4)))
     if _common.is_interpreting():
         # The interpreter's cost is per program: as few, large tiles as possible.
         block_c = min(_common.next_pow2(C), 256)
@@ -461,7 +617,8 @@ def lrn_maxpool2d_forward(x: torch.Tensor, size: int, alpha: float, beta: float,
     arg = _common.empty((N, C, OH, OW), dtype=argmax_dtype(kernel_size), device=x.device, memory_format=fmt)
     if y.numel() == 0:
         return y, arg
-    block_c, block_p, num_warps = _block_sizes(C, OH * OW)
+    quads = _quads(x, y, arg, size, groups)
+    block_c, block_p, num_warps = _block_sizes(C, OH * OW, quads=quads)
     assert block_c & (block_c - 1) == 0 and block_p & (block_p - 1) == 0, "blocks must be powers of two"
     grid = (N * triton.cdiv(C, block_c) * triton.cdiv(OH * OW, block_p),)
     _lrn_maxpool2d_fwd_kernel[grid](
@@ -469,7 +626,7 @@ def lrn_maxpool2d_forward(x: torch.Tensor, size: int, alpha: float, beta: float,
         *_lrn_consts(size, alpha, beta, k),
         SIZE=size, KH=kernel_size[0], KW=kernel_size[1], SH=stride[0], SW=stride[1],
         BLOCK_C=block_c, BLOCK_P=block_p, ACC=_common.acc_dtype(x.dtype), UNROLL=size <= MAX_UNROLL,
-        SIMPLE_POW=simple_pow(size, alpha, beta, k), RELU=bool(relu),
+        SIMPLE_POW=simple_pow(size, alpha, beta, k), RELU=bool(relu), QUADS=quads,
         num_warps=num_warps,
     )
     return y, arg

@@ -210,10 +210,13 @@ def test_default_stride_is_kernel_size(device):
 
 def test_small_blocks(device, monkeypatch):
     """Many programs: ragged channel and position blocks, window halos across channel blocks, a group
-    boundary inside a block (12 channels, groups 2, 8 a block)."""
-    monkeypatch.setattr(K, "_block_sizes", lambda C, P, backward=False: (8, 8, 4))
+    boundary inside a block (12 channels, groups 2, 8 a block); in quads, the halo quads in the
+    neighbouring channel blocks and a group boundary between a block's two quads."""
+    monkeypatch.setattr(K, "_block_sizes", lambda C, P, backward=False, quads=False: (8, 8, 4))
     check(make_input((1, 13, 7, 9), torch.float32, device), 1, dict(STRONG, size=4))
     check(make_input((2, 12, 5, 7), torch.float32, device, "channels_last"), 2, STRONG)
+    check(make_input((2, 24, 5, 7), torch.float32, device, "channels_last"), 1, STRONG)
+    check(make_input((1, 16, 7, 5), torch.float32, device, "channels_last"), 4, dict(STRONG, size=9))
 
 
 @pytest.mark.parametrize("channels, groups", [(12, 2), (10, 2), (8, 8)])
@@ -277,6 +280,54 @@ def test_empty_batch(device):
 
 
 # ---------------------------------------------------------------------------------------------
+# The forward in channel quads (_fwd_quads: unit channel stride, whole quads a group)
+
+QUAD_CASES = {
+    "pool1_towers": ((2, 16, 13, 13), 2, PAPER),
+    "pool2_single": ((1, 24, 11, 11), 1, STRONG),
+    "quad_groups_size9": ((1, 16, 9, 7), 4, dict(STRONG, size=9)),  # windows span whole neighbouring quads
+    "odd_window": ((2, 8, 7, 8), 1, dict(STRONG, size=4)),
+}
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("name", list(QUAD_CASES))
+def test_quads(name, dtype, device):
+    """Against float64 (values, argmax, gradient) and bitwise the unfused LRN and pool kernels."""
+    shape, groups, cfg = QUAD_CASES[name]
+    x = make_input(shape, dtype, device, "channels_last")
+    y, argmax = check(x, groups, cfg)
+    assert K._quads(x, y, argmax, cfg["size"], groups)
+    x = x.detach()
+    z = L.lrn_forward(x, **cfg, groups=groups)
+    y2, argmax2, _ = M.maxpool2d_forward(z, (3, 3), (2, 2), (0, 0), (1, 1))
+    assert torch.equal(y, y2) and torch.equal(argmax, argmax2)
+
+
+def test_quads_unaligned_view(device):
+    """Channels of a wider channels_last tensor from an offset of 1: unit channel stride, rows not
+    16-byte aligned (a GPU loads them element by element; the results are the same)."""
+    big = make_input((2, 17, 9, 9), torch.float32, device, "channels_last", requires_grad=False)
+    x = big[:, 1:].requires_grad_()
+    assert x.stride(1) == 1 and x.data_ptr() % 16 != 0
+    y, argmax = check(x, 2, STRONG)
+    assert K._quads(x, y, argmax, 5, 2)
+
+
+def test_quads_taken_where():
+    x = torch.empty(1, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    pooled = torch.empty(1, 16, 2, 2).contiguous(memory_format=torch.channels_last)
+    arg = pooled.to(torch.int8)
+    assert K._quads(x, pooled, arg, 5, 1) and K._quads(x, pooled, arg, 9, 4)
+    assert not K._quads(x, pooled, arg, 11, 1)  # window past the neighbouring quads
+    assert not K._quads(x, pooled, arg, 5, 8)  # groups of 2 channels
+    assert not K._quads(x.contiguous(), pooled.contiguous(), arg.contiguous(), 5, 1)  # NCHW
+    x6 = torch.empty(1, 6, 5, 5).contiguous(memory_format=torch.channels_last)
+    p6 = torch.empty(1, 6, 2, 2).contiguous(memory_format=torch.channels_last)
+    assert not K._quads(x6, p6, p6.to(torch.int8), 5, 1)
+
+
+# ---------------------------------------------------------------------------------------------
 # Ties, NaN, poisoned outputs
 
 
@@ -295,10 +346,11 @@ def test_ties(layout, dtype, device):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf * 0 etc. in the interpreter
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_nan_inf(dtype, device):
+def test_nan_inf(dtype, layout, device):
     # NaN spreads over the LRN window's channels at its position, then over every pool window holding it.
-    x = make_input((2, 12, 9, 9), dtype, device, requires_grad=False)
+    x = make_input((2, 12, 9, 9), dtype, device, layout, requires_grad=False)
     x[0, 3, 4, 4] = float("nan")
     x[0, 6, 0, 0] = float("nan")  # a window corner, one window only
     x[1, 11, 2, 3] = float("inf")
@@ -495,4 +547,16 @@ def test_block_sizes_gpu(C, P, backward, monkeypatch):
     # (_bwd_shared: 4 consecutive channels of one position a thread).
     assert block_c * block_p <= 32 * num_warps * (4 if backward else 2)
     if C in (96, 256):  # AlexNet's lrn1 / lrn2 channels tile without masking
+        assert C % block_c == 0
+
+
+@pytest.mark.parametrize("C", [4, 12, 48, 96, 128, 256, 384])
+@pytest.mark.parametrize("P", [36, 169, 729, 3025])
+def test_block_sizes_gpu_quads(C, P, monkeypatch):
+    """The quads forward: one quad of 4 channels a thread, every thread with one (P >= 36)."""
+    monkeypatch.setattr(_common, "is_interpreting", lambda: False)
+    block_c, block_p, num_warps = K._block_sizes(C, P, quads=True)
+    assert _is_pow2(block_c) and _is_pow2(block_p) and _is_pow2(num_warps) and num_warps <= 8
+    assert block_c % 4 == 0 and block_c * block_p == 32 * num_warps * 4
+    if C in (96, 256):
         assert C % block_c == 0

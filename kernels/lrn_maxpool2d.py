@@ -166,15 +166,11 @@ def _fwd_quads(x_ptr, y_ptr, arg_ptr, N, C, OH, OW, CG, sx_n, sx_h, sx_w, sy_n, 
     neighbours, SIZE <= 9), masked a whole quad at a time by the group (so no channel needs a mask).
     Tiles are [BLOCK_P positions, BLOCK_C // 4 quads, 4]."""
     BQ: tl.constexpr = BLOCK_C // 4
-    pid = tl.program_id(0)
     P = OH * OW
-    num_p = tl.cdiv(P, BLOCK_P)
-    num_c = tl.cdiv(C, BLOCK_C)
-    pid_p = pid % num_p
-    c0 = ((pid // num_p) % num_c) * BLOCK_C
-    n = pid // (num_p * num_c)
-    cb = c0 + 4 * tl.arange(0, BQ)[None, :]  # [1, BQ]: each thread's first channel
-    p = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P))[:, None]  # [BLOCK_P, 1]
+    # A 3-D grid (position blocks, channel blocks, samples; _quads_grid): no divisions to find them.
+    n = tl.program_id(2)
+    cb = tl.program_id(1) * BLOCK_C + 4 * tl.arange(0, BQ)[None, :]  # [1, BQ]: each thread's first channel
+    p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P))[:, None]  # [BLOCK_P, 1]
     lo = (cb // CG) * CG
     mid_ok = cb < C
     left_ok = (cb > lo) & mid_ok  # cb - 4 >= lo: the groups hold whole quads
@@ -491,6 +487,142 @@ def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
 
 
 @triton.jit
+def _load_strip(q, left_ok, mid_ok, right_ok, ACC: tl.constexpr, RELU: tl.constexpr, B0: tl.constexpr,
+                B1: tl.constexpr):
+    """relu(x) (x where not RELU) at channels cb - 4 .. cb + 7 as 12 [B0, B1] tensors: three vector
+    loads from q ([B0, B1, 4] pointers to each thread's quad cb .. cb + 3), a quad read as 0 where its
+    mask (whole quads: the group's) is off."""
+    l0, l1, l2, l3 = _split4(_relu(tl.load(q - 4, mask=left_ok, other=0.0).to(ACC), RELU), B0, B1)
+    m0, m1, m2, m3 = _split4(_relu(tl.load(q, mask=mid_ok, other=0.0).to(ACC), RELU), B0, B1)
+    r0, r1, r2, r3 = _split4(_relu(tl.load(q + 4, mask=right_ok, other=0.0).to(ACC), RELU), B0, B1)
+    return l0, l1, l2, l3, m0, m1, m2, m3, r0, r1, r2, r3
+
+
+@triton.jit
+def _gather_quad(arg_q, dy_q, ok, T, dz, ACC: tl.constexpr):
+    """dz + dy where the window's argmax is this input's offset T in it, for a quad: both loads whole
+    vectors (masked only by window and quad), the hit a select (as a masked load's 0, bitwise)."""
+    a = tl.load(arg_q, mask=ok, other=-1)
+    # (compared unsigned: a zero-extended byte; -1 reads 255, which matches no offset)
+    hit = a.to(tl.uint8, bitcast=True).to(tl.int32) == T
+    return dz + tl.where(hit, tl.load(dy_q, mask=ok, other=0.0).to(ACC), 0.0)
+
+
+@triton.jit
+def _quad_quantities(J: tl.constexpr, x_l0, x_l1, x_l2, x_l3, x_m0, x_m1, x_m2, x_m3, x_r0, x_r1, x_r2, x_r3,
+                     dz_l0, dz_l1, dz_l2, dz_l3, dz_m0, dz_m1, dz_m2, dz_m3, dz_r0, dz_r1, dz_r2, dz_r3,
+                     a, k_, neg_beta, sign, SIZE: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr,
+                     ACC: tl.constexpr, SIMPLE_POW: tl.constexpr):
+    """_channel_quantities for channel cb + J from the thread's strips of x and dz (SIZE <= 5): the
+    strips are already 0 outside cb's group, which is what its masks made of them."""
+    acc = tl.zeros([B0, B1], dtype=ACC)
+    for d in tl.static_range(SIZE):
+        v = _pick(J + d - SIZE // 2, x_l0, x_l1, x_l2, x_l3, x_m0, x_m1, x_m2, x_m3, x_r0, x_r1, x_r2, x_r3)
+        acc += v * v
+    s_c = k_ + a * acc
+    x_c = _pick(J, x_l0, x_l1, x_l2, x_l3, x_m0, x_m1, x_m2, x_m3, x_r0, x_r1, x_r2, x_r3)
+    dz = _pick(J, dz_l0, dz_l1, dz_l2, dz_l3, dz_m0, dz_m1, dz_m2, dz_m3, dz_r0, dz_r1, dz_r2, dz_r3)
+    r_c = _pow(s_c, neg_beta, sign, SIMPLE_POW)
+    return s_c, dz * (x_c * r_c), dz * r_c
+
+
+@triton.jit
+def _bwd_quads(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
+               sd_n, sd_h, sd_w, sa_n, sa_h, sa_w, sx_n, sx_h, sx_w, sg_n, sg_h, sg_w,
+               a, k_, neg_beta, sign, SIZE: tl.constexpr,
+               KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+               BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, SIMPLE_POW: tl.constexpr,
+               RELU: tl.constexpr):
+    """_bwd_shared where channels are contiguous in whole quads a group (as _fwd_quads; SIZE <= 5): x
+    as three vectors (the thread's quad and its neighbours), and each pool window's argmax and dy as
+    three vectors too, masked a whole quad at a time; then the same expressions in the same order.
+    Tiles are [BLOCK_S positions, BLOCK_C // 4 quads, 4]."""
+    BQ: tl.constexpr = BLOCK_C // 4
+    S = H * W
+    n = tl.program_id(2)  # a 3-D grid, as _fwd_quads
+    cb = tl.program_id(1) * BLOCK_C + 4 * tl.arange(0, BQ)[None, :]  # [1, BQ]
+    s = (tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S))[:, None]  # [BLOCK_S, 1]
+    sc = tl.minimum(s, S - 1)  # loads at clamped positions: in bounds, never stored
+    h = sc // W
+    w = sc % W
+    lo = (cb // CG) * CG
+    hi = lo + CG
+    mid_ok = (cb < C)[:, :, None]
+    left_ok = (cb > lo)[:, :, None] & mid_ok  # the quad before is in the group (groups hold whole quads)
+    right_ok = (cb + 4 < hi)[:, :, None]
+    e = tl.arange(0, 4)[None, None, :]
+    x_l0, x_l1, x_l2, x_l3, x_m0, x_m1, x_m2, x_m3, x_r0, x_r1, x_r2, x_r3 = _load_strip(
+        (x_ptr + n * sx_n + h * sx_h + w * sx_w + cb)[:, :, None] + e, left_ok, mid_ok, right_ok, ACC, RELU,
+        BLOCK_S, BQ)
+    # The pool gradient routed to the strip's 12 channels: the candidate windows as in _routed_grad.
+    arg_q = (arg_ptr + n * sa_n + (h // SH) * sa_h + (w // SW) * sa_w + cb)[:, :, None] + e
+    dy_q = (dy_ptr + n * sd_n + (h // SH) * sd_h + (w // SW) * sd_w + cb)[:, :, None] + e
+    dz_l = tl.zeros([BLOCK_S, BQ, 4], ACC)
+    dz_m = dz_l
+    dz_r = dz_l
+    for th in tl.static_range((KH + SH - 1) // SH):
+        oh = h // SH - th
+        kh = h - oh * SH
+        h_ok = (oh >= 0) & (oh < OH) & (kh < KH)
+        for tw in tl.static_range((KW + SW - 1) // SW):
+            ow = w // SW - tw
+            kw = w - ow * SW
+            ok = (h_ok & (ow >= 0) & (ow < OW) & (kw < KW))[:, :, None]
+            t = (kh * KW + kw)[:, :, None]
+            aw = arg_q - (th * sa_h + tw * sa_w)
+            dw = dy_q - (th * sd_h + tw * sd_w)
+            dz_l = _gather_quad(aw - 4, dw - 4, ok & left_ok, t, dz_l, ACC)
+            dz_m = _gather_quad(aw, dw, ok & mid_ok, t, dz_m, ACC)
+            dz_r = _gather_quad(aw + 4, dw + 4, ok & right_ok, t, dz_r, ACC)
+    dz_l0, dz_l1, dz_l2, dz_l3 = _split4(dz_l, BLOCK_S, BQ)
+    dz_m0, dz_m1, dz_m2, dz_m3 = _split4(dz_m, BLOCK_S, BQ)
+    dz_r0, dz_r1, dz_r2, dz_r3 = _split4(dz_r, BLOCK_S, BQ)
+    acc0 = tl.zeros([BLOCK_S, BQ], dtype=ACC)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    d0 = acc0
+    d1 = acc0
+    d2 = acc0
+    d3 = acc0
+    OFF_LO: tl.constexpr = -((SIZE - 1) // 2)
+    OFF_HI: tl.constexpr = SIZE // 2
+    # As _bwd_shared: mirror outputs cb + J in ascending J.
+    for J in tl.static_range(OFF_LO, OFF_HI + 4):
+        s_j, w_j, dr_j = _quad_quantities(J, x_l0, x_l1, x_l2, x_l3, x_m0, x_m1, x_m2, x_m3, x_r0, x_r1, x_r2, x_r3,
+                                          dz_l0, dz_l1, dz_l2, dz_l3, dz_m0, dz_m1, dz_m2, dz_m3,
+                                          dz_r0, dz_r1, dz_r2, dz_r3, a, k_, neg_beta, sign, SIZE, BLOCK_S, BQ,
+                                          ACC, SIMPLE_POW)
+        if J <= OFF_HI:
+            acc0 = _add_term(acc0, x_m0, s_j, w_j, cb, 0, J, lo, hi)
+        if J - 1 >= OFF_LO:
+            if J - 1 <= OFF_HI:
+                acc1 = _add_term(acc1, x_m1, s_j, w_j, cb, 1, J, lo, hi)
+        if J - 2 >= OFF_LO:
+            if J - 2 <= OFF_HI:
+                acc2 = _add_term(acc2, x_m2, s_j, w_j, cb, 2, J, lo, hi)
+        if J - 3 >= OFF_LO:
+            acc3 = _add_term(acc3, x_m3, s_j, w_j, cb, 3, J, lo, hi)
+        if J == 0:
+            d0 = dr_j
+        if J == 1:
+            d1 = dr_j
+        if J == 2:
+            d2 = dr_j
+        if J == 3:
+            d3 = dr_j
+    scale = 2.0 * neg_beta * a
+    # beta = 0: no window gradient (as kernels.lrn; acc's inf/inf NaN must not leak in).
+    g0 = _relu_grad(d0 + tl.where(neg_beta == 0, x_m0 * 0.0, scale * acc0), x_m0, RELU)
+    g1 = _relu_grad(d1 + tl.where(neg_beta == 0, x_m1 * 0.0, scale * acc1), x_m1, RELU)
+    g2 = _relu_grad(d2 + tl.where(neg_beta == 0, x_m2 * 0.0, scale * acc2), x_m2, RELU)
+    g3 = _relu_grad(d3 + tl.where(neg_beta == 0, x_m3 * 0.0, scale * acc3), x_m3, RELU)
+    g_q = (dx_ptr + n * sg_n + h * sg_h + w * sg_w + cb)[:, :, None] + e
+    tl.store(g_q, _join4(g0, g1, g2, g3, BLOCK_S, BQ).to(dx_ptr.dtype.element_ty),
+             mask=(s < S)[:, :, None] & mid_ok)
+
+
+@triton.jit
 def _lrn_maxpool2d_bwd_kernel(
     dy_ptr,  # (N, C, OH, OW) pooled-output gradient, strides sd_*
     arg_ptr,  # (N, C, OH, OW) int8 argmax of the forward, strides sa_*
@@ -511,12 +643,17 @@ def _lrn_maxpool2d_bwd_kernel(
     SAME_GROUP: tl.constexpr,  # a thread's 4 channels (from a multiple of 4) in one group: CG % 4 == 0
     SIMPLE_POW: tl.constexpr,  # kernels.lrn._pow
     RELU: tl.constexpr,  # the forward's input ReLU: dx is the gradient of relu's input
+    QUADS: tl.constexpr,  # channels contiguous in whole quads (_bwd_quads)
 ):
     a = _scalar(alpha_over_size, ACC)
     neg_beta = -_scalar(beta, ACC)
     k_ = _scalar(k, ACC)
     sign = _scalar(neg_sign, ACC)
-    if UNROLL:
+    if QUADS:
+        _bwd_quads(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
+                   sd_n, sd_h, sd_w, sa_n, sa_h, sa_w, sx_n, sx_h, sx_w, sg_n, sg_h, sg_w,
+                   a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC, SIMPLE_POW, RELU)
+    elif UNROLL:
         _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
                     sd_n, sd_c, sd_h, sd_w, sa_n, sa_c, sa_h, sa_w, sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w,
                     a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC, ONE_STEP, SAME_GROUP,
@@ -554,12 +691,24 @@ def _lrn_maxpool2d_bwd_kernel(
 # Launchers
 
 
-def _quads(x: torch.Tensor, out: torch.Tensor, arg: torch.Tensor, size: int, groups: int) -> bool:
-    """Whether the forward takes _fwd_quads: channels contiguous in x, y and argmax, whole quads per
-    group, and the LRN window within the neighbouring quads."""
-    C = x.shape[1]
-    return (x.stride(1) == out.stride(1) == arg.stride(1) == 1 and C % 4 == 0 and (C // groups) % 4 == 0
-            and size <= 9)
+# CUDA's limit on a grid's second and third axes.
+MAX_GRID_YZ = 65535
+
+
+def _quads(size: int, groups: int, *tensors: torch.Tensor, backward: bool = False) -> bool:
+    """Whether a launch takes _fwd_quads / _bwd_quads: channels contiguous in every tensor, whole quads
+    a group, the LRN windows the kernel needs within the neighbouring quads (size 9 forward, 5
+    backward: its strip of 12 channels holds the windows of 8), and the samples within a grid axis."""
+    N, C = tensors[0].shape[:2]
+    return (all(t.stride(1) == 1 for t in tensors) and C % 4 == 0 and (C // groups) % 4 == 0
+            and size <= (5 if backward else 9) and N <= MAX_GRID_YZ)
+
+
+def _grid(N: int, C: int, P: int, block_c: int, block_p: int, quads: bool) -> tuple[int, ...]:
+    """The quads kernels' 3-D grid (position blocks, channel blocks, samples), else one flat axis."""
+    if quads:
+        return (triton.cdiv(P, block_p), triton.cdiv(C, block_c), N)
+    return (N * triton.cdiv(C, block_c) * triton.cdiv(P, block_p),)
 
 
 def _block_sizes(C: int, P: int, backward: bool = False, quads: bool = False) -> tuple[int, int, int]:
@@ -617,10 +766,10 @@ def lrn_maxpool2d_forward(x: torch.Tensor, size: int, alpha: float, beta: float,
     arg = _common.empty((N, C, OH, OW), dtype=argmax_dtype(kernel_size), device=x.device, memory_format=fmt)
     if y.numel() == 0:
         return y, arg
-    quads = _quads(x, y, arg, size, groups)
+    quads = _quads(size, groups, x, y, arg)
     block_c, block_p, num_warps = _block_sizes(C, OH * OW, quads=quads)
     assert block_c & (block_c - 1) == 0 and block_p & (block_p - 1) == 0, "blocks must be powers of two"
-    grid = (N * triton.cdiv(C, block_c) * triton.cdiv(OH * OW, block_p),)
+    grid = _grid(N, C, OH * OW, block_c, block_p, quads)
     _lrn_maxpool2d_fwd_kernel[grid](
         x, y, arg, N, C, OH, OW, C // groups, *x.stride(), *y.stride(), *arg.stride(),
         *_lrn_consts(size, alpha, beta, k),
@@ -651,9 +800,10 @@ def lrn_maxpool2d_backward(dy: torch.Tensor, x: torch.Tensor, argmax: torch.Tens
     dx = _common.empty_like(x)
     if dx.numel() == 0:
         return dx
-    block_c, block_s, num_warps = _block_sizes(C, H * W, backward=True)
+    quads = _quads(size, groups, x, dx, dy, argmax, backward=True)
+    block_c, block_s, num_warps = _block_sizes(C, H * W, backward=True, quads=quads)
     assert block_c & (block_c - 1) == 0 and block_s & (block_s - 1) == 0, "blocks must be powers of two"
-    grid = (N * triton.cdiv(C, block_c) * triton.cdiv(H * W, block_s),)
+    grid = _grid(N, C, H * W, block_c, block_s, quads)
     _lrn_maxpool2d_bwd_kernel[grid](
         dy, argmax, x, dx, N, C, H, W, OH, OW, C // groups,
         *dy.stride(), *argmax.stride(), *x.stride(), *dx.stride(),
@@ -663,7 +813,7 @@ def lrn_maxpool2d_backward(dy: torch.Tensor, x: torch.Tensor, argmax: torch.Tens
         SIMPLE_POW=simple_pow(size, alpha, beta, k),
         ONE_STEP=C // groups > size // 2 + 3,  # the offsets -(size-1)//2 .. size//2 + 3 of _bwd_shared
         # (threads start at multiples of 4 where the channel block is; AlexNet's groups: 48-256 channels)
-        SAME_GROUP=(C // groups) % 4 == 0 and block_c % 4 == 0, RELU=bool(relu),
+        SAME_GROUP=(C // groups) % 4 == 0 and block_c % 4 == 0, RELU=bool(relu), QUADS=quads,
         num_warps=num_warps,
     )
     return dx

@@ -297,11 +297,19 @@ def test_quads(name, dtype, device):
     shape, groups, cfg = QUAD_CASES[name]
     x = make_input(shape, dtype, device, "channels_last")
     y, argmax = check(x, groups, cfg)
-    assert K._quads(x, y, argmax, cfg["size"], groups)
     x = x.detach()
+    assert K._quads(cfg["size"], groups, x, y, argmax)
     z = L.lrn_forward(x, **cfg, groups=groups)
     y2, argmax2, _ = M.maxpool2d_forward(z, (3, 3), (2, 2), (0, 0), (1, 1))
     assert torch.equal(y, y2) and torch.equal(argmax, argmax2)
+    if cfg["size"] <= 5:
+        dy = torch.randn_like(y)
+        assert K._quads(cfg["size"], groups, x, x, dy, argmax, backward=True)
+        dx = K.lrn_maxpool2d_backward(dy, x, argmax, **cfg, groups=groups)
+        dz = M.maxpool2d_backward(dy, argmax, x.shape, (3, 3), (2, 2), (0, 0), (1, 1), True)
+        dx2 = L.lrn_backward(dz, x, **cfg, groups=groups)
+        if dtype in (torch.float32, torch.float64):  # (16-bit: the unfused dz is rounded to the dtype)
+            assert torch.equal(dx, dx2)
 
 
 def test_quads_unaligned_view(device):
@@ -311,20 +319,33 @@ def test_quads_unaligned_view(device):
     x = big[:, 1:].requires_grad_()
     assert x.stride(1) == 1 and x.data_ptr() % 16 != 0
     y, argmax = check(x, 2, STRONG)
-    assert K._quads(x, y, argmax, 5, 2)
+    assert K._quads(5, 2, x, y, argmax) and K._quads(5, 2, x, x, y, argmax, backward=True)
 
 
-def test_quads_taken_where():
+def test_quads_taken_where(monkeypatch):
     x = torch.empty(1, 16, 5, 5).contiguous(memory_format=torch.channels_last)
     pooled = torch.empty(1, 16, 2, 2).contiguous(memory_format=torch.channels_last)
     arg = pooled.to(torch.int8)
-    assert K._quads(x, pooled, arg, 5, 1) and K._quads(x, pooled, arg, 9, 4)
-    assert not K._quads(x, pooled, arg, 11, 1)  # window past the neighbouring quads
-    assert not K._quads(x, pooled, arg, 5, 8)  # groups of 2 channels
-    assert not K._quads(x.contiguous(), pooled.contiguous(), arg.contiguous(), 5, 1)  # NCHW
+    assert K._quads(5, 1, x, pooled, arg) and K._quads(9, 4, x, pooled, arg)
+    assert K._quads(5, 4, x, x, pooled, arg, backward=True)
+    assert not K._quads(7, 1, x, x, pooled, arg, backward=True)  # the backward's strip holds size 5
+    assert not K._quads(11, 1, x, pooled, arg)  # window past the neighbouring quads
+    assert not K._quads(5, 8, x, pooled, arg)  # groups of 2 channels
+    assert not K._quads(5, 1, x.contiguous(), pooled.contiguous(), arg.contiguous())  # NCHW
+    assert not K._quads(5, 1, x, x, pooled.contiguous(), arg, backward=True)  # an NCHW dy
     x6 = torch.empty(1, 6, 5, 5).contiguous(memory_format=torch.channels_last)
     p6 = torch.empty(1, 6, 2, 2).contiguous(memory_format=torch.channels_last)
-    assert not K._quads(x6, p6, p6.to(torch.int8), 5, 1)
+    assert not K._quads(5, 1, x6, p6, p6.to(torch.int8))
+    monkeypatch.setattr(K, "MAX_GRID_YZ", 0)  # more samples than a grid axis holds: the flat grid
+    assert not K._quads(5, 1, x, pooled, arg)
+
+
+def test_quads_past_the_grid_axis(device, monkeypatch):
+    """Batches past the 3-D grid's sample axis take the flat-grid kernels (65535 here made 1)."""
+    monkeypatch.setattr(K, "MAX_GRID_YZ", 1)
+    x = make_input((2, 16, 9, 9), torch.float32, device, "channels_last")
+    y, argmax = check(x, 2, STRONG)
+    assert not K._quads(5, 2, x, y, argmax) and K._quads(5, 2, x[:1], y[:1], argmax[:1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,13 @@ The LRN denominators s_c are recomputed from x, not saved: saving them would add
 to the forward (which otherwise writes ~1/4 element of y and 1/4 byte of argmax per input) and a
 full-size read to the backward, where the recompute is L1/L2 hits.
 
+Channel quads (_fwd_quads, _bwd_quads; `_quads` says where): with unit channel stride and C and
+C/groups multiples of 4 (channels_last AlexNet), a thread takes 4 consecutive channels of one
+position and loads x, and backward each pool window's argmax and dy, as whole vectors: its own quad
+and the quads either side, which the LRN windows reach. A group holds whole quads, so a quad is
+masked as a whole and no channel needs a mask of its own; the values are those of the per-channel
+form above, bit for bit (the same expressions, in the same order).
+
 Deterministic (no atomics, fixed order). Any strides: NCHW, channels_last and strided tensors are
 read in place through their 4-D strides (no copies).
 """

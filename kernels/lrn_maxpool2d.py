@@ -405,6 +405,40 @@ def _add_term(acc, x_v, s_j, w_j, cb, V: tl.constexpr, J: tl.constexpr, lo_v, hi
 
 
 @triton.jit
+def _mirror_step(J: tl.constexpr, OFF_LO: tl.constexpr, OFF_HI: tl.constexpr, s_j, w_j, dr_j, cb, x0, x1, x2, x3,
+                 acc0, acc1, acc2, acc3, d0, d1, d2, d3, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3):
+    """LRN output cb + J's terms added to the sums of the thread's inputs cb + v whose mirror window
+    [v + OFF_LO, v + OFF_HI] holds it (called in ascending J: each sum in ascending offset), and its
+    direct term dr_j kept where it is one of them."""
+    if J <= OFF_HI:
+        acc0 = _add_term(acc0, x0, s_j, w_j, cb, 0, J, lo0, hi0)
+    if J - 1 >= OFF_LO:
+        if J - 1 <= OFF_HI:
+            acc1 = _add_term(acc1, x1, s_j, w_j, cb, 1, J, lo1, hi1)
+    if J - 2 >= OFF_LO:
+        if J - 2 <= OFF_HI:
+            acc2 = _add_term(acc2, x2, s_j, w_j, cb, 2, J, lo2, hi2)
+    if J - 3 >= OFF_LO:
+        acc3 = _add_term(acc3, x3, s_j, w_j, cb, 3, J, lo3, hi3)
+    if J == 0:
+        d0 = dr_j
+    if J == 1:
+        d1 = dr_j
+    if J == 2:
+        d2 = dr_j
+    if J == 3:
+        d3 = dr_j
+    return acc0, acc1, acc2, acc3, d0, d1, d2, d3
+
+
+@triton.jit
+def _dx(direct, acc, x, a, neg_beta, RELU: tl.constexpr):
+    """An input's gradient from its direct term and its sum of mirror terms (through the ReLU where
+    RELU). beta = 0: no window gradient (as kernels.lrn; acc's inf/inf NaN must not leak in)."""
+    return _relu_grad(direct + tl.where(neg_beta == 0, x * 0.0, (2.0 * neg_beta * a) * acc), x, RELU)
+
+
+@triton.jit
 def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
                 sd_n, sd_c, sd_h, sd_w, sa_n, sa_c, sa_h, sa_w, sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w,
                 a, k_, neg_beta, sign, SIZE: tl.constexpr,
@@ -461,36 +495,15 @@ def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
         s_j, w_j, dr_j = _channel_quantities(x_row, arg_w, dy_w, cb, h, w, C, CG, OH, OW, sx_c, sd_c, sd_h, sd_w,
                                              sa_c, sa_h, sa_w, a, k_, neg_beta, sign, lo0, J, SIZE, KH, KW, SH, SW,
                                              BC, BLOCK_S, ACC, ONE_STEP, SAME_GROUP, SIMPLE_POW, RELU)
-        if J <= OFF_HI:
-            acc0 = _add_term(acc0, x0, s_j, w_j, cb, 0, J, lo0, hi0)
-        if J - 1 >= OFF_LO:
-            if J - 1 <= OFF_HI:
-                acc1 = _add_term(acc1, x1, s_j, w_j, cb, 1, J, lo1, hi1)
-        if J - 2 >= OFF_LO:
-            if J - 2 <= OFF_HI:
-                acc2 = _add_term(acc2, x2, s_j, w_j, cb, 2, J, lo2, hi2)
-        if J - 3 >= OFF_LO:
-            acc3 = _add_term(acc3, x3, s_j, w_j, cb, 3, J, lo3, hi3)
-        if J == 0:
-            d0 = dr_j
-        if J == 1:
-            d1 = dr_j
-        if J == 2:
-            d2 = dr_j
-        if J == 3:
-            d3 = dr_j
-    scale = 2.0 * neg_beta * a
+        acc0, acc1, acc2, acc3, d0, d1, d2, d3 = _mirror_step(
+            J, OFF_LO, OFF_HI, s_j, w_j, dr_j, cb, x0, x1, x2, x3, acc0, acc1, acc2, acc3, d0, d1, d2, d3,
+            lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3)
     g_row = dx_ptr + n * sg_n + cb * sg_c + h * sg_h + w * sg_w
     ty = dx_ptr.dtype.element_ty
-    # beta = 0: no window gradient (as kernels.lrn; acc's inf/inf NaN must not leak in).
-    tl.store(g_row, _relu_grad(d0 + tl.where(neg_beta == 0, x0 * 0.0, scale * acc0), x0, RELU).to(ty),
-             mask=(cb < c_end) & s_ok)
-    tl.store(g_row + sg_c, _relu_grad(d1 + tl.where(neg_beta == 0, x1 * 0.0, scale * acc1), x1, RELU).to(ty),
-             mask=(cb + 1 < c_end) & s_ok)
-    tl.store(g_row + 2 * sg_c, _relu_grad(d2 + tl.where(neg_beta == 0, x2 * 0.0, scale * acc2), x2, RELU).to(ty),
-             mask=(cb + 2 < c_end) & s_ok)
-    tl.store(g_row + 3 * sg_c, _relu_grad(d3 + tl.where(neg_beta == 0, x3 * 0.0, scale * acc3), x3, RELU).to(ty),
-             mask=(cb + 3 < c_end) & s_ok)
+    tl.store(g_row, _dx(d0, acc0, x0, a, neg_beta, RELU).to(ty), mask=(cb < c_end) & s_ok)
+    tl.store(g_row + sg_c, _dx(d1, acc1, x1, a, neg_beta, RELU).to(ty), mask=(cb + 1 < c_end) & s_ok)
+    tl.store(g_row + 2 * sg_c, _dx(d2, acc2, x2, a, neg_beta, RELU).to(ty), mask=(cb + 2 < c_end) & s_ok)
+    tl.store(g_row + 3 * sg_c, _dx(d3, acc3, x3, a, neg_beta, RELU).to(ty), mask=(cb + 3 < c_end) & s_ok)
 
 
 @triton.jit
@@ -600,33 +613,13 @@ def _bwd_quads(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
                                           dz_l0, dz_l1, dz_l2, dz_l3, dz_m0, dz_m1, dz_m2, dz_m3,
                                           dz_r0, dz_r1, dz_r2, dz_r3, a, k_, neg_beta, sign, SIZE, BLOCK_S, BQ,
                                           ACC, SIMPLE_POW)
-        if J <= OFF_HI:
-            acc0 = _add_term(acc0, x_m0, s_j, w_j, cb, 0, J, lo, hi)
-        if J - 1 >= OFF_LO:
-            if J - 1 <= OFF_HI:
-                acc1 = _add_term(acc1, x_m1, s_j, w_j, cb, 1, J, lo, hi)
-        if J - 2 >= OFF_LO:
-            if J - 2 <= OFF_HI:
-                acc2 = _add_term(acc2, x_m2, s_j, w_j, cb, 2, J, lo, hi)
-        if J - 3 >= OFF_LO:
-            acc3 = _add_term(acc3, x_m3, s_j, w_j, cb, 3, J, lo, hi)
-        if J == 0:
-            d0 = dr_j
-        if J == 1:
-            d1 = dr_j
-        if J == 2:
-            d2 = dr_j
-        if J == 3:
-            d3 = dr_j
-    scale = 2.0 * neg_beta * a
-    # beta = 0: no window gradient (as kernels.lrn; acc's inf/inf NaN must not leak in).
-    g0 = _relu_grad(d0 + tl.where(neg_beta == 0, x_m0 * 0.0, scale * acc0), x_m0, RELU)
-    g1 = _relu_grad(d1 + tl.where(neg_beta == 0, x_m1 * 0.0, scale * acc1), x_m1, RELU)
-    g2 = _relu_grad(d2 + tl.where(neg_beta == 0, x_m2 * 0.0, scale * acc2), x_m2, RELU)
-    g3 = _relu_grad(d3 + tl.where(neg_beta == 0, x_m3 * 0.0, scale * acc3), x_m3, RELU)
+        acc0, acc1, acc2, acc3, d0, d1, d2, d3 = _mirror_step(
+            J, OFF_LO, OFF_HI, s_j, w_j, dr_j, cb, x_m0, x_m1, x_m2, x_m3, acc0, acc1, acc2, acc3, d0, d1, d2, d3,
+            lo, hi, lo, hi, lo, hi, lo, hi)
+    g = _join4(_dx(d0, acc0, x_m0, a, neg_beta, RELU), _dx(d1, acc1, x_m1, a, neg_beta, RELU),
+               _dx(d2, acc2, x_m2, a, neg_beta, RELU), _dx(d3, acc3, x_m3, a, neg_beta, RELU), BLOCK_S, BQ)
     g_q = (dx_ptr + n * sg_n + h * sg_h + w * sg_w + cb)[:, :, None] + e
-    tl.store(g_q, _join4(g0, g1, g2, g3, BLOCK_S, BQ).to(dx_ptr.dtype.element_ty),
-             mask=(s < S)[:, :, None] & mid_ok)
+    tl.store(g_q, g.to(dx_ptr.dtype.element_ty), mask=(s < S)[:, :, None] & mid_ok)
 
 
 @triton.jit

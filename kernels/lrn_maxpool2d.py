@@ -52,8 +52,8 @@ import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
 from fastalex.kernels import _common
-from fastalex.kernels.lrn import (MAX_UNROLL, _channel_block, _neg_sign, _pow, _relu, _scalar, _tile, _window_sumsq,
-                                  simple_pow)
+from fastalex.kernels.lrn import (MAX_UNROLL, _channel_block, _div, _neg_sign, _pow, _relu, _scalar, _tile,
+                                  _window_sumsq, simple_pow)
 from fastalex.kernels._geometry import argmax_dtype, output_size
 
 __all__ = ["lrn_maxpool2d_forward", "lrn_maxpool2d_backward"]
@@ -323,7 +323,7 @@ def _mirror_terms(x_base, dy_base, arg_base, c, x_i, h, w, x_soff, s_mask, lo, h
     s_c = k_ + a * _window_sumsq(x_base, c, x_soff, s_mask, lo, hi, sx_c, off - SIZE // 2, SIZE,
                                  BLOCK_C, BLOCK_S, ACC, UNROLL, RELU)
     r_c = _pow(s_c, neg_beta, sign, SIMPLE_POW)
-    term = (x_i / s_c) * (dz_c * (x_c * r_c))
+    term = _div(x_i, s_c) * (dz_c * (x_c * r_c))
     return tl.where(valid, term, 0.0), tl.where(valid, dz_c * r_c, 0.0)
 
 
@@ -401,7 +401,7 @@ def _add_term(acc, x_v, s_j, w_j, cb, V: tl.constexpr, J: tl.constexpr, lo_v, hi
     """acc + (x_v / s_cc) * (dz_cc * z_cc) for cc = cb + J in the group [lo_v, hi_v) of the input channel
     cb + V (kernels.lrn._mirror_term's expression; 0 added otherwise, as there)."""
     cc = cb + J
-    return acc + tl.where((cc >= lo_v) & (cc < hi_v), (x_v / s_j) * w_j, 0.0)
+    return acc + tl.where((cc >= lo_v) & (cc < hi_v), _div(x_v, s_j) * w_j, 0.0)
 
 
 @triton.jit
@@ -507,15 +507,10 @@ def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
 
 
 @triton.jit
-def _load_strip(q, left_ok, mid_ok, right_ok, ACC: tl.constexpr, RELU: tl.constexpr, B0: tl.constexpr,
-                B1: tl.constexpr):
-    """relu(x) (x where not RELU) at channels cb - 4 .. cb + 7 as 12 [B0, B1] tensors: three vector
-    loads from q ([B0, B1, 4] pointers to each thread's quad cb .. cb + 3), a quad read as 0 where its
-    mask (whole quads: the group's) is off."""
-    l0, l1, l2, l3 = _split4(_relu(tl.load(q - 4, mask=left_ok, other=0.0).to(ACC), RELU), B0, B1)
-    m0, m1, m2, m3 = _split4(_relu(tl.load(q, mask=mid_ok, other=0.0).to(ACC), RELU), B0, B1)
-    r0, r1, r2, r3 = _split4(_relu(tl.load(q + 4, mask=right_ok, other=0.0).to(ACC), RELU), B0, B1)
-    return l0, l1, l2, l3, m0, m1, m2, m3, r0, r1, r2, r3
+def _load_quad(q, mask, ACC: tl.constexpr, RELU: tl.constexpr):
+    """relu(x) (x where not RELU) at the quads q points to ([B0, B1, 4]) as one vector load, 0 where
+    the quad's mask (a whole quad's: its group's) is off."""
+    return _relu(tl.load(q, mask=mask, other=0.0).to(ACC), RELU)
 
 
 @triton.jit
@@ -547,38 +542,82 @@ def _quad_quantities(J: tl.constexpr, x_l0, x_l1, x_l2, x_l3, x_m0, x_m1, x_m2, 
 
 
 @triton.jit
+def _quad_grad(x_l, x_m, x_r, dz_l, dz_m, dz_r, cb, lo, hi, a, k_, neg_beta, sign, SIZE: tl.constexpr,
+               B0: tl.constexpr, B1: tl.constexpr, ACC: tl.constexpr, SIMPLE_POW: tl.constexpr, RELU: tl.constexpr):
+    """dx [B0, B1, 4] of the quads cb .. cb + 3 ([1, B1]; their group [lo, hi)) from x and the routed
+    pool gradient dz at the quads before (l), at (m) and after (r) them, each [B0, B1, 4] and 0
+    outside the group: _bwd_shared's expressions, in its order."""
+    x_l0, x_l1, x_l2, x_l3 = _split4(x_l, B0, B1)
+    x_m0, x_m1, x_m2, x_m3 = _split4(x_m, B0, B1)
+    x_r0, x_r1, x_r2, x_r3 = _split4(x_r, B0, B1)
+    dz_l0, dz_l1, dz_l2, dz_l3 = _split4(dz_l, B0, B1)
+    dz_m0, dz_m1, dz_m2, dz_m3 = _split4(dz_m, B0, B1)
+    dz_r0, dz_r1, dz_r2, dz_r3 = _split4(dz_r, B0, B1)
+    acc0 = tl.zeros([B0, B1], dtype=ACC)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    d0 = acc0
+    d1 = acc0
+    d2 = acc0
+    d3 = acc0
+    OFF_LO: tl.constexpr = -((SIZE - 1) // 2)
+    OFF_HI: tl.constexpr = SIZE // 2
+    # As _bwd_shared: mirror outputs cb + J in ascending J.
+    for J in tl.static_range(OFF_LO, OFF_HI + 4):
+        s_j, w_j, dr_j = _quad_quantities(J, x_l0, x_l1, x_l2, x_l3, x_m0, x_m1, x_m2, x_m3, x_r0, x_r1, x_r2, x_r3,
+                                          dz_l0, dz_l1, dz_l2, dz_l3, dz_m0, dz_m1, dz_m2, dz_m3,
+                                          dz_r0, dz_r1, dz_r2, dz_r3, a, k_, neg_beta, sign, SIZE, B0, B1,
+                                          ACC, SIMPLE_POW)
+        acc0, acc1, acc2, acc3, d0, d1, d2, d3 = _mirror_step(
+            J, OFF_LO, OFF_HI, s_j, w_j, dr_j, cb, x_m0, x_m1, x_m2, x_m3, acc0, acc1, acc2, acc3, d0, d1, d2, d3,
+            lo, hi, lo, hi, lo, hi, lo, hi)
+    return _join4(_dx(d0, acc0, x_m0, a, neg_beta, RELU), _dx(d1, acc1, x_m1, a, neg_beta, RELU),
+                  _dx(d2, acc2, x_m2, a, neg_beta, RELU), _dx(d3, acc3, x_m3, a, neg_beta, RELU), B0, B1)
+
+
+@triton.jit
 def _bwd_quads(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
                sd_n, sd_h, sd_w, sa_n, sa_h, sa_w, sx_n, sx_h, sx_w, sg_n, sg_h, sg_w,
                a, k_, neg_beta, sign, SIZE: tl.constexpr,
                KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, SIMPLE_POW: tl.constexpr,
-               RELU: tl.constexpr):
-    """_bwd_shared where channels are contiguous in whole quads a group (as _fwd_quads; SIZE <= 5): x
-    as three vectors (the thread's quad and its neighbours), and each pool window's argmax and dy as
-    three vectors too, masked a whole quad at a time; then the same expressions in the same order.
-    Tiles are [BLOCK_S positions, BLOCK_C // 4 quads, 4]."""
-    BQ: tl.constexpr = BLOCK_C // 4
+               RELU: tl.constexpr, PAIRS: tl.constexpr):
+    """_bwd_shared where channels are contiguous in whole quads a group (as _fwd_quads; SIZE <= 5): a
+    thread takes a quad (two adjacent quads of one group with PAIRS: C and CG multiples of 8) of one
+    position and loads x as vectors, its quads and the quads either side, and each pool window's
+    argmax and dy the same way, masked a whole quad at a time; then the same expressions in the same
+    order. With PAIRS the two quads' 12-channel strips overlap in 8 channels, whose LRN quantities
+    (sums, powers, gathered gradients) the compiler computes once for both: 12 sets for 8 inputs
+    instead of 8 for 4. Tiles are [BLOCK_S positions, BLOCK_C // (4 or 8) threads, 4]."""
+    QPT: tl.constexpr = 2 if PAIRS else 1  # quads a thread
+    BQ: tl.constexpr = BLOCK_C // (4 * QPT)
     S = H * W
     n = tl.program_id(2)  # a 3-D grid, as _fwd_quads
-    cb = tl.program_id(1) * BLOCK_C + 4 * tl.arange(0, BQ)[None, :]  # [1, BQ]
+    cb = tl.program_id(1) * BLOCK_C + 4 * QPT * tl.arange(0, BQ)[None, :]  # [1, BQ]: the thread's first channel
     s = (tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S))[:, None]  # [BLOCK_S, 1]
     sc = tl.minimum(s, S - 1)  # loads at clamped positions: in bounds, never stored
     h = sc // W
     w = sc % W
     lo = (cb // CG) * CG
     hi = lo + CG
-    mid_ok = (cb < C)[:, :, None]
+    mid_ok = (cb < C)[:, :, None]  # (with PAIRS the second quad too: C % 8 == 0)
     left_ok = (cb > lo)[:, :, None] & mid_ok  # the quad before is in the group (groups hold whole quads)
-    right_ok = (cb + 4 < hi)[:, :, None]
+    right_ok = (cb + 4 * QPT < hi)[:, :, None]
     e = tl.arange(0, 4)[None, None, :]
-    x_l0, x_l1, x_l2, x_l3, x_m0, x_m1, x_m2, x_m3, x_r0, x_r1, x_r2, x_r3 = _load_strip(
-        (x_ptr + n * sx_n + h * sx_h + w * sx_w + cb)[:, :, None] + e, left_ok, mid_ok, right_ok, ACC, RELU,
-        BLOCK_S, BQ)
-    # The pool gradient routed to the strip's 12 channels: the candidate windows as in _routed_grad.
+    x_q = (x_ptr + n * sx_n + h * sx_h + w * sx_w + cb)[:, :, None] + e
+    x_l = _load_quad(x_q - 4, left_ok, ACC, RELU)
+    x_m = _load_quad(x_q, mid_ok, ACC, RELU)
+    x_m2 = x_m
+    if PAIRS:
+        x_m2 = _load_quad(x_q + 4, mid_ok, ACC, RELU)
+    x_r = _load_quad(x_q + 4 * QPT, right_ok, ACC, RELU)
+    # The pool gradient routed to the strip's channels: the candidate windows as in _routed_grad.
     arg_q = (arg_ptr + n * sa_n + (h // SH) * sa_h + (w // SW) * sa_w + cb)[:, :, None] + e
     dy_q = (dy_ptr + n * sd_n + (h // SH) * sd_h + (w // SW) * sd_w + cb)[:, :, None] + e
     dz_l = tl.zeros([BLOCK_S, BQ, 4], ACC)
     dz_m = dz_l
+    dz_m2 = dz_l
     dz_r = dz_l
     for th in tl.static_range((KH + SH - 1) // SH):
         oh = h // SH - th
@@ -593,33 +632,22 @@ def _bwd_quads(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
             dw = dy_q - (th * sd_h + tw * sd_w)
             dz_l = _gather_quad(aw - 4, dw - 4, ok & left_ok, t, dz_l, ACC)
             dz_m = _gather_quad(aw, dw, ok & mid_ok, t, dz_m, ACC)
-            dz_r = _gather_quad(aw + 4, dw + 4, ok & right_ok, t, dz_r, ACC)
-    dz_l0, dz_l1, dz_l2, dz_l3 = _split4(dz_l, BLOCK_S, BQ)
-    dz_m0, dz_m1, dz_m2, dz_m3 = _split4(dz_m, BLOCK_S, BQ)
-    dz_r0, dz_r1, dz_r2, dz_r3 = _split4(dz_r, BLOCK_S, BQ)
-    acc0 = tl.zeros([BLOCK_S, BQ], dtype=ACC)
-    acc1 = acc0
-    acc2 = acc0
-    acc3 = acc0
-    d0 = acc0
-    d1 = acc0
-    d2 = acc0
-    d3 = acc0
-    OFF_LO: tl.constexpr = -((SIZE - 1) // 2)
-    OFF_HI: tl.constexpr = SIZE // 2
-    # As _bwd_shared: mirror outputs cb + J in ascending J.
-    for J in tl.static_range(OFF_LO, OFF_HI + 4):
-        s_j, w_j, dr_j = _quad_quantities(J, x_l0, x_l1, x_l2, x_l3, x_m0, x_m1, x_m2, x_m3, x_r0, x_r1, x_r2, x_r3,
-                                          dz_l0, dz_l1, dz_l2, dz_l3, dz_m0, dz_m1, dz_m2, dz_m3,
-                                          dz_r0, dz_r1, dz_r2, dz_r3, a, k_, neg_beta, sign, SIZE, BLOCK_S, BQ,
-                                          ACC, SIMPLE_POW)
-        acc0, acc1, acc2, acc3, d0, d1, d2, d3 = _mirror_step(
-            J, OFF_LO, OFF_HI, s_j, w_j, dr_j, cb, x_m0, x_m1, x_m2, x_m3, acc0, acc1, acc2, acc3, d0, d1, d2, d3,
-            lo, hi, lo, hi, lo, hi, lo, hi)
-    g = _join4(_dx(d0, acc0, x_m0, a, neg_beta, RELU), _dx(d1, acc1, x_m1, a, neg_beta, RELU),
-               _dx(d2, acc2, x_m2, a, neg_beta, RELU), _dx(d3, acc3, x_m3, a, neg_beta, RELU), BLOCK_S, BQ)
+            if PAIRS:
+                dz_m2 = _gather_quad(aw + 4, dw + 4, ok & mid_ok, t, dz_m2, ACC)
+            dz_r = _gather_quad(aw + 4 * QPT, dw + 4 * QPT, ok & right_ok, t, dz_r, ACC)
     g_q = (dx_ptr + n * sg_n + h * sg_h + w * sg_w + cb)[:, :, None] + e
-    tl.store(g_q, g.to(dx_ptr.dtype.element_ty), mask=(s < S)[:, :, None] & mid_ok)
+    out = (s < S)[:, :, None] & mid_ok
+    if PAIRS:
+        g = _quad_grad(x_l, x_m, x_m2, dz_l, dz_m, dz_m2, cb, lo, hi, a, k_, neg_beta, sign, SIZE, BLOCK_S, BQ, ACC,
+                       SIMPLE_POW, RELU)
+        tl.store(g_q, g.to(dx_ptr.dtype.element_ty), mask=out)
+        g = _quad_grad(x_m, x_m2, x_r, dz_m, dz_m2, dz_r, cb + 4, lo, hi, a, k_, neg_beta, sign, SIZE, BLOCK_S, BQ,
+                       ACC, SIMPLE_POW, RELU)
+        tl.store(g_q + 4, g.to(dx_ptr.dtype.element_ty), mask=out)
+    else:
+        g = _quad_grad(x_l, x_m, x_r, dz_l, dz_m, dz_r, cb, lo, hi, a, k_, neg_beta, sign, SIZE, BLOCK_S, BQ, ACC,
+                       SIMPLE_POW, RELU)
+        tl.store(g_q, g.to(dx_ptr.dtype.element_ty), mask=out)
 
 
 @triton.jit
@@ -644,6 +672,7 @@ def _lrn_maxpool2d_bwd_kernel(
     SIMPLE_POW: tl.constexpr,  # kernels.lrn._pow
     RELU: tl.constexpr,  # the forward's input ReLU: dx is the gradient of relu's input
     QUADS: tl.constexpr,  # channels contiguous in whole quads (_bwd_quads)
+    PAIRS: tl.constexpr,  # _bwd_quads with two quads a thread
 ):
     a = _scalar(alpha_over_size, ACC)
     neg_beta = -_scalar(beta, ACC)
@@ -652,7 +681,7 @@ def _lrn_maxpool2d_bwd_kernel(
     if QUADS:
         _bwd_quads(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
                    sd_n, sd_h, sd_w, sa_n, sa_h, sa_w, sx_n, sx_h, sx_w, sg_n, sg_h, sg_w,
-                   a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC, SIMPLE_POW, RELU)
+                   a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC, SIMPLE_POW, RELU, PAIRS)
     elif UNROLL:
         _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
                     sd_n, sd_c, sd_h, sd_w, sa_n, sa_c, sa_h, sa_w, sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w,
@@ -695,29 +724,34 @@ def _lrn_maxpool2d_bwd_kernel(
 MAX_GRID_YZ = 65535
 
 
-def _quads(size: int, groups: int, *tensors: torch.Tensor, backward: bool = False) -> bool:
-    """Whether a launch takes _fwd_quads / _bwd_quads: channels contiguous in every tensor, whole quads
-    a group, the LRN windows the kernel needs within the neighbouring quads (size 9 forward, 5
-    backward: its strip of 12 channels holds the windows of 8), and the samples within a grid axis."""
+def _quads(size: int, groups: int, *tensors: torch.Tensor, backward: bool = False) -> int:
+    """The channels a thread of _fwd_quads / _bwd_quads takes in this launch, 0 where it cannot: 4
+    (the backward 8, two quads, where C and C/groups are multiples of 8), given channels contiguous in
+    every tensor, whole quads a group, the LRN windows the kernel needs within the neighbouring quads
+    (size 9 forward, 5 backward: a quad's strip of 12 channels holds the windows of 8), and the
+    samples within a grid axis."""
     N, C = tensors[0].shape[:2]
-    return (all(t.stride(1) == 1 for t in tensors) and C % 4 == 0 and (C // groups) % 4 == 0
-            and size <= (5 if backward else 9) and N <= MAX_GRID_YZ)
+    if not (all(t.stride(1) == 1 for t in tensors) and C % 4 == 0 and (C // groups) % 4 == 0
+            and size <= (5 if backward else 9) and N <= MAX_GRID_YZ):
+        return 0
+    return 8 if backward and C % 8 == 0 and (C // groups) % 8 == 0 else 4
 
 
-def _grid(N: int, C: int, P: int, block_c: int, block_p: int, quads: bool) -> tuple[int, ...]:
+def _grid(N: int, C: int, P: int, block_c: int, block_p: int, quads: int) -> tuple[int, ...]:
     """The quads kernels' 3-D grid (position blocks, channel blocks, samples), else one flat axis."""
     if quads:
         return (triton.cdiv(P, block_p), triton.cdiv(C, block_c), N)
     return (N * triton.cdiv(C, block_c) * triton.cdiv(P, block_p),)
 
 
-def _block_sizes(C: int, P: int, backward: bool = False, quads: bool = False) -> tuple[int, int, int]:
+def _block_sizes(C: int, P: int, backward: bool = False, quads: int = 0) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_P, num_warps), powers of two; P is the pooled (forward) or input (backward) plane.
-    quads: one quad of 4 channels a thread (_fwd_quads)."""
+    quads: the channels a thread of the quads kernels takes (_quads), 0 for the others."""
     if quads and not _common.is_interpreting():
-        block_c = _channel_block(C)
-        block_p = min(_common.next_pow2(P), max(1024 // block_c, 1))
-        return block_c, block_p, max(1, min(8, block_c * block_p // (32 * 4)))
+        # 256 threads (8 warps) a tile where the plane has the positions (~75 registers a thread)
+        block_c = max(_channel_block(C), quads)
+        block_p = min(_common.next_pow2(P), max(256 * quads // block_c, 1))
+        return block_c, block_p, max(1, min(8, block_c * block_p // (32 * quads)))
     if _common.is_interpreting():
         # The interpreter's cost is per program: as few, large tiles as possible.
         block_c = min(_common.next_pow2(C), 256)
@@ -775,7 +809,7 @@ def lrn_maxpool2d_forward(x: torch.Tensor, size: int, alpha: float, beta: float,
         *_lrn_consts(size, alpha, beta, k),
         SIZE=size, KH=kernel_size[0], KW=kernel_size[1], SH=stride[0], SW=stride[1],
         BLOCK_C=block_c, BLOCK_P=block_p, ACC=_common.acc_dtype(x.dtype), UNROLL=size <= MAX_UNROLL,
-        SIMPLE_POW=simple_pow(size, alpha, beta, k), RELU=bool(relu), QUADS=quads,
+        SIMPLE_POW=simple_pow(size, alpha, beta, k), RELU=bool(relu), QUADS=quads > 0,
         num_warps=num_warps,
     )
     return y, arg
@@ -813,7 +847,8 @@ def lrn_maxpool2d_backward(dy: torch.Tensor, x: torch.Tensor, argmax: torch.Tens
         SIMPLE_POW=simple_pow(size, alpha, beta, k),
         ONE_STEP=C // groups > size // 2 + 3,  # the offsets -(size-1)//2 .. size//2 + 3 of _bwd_shared
         # (threads start at multiples of 4 where the channel block is; AlexNet's groups: 48-256 channels)
-        SAME_GROUP=(C // groups) % 4 == 0 and block_c % 4 == 0, RELU=bool(relu), QUADS=quads,
+        SAME_GROUP=(C // groups) % 4 == 0 and block_c % 4 == 0, RELU=bool(relu), QUADS=quads > 0,
+        PAIRS=quads == 8,
         num_warps=num_warps,
     )
     return dx

@@ -287,6 +287,7 @@ QUAD_CASES = {
     "pool2_single": ((1, 24, 11, 11), 1, STRONG),
     "quad_groups_size9": ((1, 16, 9, 7), 4, dict(STRONG, size=9)),  # windows span whole neighbouring quads
     "odd_window": ((2, 8, 7, 8), 1, dict(STRONG, size=4)),
+    "groups_of_12": ((2, 24, 9, 11), 2, PAPER),  # whole quads, not pairs: the backward's one quad a thread
 }
 
 
@@ -326,8 +327,9 @@ def test_quads_taken_where(monkeypatch):
     x = torch.empty(1, 16, 5, 5).contiguous(memory_format=torch.channels_last)
     pooled = torch.empty(1, 16, 2, 2).contiguous(memory_format=torch.channels_last)
     arg = pooled.to(torch.int8)
-    assert K._quads(5, 1, x, pooled, arg) and K._quads(9, 4, x, pooled, arg)
-    assert K._quads(5, 4, x, x, pooled, arg, backward=True)
+    assert K._quads(5, 1, x, pooled, arg) == 4 and K._quads(9, 4, x, pooled, arg) == 4
+    assert K._quads(5, 2, x, x, pooled, arg, backward=True) == 8  # pairs of quads: groups of 8
+    assert K._quads(5, 4, x, x, pooled, arg, backward=True) == 4
     assert not K._quads(7, 1, x, x, pooled, arg, backward=True)  # the backward's strip holds size 5
     assert not K._quads(11, 1, x, pooled, arg)  # window past the neighbouring quads
     assert not K._quads(5, 8, x, pooled, arg)  # groups of 2 channels
@@ -571,13 +573,14 @@ def test_block_sizes_gpu(C, P, backward, monkeypatch):
         assert C % block_c == 0
 
 
-@pytest.mark.parametrize("C", [4, 12, 48, 96, 128, 256, 384])
+@pytest.mark.parametrize("quads", [4, 8])
+@pytest.mark.parametrize("C", [8, 24, 48, 96, 128, 256, 384])
 @pytest.mark.parametrize("P", [36, 169, 729, 3025])
-def test_block_sizes_gpu_quads(C, P, monkeypatch):
-    """The quads forward: one quad of 4 channels a thread, every thread with one (P >= 36)."""
+def test_block_sizes_gpu_quads(C, P, quads, monkeypatch):
+    """The quads kernels: 4 or 8 channels a thread, every thread with its own (P >= 36)."""
     monkeypatch.setattr(_common, "is_interpreting", lambda: False)
-    block_c, block_p, num_warps = K._block_sizes(C, P, quads=True)
+    block_c, block_p, num_warps = K._block_sizes(C, P, backward=quads == 8, quads=quads)
     assert _is_pow2(block_c) and _is_pow2(block_p) and _is_pow2(num_warps) and num_warps <= 8
-    assert block_c % 4 == 0 and block_c * block_p == 32 * num_warps * 4
+    assert block_c % quads == 0 and block_c * block_p == 32 * num_warps * quads
     if C in (96, 256):
         assert C % block_c == 0

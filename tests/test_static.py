@@ -184,6 +184,26 @@ def test_conv1_weight_grad_image_blocks(tmp_path):
         assert r["ceiling"] >= 0.9 and r["wave_eff"] >= 0.85
 
 
+@pytest.mark.slow
+def test_lrn_pool_in_channel_quads(tmp_path):
+    """lrn1 -> pool1 in channels_last (96 channels, groups of 48 in the paper net) takes the quads
+    kernels, fp32 and bf16: the forward one quad a thread, the backward two (PAIRS), on a 3-D grid,
+    no spills, at least 3 CTAs an SM, and at most ~1100 instructions a thread (the forward 864 / 1040,
+    the backward 968 / 992 on 2026-12-05; per-channel loads with their own masks and addresses cost
+    100-300 more: this catches a change that loses the vector loads or the shared channel sets)."""
+    path = tmp_path / "static.json"
+    out = _run(["-m", "perf.static", "--dtype", "bf16,fp32", "--nets", "single,paper", "--layouts", "nhwc",
+                "--kinds", "lrn_pool-fwd,lrn_pool-bwd", "--layers", "lrn_pool1", "--json", str(path)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(path.read_text())["rows"]
+    assert {(r["op"], r["dtype"]) for r in rows} == {(op, d) for op in ("fwd", "bwd") for d in ("fp32", "bf16")}
+    for r in rows:
+        c = r["constexprs"]
+        assert c["QUADS"] and c.get("PAIRS", False) == (r["op"] == "bwd")
+        assert len(r["grid"]) == 3 and r["grid"][2] == 128
+        assert r["spill_bytes"] == 0 and r["ctas_per_sm"] >= 3 and r["instructions"] <= 1100, r
+
+
 def test_refuses_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-m", "perf.static", "--limit", "1"], cwd=ROOT, env=env,

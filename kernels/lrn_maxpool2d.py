@@ -92,6 +92,13 @@ def _join4(v0, v1, v2, v3, B0: tl.constexpr, B1: tl.constexpr):
 
 
 @triton.jit
+def _load_quad(q, mask, ACC: tl.constexpr, RELU: tl.constexpr):
+    """relu(x) (x where not RELU) at the quads q points to ([B0, B1, 4]) as one vector load, 0 where
+    the quad's mask (a whole quad's: its group's) is off."""
+    return _relu(tl.load(q, mask=mask, other=0.0).to(ACC), RELU)
+
+
+@triton.jit
 def _pick(J: tl.constexpr, l0, l1, l2, l3, m0, m1, m2, m3, r0, r1, r2, r3):
     """Channel cb + J (-4 <= J < 8) of a thread's strip of 12: the quads before (l), at (m) and after
     (r) its own quad cb."""
@@ -126,39 +133,39 @@ def _pick(J: tl.constexpr, l0, l1, l2, l3, m0, m1, m2, m3, r0, r1, r2, r3):
 
 
 @triton.jit
+def _running_max(v, best, arg, T: tl.constexpr):
+    """The pool's running maximum after tap T with value v: ties keep the first, the last NaN wins (as
+    torch)."""
+    take = (v > best) | (v != v)
+    return tl.where(take, v, best), tl.where(take, T, arg)
+
+
+@triton.jit
 def _quad_tap(x_q, off, left_ok, mid_ok, right_ok, best0, best1, best2, best3, arg0, arg1, arg2, arg3,
               a, k_, neg_beta, sign, T: tl.constexpr, y_ty: tl.constexpr, SIZE: tl.constexpr,
               BLOCK_P: tl.constexpr, BQ: tl.constexpr, ACC: tl.constexpr, SIMPLE_POW: tl.constexpr,
               RELU: tl.constexpr):
     """One pool tap for a thread's 4 channels: the three quads' loads (whole vectors, masked by group),
     each channel's LRN value as _tap_lrn computes it (same ops, same order), the running max."""
-    l0, l1, l2, l3 = _split4(_relu(tl.load(x_q + (off - 4), mask=left_ok, other=0.0).to(ACC), RELU), BLOCK_P, BQ)
-    m0, m1, m2, m3 = _split4(_relu(tl.load(x_q + off, mask=mid_ok, other=0.0).to(ACC), RELU), BLOCK_P, BQ)
-    r0, r1, r2, r3 = _split4(_relu(tl.load(x_q + (off + 4), mask=right_ok, other=0.0).to(ACC), RELU), BLOCK_P, BQ)
+    l0, l1, l2, l3 = _split4(_load_quad(x_q + (off - 4), left_ok, ACC, RELU), BLOCK_P, BQ)
+    m0, m1, m2, m3 = _split4(_load_quad(x_q + off, mid_ok, ACC, RELU), BLOCK_P, BQ)
+    r0, r1, r2, r3 = _split4(_load_quad(x_q + (off + 4), right_ok, ACC, RELU), BLOCK_P, BQ)
     for i in tl.static_range(4):
         acc = tl.zeros([BLOCK_P, BQ], dtype=ACC)
         for d in tl.static_range(SIZE):
             v = _pick(i + d - SIZE // 2, l0, l1, l2, l3, m0, m1, m2, m3, r0, r1, r2, r3)
             acc += v * v
         x = _pick(i, l0, l1, l2, l3, m0, m1, m2, m3, r0, r1, r2, r3)
-        z = x * _pow(k_ + a * acc, neg_beta, sign, SIMPLE_POW)
-        v = z.to(y_ty).to(ACC)
+        # Rounded as the unfused LRN stores it, so ties (and the argmax) are the unfused ops'.
+        v = (x * _pow(k_ + a * acc, neg_beta, sign, SIMPLE_POW)).to(y_ty).to(ACC)
         if i == 0:
-            take = (v > best0) | (v != v)
-            best0 = tl.where(take, v, best0)
-            arg0 = tl.where(take, T, arg0)
+            best0, arg0 = _running_max(v, best0, arg0, T)
         elif i == 1:
-            take = (v > best1) | (v != v)
-            best1 = tl.where(take, v, best1)
-            arg1 = tl.where(take, T, arg1)
+            best1, arg1 = _running_max(v, best1, arg1, T)
         elif i == 2:
-            take = (v > best2) | (v != v)
-            best2 = tl.where(take, v, best2)
-            arg2 = tl.where(take, T, arg2)
+            best2, arg2 = _running_max(v, best2, arg2, T)
         else:
-            take = (v > best3) | (v != v)
-            best3 = tl.where(take, v, best3)
-            arg3 = tl.where(take, T, arg3)
+            best3, arg3 = _running_max(v, best3, arg3, T)
     return best0, best1, best2, best3, arg0, arg1, arg2, arg3
 
 
@@ -174,7 +181,7 @@ def _fwd_quads(x_ptr, y_ptr, arg_ptr, N, C, OH, OW, CG, sx_n, sx_h, sx_w, sy_n, 
     Tiles are [BLOCK_P positions, BLOCK_C // 4 quads, 4]."""
     BQ: tl.constexpr = BLOCK_C // 4
     P = OH * OW
-    # A 3-D grid (position blocks, channel blocks, samples; _quads_grid): no divisions to find them.
+    # A 3-D grid (position blocks, channel blocks, samples; _grid): no divisions to find them.
     n = tl.program_id(2)
     cb = tl.program_id(1) * BLOCK_C + 4 * tl.arange(0, BQ)[None, :]  # [1, BQ]: each thread's first channel
     p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P))[:, None]  # [BLOCK_P, 1]
@@ -263,9 +270,7 @@ def _lrn_maxpool2d_fwd_kernel(
                     z = x * _pow(k_ + a * sumsq, neg_beta, sign, SIMPLE_POW)
                 # Rounded as the unfused LRN stores it, so ties (and the argmax) are the unfused ops'.
                 v = z.to(y_ptr.dtype.element_ty).to(ACC)
-                take = (v > best) | (v != v)
-                best = tl.where(take, v, best)
-                arg = tl.where(take, kh * KW + kw, arg)
+                best, arg = _running_max(v, best, arg, kh * KW + kw)
         tl.store(y_ptr + n * sy_n + c * sy_c + oh * sy_h + ow * sy_w, best.to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(arg_ptr + n * sa_n + c * sa_c + oh * sa_h + ow * sa_w, arg.to(arg_ptr.dtype.element_ty), mask=mask)
 
@@ -504,13 +509,6 @@ def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
     tl.store(g_row + sg_c, _dx(d1, acc1, x1, a, neg_beta, RELU).to(ty), mask=(cb + 1 < c_end) & s_ok)
     tl.store(g_row + 2 * sg_c, _dx(d2, acc2, x2, a, neg_beta, RELU).to(ty), mask=(cb + 2 < c_end) & s_ok)
     tl.store(g_row + 3 * sg_c, _dx(d3, acc3, x3, a, neg_beta, RELU).to(ty), mask=(cb + 3 < c_end) & s_ok)
-
-
-@triton.jit
-def _load_quad(q, mask, ACC: tl.constexpr, RELU: tl.constexpr):
-    """relu(x) (x where not RELU) at the quads q points to ([B0, B1, 4]) as one vector load, 0 where
-    the quad's mask (a whole quad's: its group's) is off."""
-    return _relu(tl.load(q, mask=mask, other=0.0).to(ACC), RELU)
 
 
 @triton.jit

@@ -40,9 +40,10 @@ except ImportError:  # pragma: no cover
 
 # On a GPU the fp32 power takes the hardware log2 (MUFU.LG2, lg2.approx: absolute error < 2^-22 in
 # log2 s, so s^e is within a few ulps) instead of libdevice's accurate log2f, a ~30-instruction
-# polynomial that made every LRN kernel instruction-bound (perf/NOTES.md). exp2 is already MUFU.EX2.
-# The interpreter, which cannot call libdevice, keeps tl.log2.
-FAST_LOG2: tl.constexpr = tl.constexpr(_libdevice is not None and not _common.is_interpreting())
+# polynomial that made every LRN kernel instruction-bound (perf/NOTES.md), and the backward's x / s
+# the hardware reciprocal (_div). exp2 is already MUFU.EX2. The interpreter, which cannot call
+# libdevice, keeps tl.log2 and /.
+FAST_MATH: tl.constexpr = tl.constexpr(_libdevice is not None and not _common.is_interpreting())
 
 # Windows up to this size are unrolled (the backward then holds SIZE^2 + SIZE loads); larger ones
 # (rare: AlexNet, GoogLeNet and Caffe use 5) run as loops so compile time does not grow with SIZE^2.
@@ -98,7 +99,7 @@ def _pow(s, e, neg_sign, SIMPLE: tl.constexpr):
         a = s
     else:
         a = tl.abs(s)
-    if FAST_LOG2 and s.dtype == tl.float32:
+    if FAST_MATH and s.dtype == tl.float32:
         mag = tl.exp2(e * _libdevice.fast_log2f(a))
     else:
         mag = tl.exp2(e * tl.log2(a))
@@ -115,7 +116,7 @@ def _div(x, s):
     2 ulp, IEEE's special cases for 0, inf and NaN, but 0 for |s| in [2^126, 2^128), where x^2 has
     nearly overflowed) instead of div.full's range tests and scaling around it (~7 instructions a
     term). Both LRN backwards take it, so the fused kernel stays bitwise the unfused one."""
-    if FAST_LOG2 and x.dtype == tl.float32:
+    if FAST_MATH and x.dtype == tl.float32:
         return _libdevice.fast_dividef(x, s)
     else:
         return x / s

@@ -133,6 +133,29 @@ def _pick(J: tl.constexpr, l0, l1, l2, l3, m0, m1, m2, m3, r0, r1, r2, r3):
 
 
 @triton.jit
+def _strip_sumsq(J: tl.constexpr, l0, l1, l2, l3, m0, m1, m2, m3, r0, r1, r2, r3, SIZE: tl.constexpr,
+                 B0: tl.constexpr, B1: tl.constexpr, ACC: tl.constexpr):
+    """Channel cb + J's LRN window sum of squares from the thread's strip (_pick), in _tap_lrn's order."""
+    acc = tl.zeros([B0, B1], dtype=ACC)
+    for d in tl.static_range(SIZE):
+        v = _pick(J + d - SIZE // 2, l0, l1, l2, l3, m0, m1, m2, m3, r0, r1, r2, r3)
+        acc += v * v
+    return acc
+
+
+@triton.jit
+def _quad_masks(cb, C, CG, QPT: tl.constexpr):
+    """For threads taking QPT quads from channel cb ([1, B1]): their group's first channel lo and
+    [1, B1, 1] masks of the quad before, their own quads and the quad after (a group holds whole quads,
+    so each quad is in it or out of it whole)."""
+    lo = (cb // CG) * CG
+    mid_ok = (cb < C)[:, :, None]  # (QPT 2: the second quad too, C % 8 == 0)
+    left_ok = (cb > lo)[:, :, None] & mid_ok  # cb - 4 >= lo
+    right_ok = (cb + 4 * QPT < lo + CG)[:, :, None]
+    return lo, left_ok, mid_ok, right_ok
+
+
+@triton.jit
 def _running_max(v, best, arg, T: tl.constexpr):
     """The pool's running maximum after tap T with value v: ties keep the first, the last NaN wins (as
     torch)."""
@@ -151,10 +174,7 @@ def _quad_tap(x_q, off, left_ok, mid_ok, right_ok, best0, best1, best2, best3, a
     m0, m1, m2, m3 = _split4(_load_quad(x_q + off, mid_ok, ACC, RELU), BLOCK_P, BQ)
     r0, r1, r2, r3 = _split4(_load_quad(x_q + (off + 4), right_ok, ACC, RELU), BLOCK_P, BQ)
     for i in tl.static_range(4):
-        acc = tl.zeros([BLOCK_P, BQ], dtype=ACC)
-        for d in tl.static_range(SIZE):
-            v = _pick(i + d - SIZE // 2, l0, l1, l2, l3, m0, m1, m2, m3, r0, r1, r2, r3)
-            acc += v * v
+        acc = _strip_sumsq(i, l0, l1, l2, l3, m0, m1, m2, m3, r0, r1, r2, r3, SIZE, BLOCK_P, BQ, ACC)
         x = _pick(i, l0, l1, l2, l3, m0, m1, m2, m3, r0, r1, r2, r3)
         # Rounded as the unfused LRN stores it, so ties (and the argmax) are the unfused ops'.
         v = (x * _pow(k_ + a * acc, neg_beta, sign, SIMPLE_POW)).to(y_ty).to(ACC)
@@ -170,7 +190,7 @@ def _quad_tap(x_q, off, left_ok, mid_ok, right_ok, best0, best1, best2, best3, a
 
 
 @triton.jit
-def _fwd_quads(x_ptr, y_ptr, arg_ptr, N, C, OH, OW, CG, sx_n, sx_h, sx_w, sy_n, sy_h, sy_w, sa_n, sa_h, sa_w,
+def _fwd_quads(x_ptr, y_ptr, arg_ptr, C, OH, OW, CG, sx_n, sx_h, sx_w, sy_n, sy_h, sy_w, sa_n, sa_h, sa_w,
                a, k_, neg_beta, sign, SIZE: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
                SW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
                SIMPLE_POW: tl.constexpr, RELU: tl.constexpr):
@@ -185,10 +205,7 @@ def _fwd_quads(x_ptr, y_ptr, arg_ptr, N, C, OH, OW, CG, sx_n, sx_h, sx_w, sy_n, 
     n = tl.program_id(2)
     cb = tl.program_id(1) * BLOCK_C + 4 * tl.arange(0, BQ)[None, :]  # [1, BQ]: each thread's first channel
     p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P))[:, None]  # [BLOCK_P, 1]
-    lo = (cb // CG) * CG
-    mid_ok = cb < C
-    left_ok = (cb > lo) & mid_ok  # cb - 4 >= lo: the groups hold whole quads
-    right_ok = cb + 4 < lo + CG
+    _, left_ok, mid_ok, right_ok = _quad_masks(cb, C, CG, 1)
     pc = tl.minimum(p, P - 1)  # in-bounds loads for padded lanes (never stored)
     e = tl.arange(0, 4)[None, None, :]
     x_q = (x_ptr + n * sx_n + ((pc // OW) * SH) * sx_h + ((pc % OW) * SW) * sx_w + cb)[:, :, None] + e
@@ -203,10 +220,10 @@ def _fwd_quads(x_ptr, y_ptr, arg_ptr, N, C, OH, OW, CG, sx_n, sx_h, sx_w, sy_n, 
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
             best0, best1, best2, best3, arg0, arg1, arg2, arg3 = _quad_tap(
-                x_q, kh * sx_h + kw * sx_w, left_ok[:, :, None], mid_ok[:, :, None], right_ok[:, :, None],
+                x_q, kh * sx_h + kw * sx_w, left_ok, mid_ok, right_ok,
                 best0, best1, best2, best3, arg0, arg1, arg2, arg3, a, k_, neg_beta, sign, kh * KW + kw,
                 y_ptr.dtype.element_ty, SIZE, BLOCK_P, BQ, ACC, SIMPLE_POW, RELU)
-    out = (p < P)[:, :, None] & mid_ok[:, :, None]
+    out = (p < P)[:, :, None] & mid_ok
     oh = p // OW
     ow = p % OW
     y_q = (y_ptr + n * sy_n + oh * sy_h + ow * sy_w + cb)[:, :, None] + e
@@ -235,17 +252,16 @@ def _lrn_maxpool2d_fwd_kernel(
     RELU: tl.constexpr,  # the input's ReLU first: y = pool(lrn(relu(x)))
     QUADS: tl.constexpr,  # channels contiguous in whole quads (_fwd_quads)
 ):
+    a = _scalar(alpha_over_size, ACC)
+    neg_beta = -_scalar(beta, ACC)
+    k_ = _scalar(k, ACC)
+    sign = _scalar(neg_sign, ACC)
     if QUADS:
-        _fwd_quads(x_ptr, y_ptr, arg_ptr, N, C, OH, OW, CG, sx_n, sx_h, sx_w, sy_n, sy_h, sy_w, sa_n, sa_h, sa_w,
-                   _scalar(alpha_over_size, ACC), _scalar(k, ACC), -_scalar(beta, ACC), _scalar(neg_sign, ACC),
-                   SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_P, ACC, SIMPLE_POW, RELU)
+        _fwd_quads(x_ptr, y_ptr, arg_ptr, C, OH, OW, CG, sx_n, sx_h, sx_w, sy_n, sy_h, sy_w, sa_n, sa_h, sa_w,
+                   a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_P, ACC, SIMPLE_POW, RELU)
     else:
         n, c, p, c_mask, p_mask, lo, hi = _tile(N, C, OH * OW, CG, BLOCK_C, BLOCK_P)
         mask = c_mask & p_mask
-        a = _scalar(alpha_over_size, ACC)
-        neg_beta = -_scalar(beta, ACC)
-        k_ = _scalar(k, ACC)
-        sign = _scalar(neg_sign, ACC)
         oh = p // OW
         ow = p % OW
         x_base = x_ptr + n * sx_n
@@ -528,11 +544,8 @@ def _quad_quantities(J: tl.constexpr, x_l0, x_l1, x_l2, x_l3, x_m0, x_m1, x_m2, 
                      ACC: tl.constexpr, SIMPLE_POW: tl.constexpr):
     """_channel_quantities for channel cb + J from the thread's strips of x and dz (SIZE <= 5): the
     strips are already 0 outside cb's group, which is what its masks made of them."""
-    acc = tl.zeros([B0, B1], dtype=ACC)
-    for d in tl.static_range(SIZE):
-        v = _pick(J + d - SIZE // 2, x_l0, x_l1, x_l2, x_l3, x_m0, x_m1, x_m2, x_m3, x_r0, x_r1, x_r2, x_r3)
-        acc += v * v
-    s_c = k_ + a * acc
+    s_c = k_ + a * _strip_sumsq(J, x_l0, x_l1, x_l2, x_l3, x_m0, x_m1, x_m2, x_m3, x_r0, x_r1, x_r2, x_r3, SIZE,
+                                B0, B1, ACC)
     x_c = _pick(J, x_l0, x_l1, x_l2, x_l3, x_m0, x_m1, x_m2, x_m3, x_r0, x_r1, x_r2, x_r3)
     dz = _pick(J, dz_l0, dz_l1, dz_l2, dz_l3, dz_m0, dz_m1, dz_m2, dz_m3, dz_r0, dz_r1, dz_r2, dz_r3)
     r_c = _pow(s_c, neg_beta, sign, SIMPLE_POW)
@@ -575,7 +588,7 @@ def _quad_grad(x_l, x_m, x_r, dz_l, dz_m, dz_r, cb, lo, hi, a, k_, neg_beta, sig
 
 
 @triton.jit
-def _bwd_quads(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
+def _bwd_quads(dy_ptr, arg_ptr, x_ptr, dx_ptr, C, H, W, OH, OW, CG,
                sd_n, sd_h, sd_w, sa_n, sa_h, sa_w, sx_n, sx_h, sx_w, sg_n, sg_h, sg_w,
                a, k_, neg_beta, sign, SIZE: tl.constexpr,
                KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -597,11 +610,8 @@ def _bwd_quads(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
     sc = tl.minimum(s, S - 1)  # loads at clamped positions: in bounds, never stored
     h = sc // W
     w = sc % W
-    lo = (cb // CG) * CG
+    lo, left_ok, mid_ok, right_ok = _quad_masks(cb, C, CG, QPT)
     hi = lo + CG
-    mid_ok = (cb < C)[:, :, None]  # (with PAIRS the second quad too: C % 8 == 0)
-    left_ok = (cb > lo)[:, :, None] & mid_ok  # the quad before is in the group (groups hold whole quads)
-    right_ok = (cb + 4 * QPT < hi)[:, :, None]
     e = tl.arange(0, 4)[None, None, :]
     x_q = (x_ptr + n * sx_n + h * sx_h + w * sx_w + cb)[:, :, None] + e
     x_l = _load_quad(x_q - 4, left_ok, ACC, RELU)
@@ -677,7 +687,7 @@ def _lrn_maxpool2d_bwd_kernel(
     k_ = _scalar(k, ACC)
     sign = _scalar(neg_sign, ACC)
     if QUADS:
-        _bwd_quads(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
+        _bwd_quads(dy_ptr, arg_ptr, x_ptr, dx_ptr, C, H, W, OH, OW, CG,
                    sd_n, sd_h, sd_w, sa_n, sa_h, sa_w, sx_n, sx_h, sx_w, sg_n, sg_h, sg_w,
                    a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC, SIMPLE_POW, RELU, PAIRS)
     elif UNROLL:

@@ -528,13 +528,49 @@ def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
 
 
 @triton.jit
+def _hit(arg, dy, T, dz, ACC: tl.constexpr):
+    """dz + dy where the window's argmax (a loaded quad of bytes, -1 where masked) is T, else dz + 0 (a
+    select: bitwise what a load masked by the hit gave)."""
+    # (compared unsigned: a zero-extended byte; -1 reads 255, which matches no offset)
+    hit = arg.to(tl.uint8, bitcast=True).to(tl.int32) == T
+    return dz + tl.where(hit, dy.to(ACC), 0.0)
+
+
+@triton.jit
 def _gather_quad(arg_q, dy_q, ok, T, dz, ACC: tl.constexpr):
     """dz + dy where the window's argmax is this input's offset T in it, for a quad: both loads whole
-    vectors (masked only by window and quad), the hit a select (as a masked load's 0, bitwise)."""
-    a = tl.load(arg_q, mask=ok, other=-1)
-    # (compared unsigned: a zero-extended byte; -1 reads 255, which matches no offset)
-    hit = a.to(tl.uint8, bitcast=True).to(tl.int32) == T
-    return dz + tl.where(hit, tl.load(dy_q, mask=ok, other=0.0).to(ACC), 0.0)
+    vectors (masked only by window and quad)."""
+    return _hit(tl.load(arg_q, mask=ok, other=-1), tl.load(dy_q, mask=ok, other=0.0), T, dz, ACC)
+
+
+@triton.jit
+def _window_strip(arg_q, dy_q, ok, left_ok, mid_ok, right_ok, QPT: tl.constexpr):
+    """One pool window's argmax and dy at a thread's strip of quads (the quad before, its QPT quads, the
+    quad after; the second of QPT 2 repeats the first where QPT is 1), masked by window and quad."""
+    a_l = tl.load(arg_q - 4, mask=ok & left_ok, other=-1)
+    d_l = tl.load(dy_q - 4, mask=ok & left_ok, other=0.0)
+    a_m = tl.load(arg_q, mask=ok & mid_ok, other=-1)
+    d_m = tl.load(dy_q, mask=ok & mid_ok, other=0.0)
+    a_m2 = a_m
+    d_m2 = d_m
+    if QPT == 2:
+        a_m2 = tl.load(arg_q + 4, mask=ok & mid_ok, other=-1)
+        d_m2 = tl.load(dy_q + 4, mask=ok & mid_ok, other=0.0)
+    a_r = tl.load(arg_q + 4 * QPT, mask=ok & right_ok, other=-1)
+    d_r = tl.load(dy_q + 4 * QPT, mask=ok & right_ok, other=0.0)
+    return a_l, a_m, a_m2, a_r, d_l, d_m, d_m2, d_r
+
+
+@triton.jit
+def _strip_hits(a_l, a_m, a_m2, a_r, d_l, d_m, d_m2, d_r, T, dz_l, dz_m, dz_m2, dz_r, ACC: tl.constexpr,
+                QPT: tl.constexpr):
+    """_hit over a strip of quads (_window_strip's)."""
+    dz_l = _hit(a_l, d_l, T, dz_l, ACC)
+    dz_m = _hit(a_m, d_m, T, dz_m, ACC)
+    if QPT == 2:
+        dz_m2 = _hit(a_m2, d_m2, T, dz_m2, ACC)
+    dz_r = _hit(a_r, d_r, T, dz_r, ACC)
+    return dz_l, dz_m, dz_m2, dz_r
 
 
 @triton.jit
@@ -588,6 +624,39 @@ def _quad_grad(x_l, x_m, x_r, dz_l, dz_m, dz_r, cb, lo, hi, a, k_, neg_beta, sig
 
 
 @triton.jit
+def _strip_x(x_q, left_ok, mid_ok, right_ok, ACC: tl.constexpr, RELU: tl.constexpr, QPT: tl.constexpr):
+    """relu(x) at a thread's strip of quads from its first quad x_q: the quad before, its QPT quads (the
+    second repeats the first where QPT is 1), the quad after."""
+    x_l = _load_quad(x_q - 4, left_ok, ACC, RELU)
+    x_m = _load_quad(x_q, mid_ok, ACC, RELU)
+    x_m2 = x_m
+    if QPT == 2:
+        x_m2 = _load_quad(x_q + 4, mid_ok, ACC, RELU)
+    x_r = _load_quad(x_q + 4 * QPT, right_ok, ACC, RELU)
+    return x_l, x_m, x_m2, x_r
+
+
+@triton.jit
+def _strip_dx(g_q, out, x_l, x_m, x_m2, x_r, dz_l, dz_m, dz_m2, dz_r, cb, lo, hi, a, k_, neg_beta, sign,
+              SIZE: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr, ACC: tl.constexpr, SIMPLE_POW: tl.constexpr,
+              RELU: tl.constexpr, QPT: tl.constexpr):
+    """Stores dx of a thread's QPT quads (from cb; at g_q, where `out`) from x and dz at its strip. With QPT 2
+    the two quads' 12-channel strips overlap in 8 channels, whose LRN quantities (sums, powers, gathered
+    gradients) the compiler computes once for both: 12 sets for 8 inputs instead of 8 for 4."""
+    g = _quad_grad(x_l, x_m, x_m2, dz_l, dz_m, dz_m2, cb, lo, hi, a, k_, neg_beta, sign, SIZE, B0, B1, ACC,
+                   SIMPLE_POW, RELU)
+    if QPT == 2:
+        tl.store(g_q, g.to(g_q.dtype.element_ty), mask=out)
+        g = _quad_grad(x_m, x_m2, x_r, dz_m, dz_m2, dz_r, cb + 4, lo, hi, a, k_, neg_beta, sign, SIZE, B0, B1,
+                       ACC, SIMPLE_POW, RELU)
+        tl.store(g_q + 4, g.to(g_q.dtype.element_ty), mask=out)
+    else:
+        g = _quad_grad(x_l, x_m, x_r, dz_l, dz_m, dz_r, cb, lo, hi, a, k_, neg_beta, sign, SIZE, B0, B1, ACC,
+                       SIMPLE_POW, RELU)
+        tl.store(g_q, g.to(g_q.dtype.element_ty), mask=out)
+
+
+@triton.jit
 def _bwd_quads(dy_ptr, arg_ptr, x_ptr, dx_ptr, C, H, W, OH, OW, CG,
                sd_n, sd_h, sd_w, sa_n, sa_h, sa_w, sx_n, sx_h, sx_w, sg_n, sg_h, sg_w,
                a, k_, neg_beta, sign, SIZE: tl.constexpr,
@@ -598,9 +667,7 @@ def _bwd_quads(dy_ptr, arg_ptr, x_ptr, dx_ptr, C, H, W, OH, OW, CG,
     thread takes a quad (two adjacent quads of one group with PAIRS: C and CG multiples of 8) of one
     position and loads x as vectors, its quads and the quads either side, and each pool window's
     argmax and dy the same way, masked a whole quad at a time; then the same expressions in the same
-    order. With PAIRS the two quads' 12-channel strips overlap in 8 channels, whose LRN quantities
-    (sums, powers, gathered gradients) the compiler computes once for both: 12 sets for 8 inputs
-    instead of 8 for 4. Tiles are [BLOCK_S positions, BLOCK_C // (4 or 8) threads, 4]."""
+    order (_strip_dx). Tiles are [BLOCK_S positions, BLOCK_C // (4 or 8) threads, 4]."""
     QPT: tl.constexpr = 2 if PAIRS else 1  # quads a thread
     BQ: tl.constexpr = BLOCK_C // (4 * QPT)
     S = H * W
@@ -611,15 +678,9 @@ def _bwd_quads(dy_ptr, arg_ptr, x_ptr, dx_ptr, C, H, W, OH, OW, CG,
     h = sc // W
     w = sc % W
     lo, left_ok, mid_ok, right_ok = _quad_masks(cb, C, CG, QPT)
-    hi = lo + CG
     e = tl.arange(0, 4)[None, None, :]
-    x_q = (x_ptr + n * sx_n + h * sx_h + w * sx_w + cb)[:, :, None] + e
-    x_l = _load_quad(x_q - 4, left_ok, ACC, RELU)
-    x_m = _load_quad(x_q, mid_ok, ACC, RELU)
-    x_m2 = x_m
-    if PAIRS:
-        x_m2 = _load_quad(x_q + 4, mid_ok, ACC, RELU)
-    x_r = _load_quad(x_q + 4 * QPT, right_ok, ACC, RELU)
+    x_l, x_m, x_m2, x_r = _strip_x((x_ptr + n * sx_n + h * sx_h + w * sx_w + cb)[:, :, None] + e,
+                                   left_ok, mid_ok, right_ok, ACC, RELU, QPT)
     # The pool gradient routed to the strip's channels: the candidate windows as in _routed_grad.
     arg_q = (arg_ptr + n * sa_n + (h // SH) * sa_h + (w // SW) * sa_w + cb)[:, :, None] + e
     dy_q = (dy_ptr + n * sd_n + (h // SH) * sd_h + (w // SW) * sd_w + cb)[:, :, None] + e
@@ -635,27 +696,97 @@ def _bwd_quads(dy_ptr, arg_ptr, x_ptr, dx_ptr, C, H, W, OH, OW, CG,
             ow = w // SW - tw
             kw = w - ow * SW
             ok = (h_ok & (ow >= 0) & (ow < OW) & (kw < KW))[:, :, None]
-            t = (kh * KW + kw)[:, :, None]
-            aw = arg_q - (th * sa_h + tw * sa_w)
-            dw = dy_q - (th * sd_h + tw * sd_w)
-            dz_l = _gather_quad(aw - 4, dw - 4, ok & left_ok, t, dz_l, ACC)
-            dz_m = _gather_quad(aw, dw, ok & mid_ok, t, dz_m, ACC)
-            if PAIRS:
-                dz_m2 = _gather_quad(aw + 4, dw + 4, ok & mid_ok, t, dz_m2, ACC)
-            dz_r = _gather_quad(aw + 4 * QPT, dw + 4 * QPT, ok & right_ok, t, dz_r, ACC)
+            a_l, a_m, a_m2, a_r, d_l, d_m, d_m2, d_r = _window_strip(
+                arg_q - (th * sa_h + tw * sa_w), dy_q - (th * sd_h + tw * sd_w), ok, left_ok, mid_ok, right_ok, QPT)
+            dz_l, dz_m, dz_m2, dz_r = _strip_hits(a_l, a_m, a_m2, a_r, d_l, d_m, d_m2, d_r, (kh * KW + kw)[:, :, None],
+                                                  dz_l, dz_m, dz_m2, dz_r, ACC, QPT)
     g_q = (dx_ptr + n * sg_n + h * sg_h + w * sg_w + cb)[:, :, None] + e
-    out = (s < S)[:, :, None] & mid_ok
-    if PAIRS:
-        g = _quad_grad(x_l, x_m, x_m2, dz_l, dz_m, dz_m2, cb, lo, hi, a, k_, neg_beta, sign, SIZE, BLOCK_S, BQ, ACC,
-                       SIMPLE_POW, RELU)
-        tl.store(g_q, g.to(dx_ptr.dtype.element_ty), mask=out)
-        g = _quad_grad(x_m, x_m2, x_r, dz_m, dz_m2, dz_r, cb + 4, lo, hi, a, k_, neg_beta, sign, SIZE, BLOCK_S, BQ,
-                       ACC, SIMPLE_POW, RELU)
-        tl.store(g_q + 4, g.to(dx_ptr.dtype.element_ty), mask=out)
-    else:
-        g = _quad_grad(x_l, x_m, x_r, dz_l, dz_m, dz_r, cb, lo, hi, a, k_, neg_beta, sign, SIZE, BLOCK_S, BQ, ACC,
-                       SIMPLE_POW, RELU)
-        tl.store(g_q, g.to(dx_ptr.dtype.element_ty), mask=out)
+    _strip_dx(g_q, (s < S)[:, :, None] & mid_ok, x_l, x_m, x_m2, x_r, dz_l, dz_m, dz_m2, dz_r, cb, lo, lo + CG,
+              a, k_, neg_beta, sign, SIZE, BLOCK_S, BQ, ACC, SIMPLE_POW, RELU, QPT)
+
+
+@triton.jit
+def _cell_dx(I: tl.constexpr, J: tl.constexpr, x_ptr, dx_ptr, n, ci, cj, inside, H, W, sx_n, sx_h, sx_w,
+             sg_n, sg_h, sg_w, dz_l, dz_m, dz_m2, dz_r, cb, lo, left_ok, mid_ok, right_ok, a, k_, neg_beta, sign,
+             CG, SIZE: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr, ACC: tl.constexpr,
+             SIMPLE_POW: tl.constexpr, RELU: tl.constexpr, QPT: tl.constexpr):
+    """dx at position (I, J) of the threads' cells (2 ci + I, 2 cj + J), from its gathered dz."""
+    h = 2 * ci + I
+    w = 2 * cj + J
+    e = tl.arange(0, 4)[None, None, :]
+    # x at clamped positions: in bounds, never stored
+    x_q = (x_ptr + n * sx_n + tl.minimum(h, H - 1) * sx_h + tl.minimum(w, W - 1) * sx_w + cb)[:, :, None] + e
+    x_l, x_m, x_m2, x_r = _strip_x(x_q, left_ok, mid_ok, right_ok, ACC, RELU, QPT)
+    out = (inside & (h < H) & (w < W))[:, :, None] & mid_ok
+    _strip_dx((dx_ptr + n * sg_n + h * sg_h + w * sg_w + cb)[:, :, None] + e, out, x_l, x_m, x_m2, x_r,
+              dz_l, dz_m, dz_m2, dz_r, cb, lo, lo + CG, a, k_, neg_beta, sign, SIZE, B0, B1, ACC, SIMPLE_POW, RELU,
+              QPT)
+
+
+@triton.jit
+def _bwd_cells(dy_ptr, arg_ptr, x_ptr, dx_ptr, C, H, W, OH, OW, CG,
+               sd_n, sd_h, sd_w, sa_n, sa_h, sa_w, sx_n, sx_h, sx_w, sg_n, sg_h, sg_w,
+               a, k_, neg_beta, sign, SIZE: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+               BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, SIMPLE_POW: tl.constexpr,
+               RELU: tl.constexpr, PAIRS: tl.constexpr):
+    """_bwd_quads for a pool of stride 2 both ways and windows of at most 4: a thread takes a cell of
+    2 x 2 input positions (2 ci + I, 2 cj + J). Every position of a cell has the same candidate windows
+    (oh = ci - t, ow = cj - u; t, u in 0, 1), and each position's offset in each of them is known when
+    compiling (2 t + I, 2 u + J), so the thread loads a window's argmax and dy once for its 4 positions
+    and tests only the pairs that can hit: 9 for a 3x3 window, where one position a thread loads 4
+    windows and tests all 4. Each position's dz adds its windows in _bwd_quads' order, bit for bit.
+    Tiles are [BLOCK_S cells, BLOCK_C // (4 or 8) threads, 4]."""
+    QPT: tl.constexpr = 2 if PAIRS else 1
+    BQ: tl.constexpr = BLOCK_C // (4 * QPT)
+    CW = (W + 1) // 2
+    NCELL = ((H + 1) // 2) * CW
+    n = tl.program_id(2)
+    cb = tl.program_id(1) * BLOCK_C + 4 * QPT * tl.arange(0, BQ)[None, :]
+    s = (tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S))[:, None]
+    sc = tl.minimum(s, NCELL - 1)
+    ci = sc // CW
+    cj = sc % CW
+    lo, left_ok, mid_ok, right_ok = _quad_masks(cb, C, CG, QPT)
+    e = tl.arange(0, 4)[None, None, :]
+    arg_q = (arg_ptr + n * sa_n + ci * sa_h + cj * sa_w + cb)[:, :, None] + e
+    dy_q = (dy_ptr + n * sd_n + ci * sd_h + cj * sd_w + cb)[:, :, None] + e
+    z = tl.zeros([BLOCK_S, BQ, 4], ACC)
+    # dz of the cell's positions (00, 01, 10, 11) at the strip's quads (l, m, m2, r)
+    dz00_l, dz00_m, dz00_m2, dz00_r = z, z, z, z
+    dz01_l, dz01_m, dz01_m2, dz01_r = z, z, z, z
+    dz10_l, dz10_m, dz10_m2, dz10_r = z, z, z, z
+    dz11_l, dz11_m, dz11_m2, dz11_r = z, z, z, z
+    for t in tl.static_range((KH + 1) // 2):
+        for u in tl.static_range((KW + 1) // 2):
+            ok = ((ci >= t) & (ci - t < OH) & (cj >= u) & (cj - u < OW))[:, :, None]
+            a_l, a_m, a_m2, a_r, d_l, d_m, d_m2, d_r = _window_strip(
+                arg_q - (t * sa_h + u * sa_w), dy_q - (t * sd_h + u * sd_w), ok, left_ok, mid_ok, right_ok, QPT)
+            T = 2 * t * KW + 2 * u  # position 00's offset in this window
+            dz00_l, dz00_m, dz00_m2, dz00_r = _strip_hits(a_l, a_m, a_m2, a_r, d_l, d_m, d_m2, d_r, T,
+                                                          dz00_l, dz00_m, dz00_m2, dz00_r, ACC, QPT)
+            if 2 * u + 1 < KW:
+                dz01_l, dz01_m, dz01_m2, dz01_r = _strip_hits(a_l, a_m, a_m2, a_r, d_l, d_m, d_m2, d_r, T + 1,
+                                                              dz01_l, dz01_m, dz01_m2, dz01_r, ACC, QPT)
+            if 2 * t + 1 < KH:
+                dz10_l, dz10_m, dz10_m2, dz10_r = _strip_hits(a_l, a_m, a_m2, a_r, d_l, d_m, d_m2, d_r, T + KW,
+                                                              dz10_l, dz10_m, dz10_m2, dz10_r, ACC, QPT)
+                if 2 * u + 1 < KW:
+                    dz11_l, dz11_m, dz11_m2, dz11_r = _strip_hits(a_l, a_m, a_m2, a_r, d_l, d_m, d_m2, d_r,
+                                                                  T + KW + 1, dz11_l, dz11_m, dz11_m2, dz11_r, ACC,
+                                                                  QPT)
+    inside = s < NCELL
+    _cell_dx(0, 0, x_ptr, dx_ptr, n, ci, cj, inside, H, W, sx_n, sx_h, sx_w, sg_n, sg_h, sg_w,
+             dz00_l, dz00_m, dz00_m2, dz00_r, cb, lo, left_ok, mid_ok, right_ok, a, k_, neg_beta, sign, CG, SIZE,
+             BLOCK_S, BQ, ACC, SIMPLE_POW, RELU, QPT)
+    _cell_dx(0, 1, x_ptr, dx_ptr, n, ci, cj, inside, H, W, sx_n, sx_h, sx_w, sg_n, sg_h, sg_w,
+             dz01_l, dz01_m, dz01_m2, dz01_r, cb, lo, left_ok, mid_ok, right_ok, a, k_, neg_beta, sign, CG, SIZE,
+             BLOCK_S, BQ, ACC, SIMPLE_POW, RELU, QPT)
+    _cell_dx(1, 0, x_ptr, dx_ptr, n, ci, cj, inside, H, W, sx_n, sx_h, sx_w, sg_n, sg_h, sg_w,
+             dz10_l, dz10_m, dz10_m2, dz10_r, cb, lo, left_ok, mid_ok, right_ok, a, k_, neg_beta, sign, CG, SIZE,
+             BLOCK_S, BQ, ACC, SIMPLE_POW, RELU, QPT)
+    _cell_dx(1, 1, x_ptr, dx_ptr, n, ci, cj, inside, H, W, sx_n, sx_h, sx_w, sg_n, sg_h, sg_w,
+             dz11_l, dz11_m, dz11_m2, dz11_r, cb, lo, left_ok, mid_ok, right_ok, a, k_, neg_beta, sign, CG, SIZE,
+             BLOCK_S, BQ, ACC, SIMPLE_POW, RELU, QPT)
 
 
 @triton.jit
@@ -681,12 +812,17 @@ def _lrn_maxpool2d_bwd_kernel(
     RELU: tl.constexpr,  # the forward's input ReLU: dx is the gradient of relu's input
     QUADS: tl.constexpr,  # channels contiguous in whole quads (_bwd_quads)
     PAIRS: tl.constexpr,  # _bwd_quads with two quads a thread
+    CELLS: tl.constexpr,  # _bwd_quads in cells of 2 x 2 positions (_bwd_cells)
 ):
     a = _scalar(alpha_over_size, ACC)
     neg_beta = -_scalar(beta, ACC)
     k_ = _scalar(k, ACC)
     sign = _scalar(neg_sign, ACC)
-    if QUADS:
+    if CELLS:
+        _bwd_cells(dy_ptr, arg_ptr, x_ptr, dx_ptr, C, H, W, OH, OW, CG,
+                   sd_n, sd_h, sd_w, sa_n, sa_h, sa_w, sx_n, sx_h, sx_w, sg_n, sg_h, sg_w,
+                   a, k_, neg_beta, sign, SIZE, KH, KW, BLOCK_C, BLOCK_S, ACC, SIMPLE_POW, RELU, PAIRS)
+    elif QUADS:
         _bwd_quads(dy_ptr, arg_ptr, x_ptr, dx_ptr, C, H, W, OH, OW, CG,
                    sd_n, sd_h, sd_w, sa_n, sa_h, sa_w, sx_n, sx_h, sx_w, sg_n, sg_h, sg_w,
                    a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC, SIMPLE_POW, RELU, PAIRS)
@@ -745,6 +881,12 @@ def _quads(size: int, groups: int, *tensors: torch.Tensor, backward: bool = Fals
     return 8 if backward and C % 8 == 0 and (C // groups) % 8 == 0 else 4
 
 
+def _cells(kernel_size: tuple[int, int], stride: tuple[int, int]) -> bool:
+    """Whether _bwd_quads can take cells of 2 x 2 positions (_bwd_cells): stride 2 both ways, windows of
+    at most 4 (so at most 2 candidate windows along each axis)."""
+    return tuple(stride) == (2, 2) and max(kernel_size) <= 4
+
+
 def _grid(N: int, C: int, P: int, block_c: int, block_p: int, quads: int) -> tuple[int, ...]:
     """The quads kernels' 3-D grid (position blocks, channel blocks, samples), else one flat axis."""
     if quads:
@@ -752,13 +894,16 @@ def _grid(N: int, C: int, P: int, block_c: int, block_p: int, quads: int) -> tup
     return (N * triton.cdiv(C, block_c) * triton.cdiv(P, block_p),)
 
 
-def _block_sizes(C: int, P: int, backward: bool = False, quads: int = 0) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_P, num_warps), powers of two; P is the pooled (forward) or input (backward) plane.
-    quads: the channels a thread of the quads kernels takes (_quads), 0 for the others."""
+def _block_sizes(C: int, P: int, backward: bool = False, quads: int = 0, cells: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_P, num_warps), powers of two; P is the pooled (forward) or input (backward) plane,
+    or the backward's cells. quads: the channels a thread of the quads kernels takes (_quads), 0 for the
+    others; cells: the backward's 2 x 2 cells a thread (_cells)."""
     if quads and not _common.is_interpreting():
-        # 256 threads (8 warps) a tile where the plane has the positions (~75 registers a thread)
+        # 256 threads (8 warps) a tile where the plane has the positions (~75 registers a thread); in
+        # cells (4 positions a thread, ~120-135 registers) 128: 3 tiles an SM, where 256 fit one
+        threads = 128 if cells else 256
         block_c = max(_channel_block(C), quads)
-        block_p = min(_common.next_pow2(P), max(256 * quads // block_c, 1))
+        block_p = min(_common.next_pow2(P), max(threads * quads // block_c, 1))
         return block_c, block_p, max(1, min(8, block_c * block_p // (32 * quads)))
     if _common.is_interpreting():
         # The interpreter's cost is per program: as few, large tiles as possible.
@@ -843,9 +988,11 @@ def lrn_maxpool2d_backward(dy: torch.Tensor, x: torch.Tensor, argmax: torch.Tens
     if dx.numel() == 0:
         return dx
     quads = _quads(size, groups, x, dx, dy, argmax, backward=True)
-    block_c, block_s, num_warps = _block_sizes(C, H * W, backward=True, quads=quads)
+    cells = bool(quads) and _cells(kernel_size, stride)
+    S = triton.cdiv(H, 2) * triton.cdiv(W, 2) if cells else H * W  # the threads' positions, or cells
+    block_c, block_s, num_warps = _block_sizes(C, S, backward=True, quads=quads, cells=cells)
     assert block_c & (block_c - 1) == 0 and block_s & (block_s - 1) == 0, "blocks must be powers of two"
-    grid = _grid(N, C, H * W, block_c, block_s, quads)
+    grid = _grid(N, C, S, block_c, block_s, quads)
     _lrn_maxpool2d_bwd_kernel[grid](
         dy, argmax, x, dx, N, C, H, W, OH, OW, C // groups,
         *dy.stride(), *argmax.stride(), *x.stride(), *dx.stride(),
@@ -856,7 +1003,7 @@ def lrn_maxpool2d_backward(dy: torch.Tensor, x: torch.Tensor, argmax: torch.Tens
         ONE_STEP=C // groups > size // 2 + 3,  # the offsets -(size-1)//2 .. size//2 + 3 of _bwd_shared
         # (threads start at multiples of 4 where the channel block is; AlexNet's groups: 48-256 channels)
         SAME_GROUP=(C // groups) % 4 == 0 and block_c % 4 == 0, RELU=bool(relu), QUADS=quads > 0,
-        PAIRS=quads == 8,
+        PAIRS=quads == 8, CELLS=cells,
         num_warps=num_warps,
     )
     return dx

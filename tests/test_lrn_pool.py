@@ -212,7 +212,7 @@ def test_small_blocks(device, monkeypatch):
     """Many programs: ragged channel and position blocks, window halos across channel blocks, a group
     boundary inside a block (12 channels, groups 2, 8 a block); in quads, the halo quads in the
     neighbouring channel blocks and a group boundary between a block's two quads."""
-    monkeypatch.setattr(K, "_block_sizes", lambda C, P, backward=False, quads=False: (8, 8, 4))
+    monkeypatch.setattr(K, "_block_sizes", lambda C, P, backward=False, quads=0, cells=False: (8, 8, 4))
     check(make_input((1, 13, 7, 9), torch.float32, device), 1, dict(STRONG, size=4))
     check(make_input((2, 12, 5, 7), torch.float32, device, "channels_last"), 2, STRONG)
     check(make_input((2, 24, 5, 7), torch.float32, device, "channels_last"), 1, STRONG)
@@ -348,6 +348,42 @@ def test_quads_past_the_grid_axis(device, monkeypatch):
     x = make_input((2, 16, 9, 9), torch.float32, device, "channels_last")
     y, argmax = check(x, 2, STRONG)
     assert not K._quads(5, 2, x, y, argmax) and K._quads(5, 2, x[:1], y[:1], argmax[:1])
+
+
+# Pool geometries in channels_last quads: stride 2 both ways with windows of at most 4 takes the
+# backward in 2 x 2 cells (_bwd_cells), the rest one position a thread (_bwd_quads).
+QUAD_GEOMETRIES = [((3, 3), (2, 2), True), ((2, 2), (2, 2), True), ((4, 4), (2, 2), True),
+                   ((3, 2), (2, 2), True), ((1, 3), (2, 2), True),  # (rows 2 ci + 1 in no window)
+                   ((3, 3), (1, 1), False), ((2, 3), (2, 1), False), ((5, 5), (2, 2), False)]
+
+
+@pytest.mark.parametrize("kernel_size, stride, cells", QUAD_GEOMETRIES)
+@pytest.mark.parametrize("shape", [(2, 16, 11, 9), (1, 24, 10, 12)])  # odd planes: ragged last cells
+def test_quads_geometries(kernel_size, stride, cells, shape, device):
+    """Against float64, and bitwise the unfused pool then LRN backward (fp32: their dz is exact)."""
+    assert K._cells(kernel_size, stride) == cells
+    x = make_input(shape, torch.float32, device, "channels_last")
+    y, argmax = check(x, 2, STRONG, kernel_size, stride)
+    x = x.detach()
+    assert K._quads(5, 2, x, x, y, argmax, backward=True) == (8 if shape[1] % 16 == 0 else 4)
+    dy = torch.randn_like(y)
+    dx = K.lrn_maxpool2d_backward(dy, x, argmax, **STRONG, groups=2, kernel_size=kernel_size, stride=stride)
+    dz = M.maxpool2d_backward(dy, argmax, x.shape, kernel_size, stride, (0, 0), (1, 1), True)
+    assert torch.equal(dx, L.lrn_backward(dz, x, **STRONG, groups=2))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_cells_equal_positions(dtype, device, monkeypatch):
+    """The cells backward bitwise the one-position-a-thread quads backward, in every dtype (16-bit too:
+    both keep dz in fp32 and add its windows in the same order), with ties (windows sharing an argmax)
+    and a batch of 3."""
+    x = make_input((3, 16, 13, 11), dtype, device, "channels_last", requires_grad=False)
+    x[:, :, 4:9, 2:7] = 1.0  # constant patch: overlapping windows take the same first maximum
+    y, argmax = K.lrn_maxpool2d_forward(x, **STRONG, groups=2)
+    dy = torch.randn_like(y)
+    dx = K.lrn_maxpool2d_backward(dy, x, argmax, **STRONG, groups=2)
+    monkeypatch.setattr(K, "_cells", lambda kernel_size, stride: False)
+    assert torch.equal(dx, K.lrn_maxpool2d_backward(dy, x, argmax, **STRONG, groups=2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,8 +615,10 @@ def test_block_sizes_gpu(C, P, backward, monkeypatch):
 def test_block_sizes_gpu_quads(C, P, quads, monkeypatch):
     """The quads kernels: 4 or 8 channels a thread, every thread with its own (P >= 36)."""
     monkeypatch.setattr(_common, "is_interpreting", lambda: False)
-    block_c, block_p, num_warps = K._block_sizes(C, P, backward=quads == 8, quads=quads)
-    assert _is_pow2(block_c) and _is_pow2(block_p) and _is_pow2(num_warps) and num_warps <= 8
-    assert block_c % quads == 0 and block_c * block_p == 32 * num_warps * quads
+    for cells in [False, True] if quads == 8 else [False]:
+        block_c, block_p, num_warps = K._block_sizes(C, P, backward=quads == 8, quads=quads, cells=cells)
+        assert _is_pow2(block_c) and _is_pow2(block_p) and _is_pow2(num_warps)
+        assert num_warps <= (4 if cells else 8)  # cells: ~135 registers a thread, 3 tiles of 4 warps an SM
+        assert block_c % quads == 0 and block_c * block_p == 32 * num_warps * quads
     if C in (96, 256):
         assert C % block_c == 0

@@ -164,29 +164,32 @@ def _running_max(v, best, arg, T: tl.constexpr):
 
 
 @triton.jit
-def _quad_tap(x_q, off, left_ok, mid_ok, right_ok, best0, best1, best2, best3, arg0, arg1, arg2, arg3,
-              a, k_, neg_beta, sign, T: tl.constexpr, y_ty: tl.constexpr, SIZE: tl.constexpr,
-              BLOCK_P: tl.constexpr, BQ: tl.constexpr, ACC: tl.constexpr, SIMPLE_POW: tl.constexpr,
-              RELU: tl.constexpr):
-    """One pool tap for a thread's 4 channels: the three quads' loads (whole vectors, masked by group),
-    each channel's LRN value as _tap_lrn computes it (same ops, same order), the running max."""
-    l0, l1, l2, l3 = _split4(_load_quad(x_q + (off - 4), left_ok, ACC, RELU), BLOCK_P, BQ)
-    m0, m1, m2, m3 = _split4(_load_quad(x_q + off, mid_ok, ACC, RELU), BLOCK_P, BQ)
-    r0, r1, r2, r3 = _split4(_load_quad(x_q + (off + 4), right_ok, ACC, RELU), BLOCK_P, BQ)
+def _quad_lrn(x_q, left_ok, mid_ok, right_ok, a, k_, neg_beta, sign, y_ty: tl.constexpr, SIZE: tl.constexpr,
+              B0: tl.constexpr, B1: tl.constexpr, ACC: tl.constexpr, SIMPLE_POW: tl.constexpr, RELU: tl.constexpr):
+    """The LRN values of a thread's 4 channels at one tap ([B0, B1, 4], x_q its quad's pointers): the
+    three quads' loads (whole vectors, masked by group), each channel's value as _tap_lrn computes it
+    (same ops, same order), rounded as the unfused LRN stores it, so ties (and the argmax) are the
+    unfused ops'."""
+    l0, l1, l2, l3 = _split4(_load_quad(x_q - 4, left_ok, ACC, RELU), B0, B1)
+    m0, m1, m2, m3 = _split4(_load_quad(x_q, mid_ok, ACC, RELU), B0, B1)
+    r0, r1, r2, r3 = _split4(_load_quad(x_q + 4, right_ok, ACC, RELU), B0, B1)
+    v0 = m0
+    v1 = m1
+    v2 = m2
+    v3 = m3
     for i in tl.static_range(4):
-        acc = _strip_sumsq(i, l0, l1, l2, l3, m0, m1, m2, m3, r0, r1, r2, r3, SIZE, BLOCK_P, BQ, ACC)
+        acc = _strip_sumsq(i, l0, l1, l2, l3, m0, m1, m2, m3, r0, r1, r2, r3, SIZE, B0, B1, ACC)
         x = _pick(i, l0, l1, l2, l3, m0, m1, m2, m3, r0, r1, r2, r3)
-        # Rounded as the unfused LRN stores it, so ties (and the argmax) are the unfused ops'.
         v = (x * _pow(k_ + a * acc, neg_beta, sign, SIMPLE_POW)).to(y_ty).to(ACC)
         if i == 0:
-            best0, arg0 = _running_max(v, best0, arg0, T)
+            v0 = v
         elif i == 1:
-            best1, arg1 = _running_max(v, best1, arg1, T)
+            v1 = v
         elif i == 2:
-            best2, arg2 = _running_max(v, best2, arg2, T)
+            v2 = v
         else:
-            best3, arg3 = _running_max(v, best3, arg3, T)
-    return best0, best1, best2, best3, arg0, arg1, arg2, arg3
+            v3 = v
+    return _join4(v0, v1, v2, v3, B0, B1)
 
 
 @triton.jit
@@ -209,27 +212,85 @@ def _fwd_quads(x_ptr, y_ptr, arg_ptr, C, OH, OW, CG, sx_n, sx_h, sx_w, sy_n, sy_
     pc = tl.minimum(p, P - 1)  # in-bounds loads for padded lanes (never stored)
     e = tl.arange(0, 4)[None, None, :]
     x_q = (x_ptr + n * sx_n + ((pc // OW) * SH) * sx_h + ((pc % OW) * SW) * sx_w + cb)[:, :, None] + e
-    best0 = tl.full([BLOCK_P, BQ], float("-inf"), ACC)
-    best1 = best0
-    best2 = best0
-    best3 = best0
-    arg0 = tl.zeros([BLOCK_P, BQ], tl.int32)  # an all -inf window reports offset 0, as torch
-    arg1 = arg0
-    arg2 = arg0
-    arg3 = arg0
+    best = tl.full([BLOCK_P, BQ, 4], float("-inf"), ACC)
+    arg = tl.zeros([BLOCK_P, BQ, 4], tl.int32)  # an all -inf window reports offset 0, as torch
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
-            best0, best1, best2, best3, arg0, arg1, arg2, arg3 = _quad_tap(
-                x_q, kh * sx_h + kw * sx_w, left_ok, mid_ok, right_ok,
-                best0, best1, best2, best3, arg0, arg1, arg2, arg3, a, k_, neg_beta, sign, kh * KW + kw,
-                y_ptr.dtype.element_ty, SIZE, BLOCK_P, BQ, ACC, SIMPLE_POW, RELU)
-    out = (p < P)[:, :, None] & mid_ok
-    oh = p // OW
-    ow = p % OW
-    y_q = (y_ptr + n * sy_n + oh * sy_h + ow * sy_w + cb)[:, :, None] + e
-    tl.store(y_q, _join4(best0, best1, best2, best3, BLOCK_P, BQ).to(y_ptr.dtype.element_ty), mask=out)
-    a_q = (arg_ptr + n * sa_n + oh * sa_h + ow * sa_w + cb)[:, :, None] + e
-    tl.store(a_q, _join4(arg0, arg1, arg2, arg3, BLOCK_P, BQ).to(arg_ptr.dtype.element_ty), mask=out)
+            v = _quad_lrn(x_q + (kh * sx_h + kw * sx_w), left_ok, mid_ok, right_ok, a, k_, neg_beta, sign,
+                          y_ptr.dtype.element_ty, SIZE, BLOCK_P, BQ, ACC, SIMPLE_POW, RELU)
+            best, arg = _running_max(v, best, arg, kh * KW + kw)
+    _pooled_store(y_ptr, arg_ptr, n, p // OW, p % OW, (p < P)[:, :, None] & mid_ok, cb, best, arg,
+                  sy_n, sy_h, sy_w, sa_n, sa_h, sa_w)
+
+
+@triton.jit
+def _pooled_store(y_ptr, arg_ptr, n, oh, ow, out, cb, best, arg, sy_n, sy_h, sy_w, sa_n, sa_h, sa_w):
+    """Stores the threads' pooled quads (y and argmax, [B0, B1, 4]) at pooled position (oh, ow) where `out`."""
+    e = tl.arange(0, 4)[None, None, :]
+    tl.store((y_ptr + n * sy_n + oh * sy_h + ow * sy_w + cb)[:, :, None] + e, best.to(y_ptr.dtype.element_ty),
+             mask=out)
+    tl.store((arg_ptr + n * sa_n + oh * sa_h + ow * sa_w + cb)[:, :, None] + e, arg.to(arg_ptr.dtype.element_ty),
+             mask=out)
+
+
+@triton.jit
+def _fwd_cells(x_ptr, y_ptr, arg_ptr, C, OH, OW, CG, sx_n, sx_h, sx_w, sy_n, sy_h, sy_w, sa_n, sa_h, sa_w,
+               a, k_, neg_beta, sign, SIZE: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
+               SW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
+               SIMPLE_POW: tl.constexpr, RELU: tl.constexpr):
+    """_fwd_quads with a cell of 2 x 2 pooled outputs (2 ci + I, 2 cj + J) a thread: their windows
+    overlap (3x3/2: 25 taps for 4 outputs, where one output a thread evaluates 36), so each tap's LRN
+    value is computed once and goes to the running max of every output whose window holds it. A
+    window's taps come in row-major order, so each output sees them in _fwd_quads' order, bit for bit.
+    Tiles are [BLOCK_P cells, BLOCK_C // 4 quads, 4]."""
+    BQ: tl.constexpr = BLOCK_C // 4
+    CW = (OW + 1) // 2
+    NCELL = ((OH + 1) // 2) * CW
+    n = tl.program_id(2)
+    cb = tl.program_id(1) * BLOCK_C + 4 * tl.arange(0, BQ)[None, :]
+    s = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P))[:, None]
+    sc = tl.minimum(s, NCELL - 1)
+    ci = sc // CW
+    cj = sc % CW
+    _, left_ok, mid_ok, right_ok = _quad_masks(cb, C, CG, 1)
+    e = tl.arange(0, 4)[None, None, :]
+    x_q = (x_ptr + n * sx_n + cb)[:, :, None] + e
+    # Taps of outputs past the plane's last (odd OH or OW) read the last row / column that has a window
+    # (in bounds; those outputs are never stored).
+    h_last = (OH - 1) * SH + KH - 1
+    w_last = (OW - 1) * SW + KW - 1
+    best00 = tl.full([BLOCK_P, BQ, 4], float("-inf"), ACC)
+    best01, best10, best11 = best00, best00, best00
+    arg00 = tl.zeros([BLOCK_P, BQ, 4], tl.int32)  # an all -inf window reports offset 0, as torch
+    arg01, arg10, arg11 = arg00, arg00, arg00
+    for r in tl.static_range(SH + KH):
+        row = (tl.minimum(2 * SH * ci + r, h_last) * sx_h)[:, :, None]
+        for c in tl.static_range(SW + KW):
+            # (r, c): tap (r - I SH, c - J SW) of output (I, J) where that lies in its window
+            if (r < KH or r >= SH) and (c < KW or c >= SW):  # some output's
+                v = _quad_lrn(x_q + row + (tl.minimum(2 * SW * cj + c, w_last) * sx_w)[:, :, None], left_ok,
+                              mid_ok, right_ok, a, k_, neg_beta, sign, y_ptr.dtype.element_ty, SIZE, BLOCK_P,
+                              BQ, ACC, SIMPLE_POW, RELU)
+                if r < KH:
+                    if c < KW:
+                        best00, arg00 = _running_max(v, best00, arg00, r * KW + c)
+                    if c >= SW:
+                        best01, arg01 = _running_max(v, best01, arg01, r * KW + c - SW)
+                if r >= SH:
+                    if c < KW:
+                        best10, arg10 = _running_max(v, best10, arg10, (r - SH) * KW + c)
+                    if c >= SW:
+                        best11, arg11 = _running_max(v, best11, arg11, (r - SH) * KW + c - SW)
+    inside = (s < NCELL)[:, :, None] & mid_ok
+    oh = 2 * ci
+    ow = 2 * cj
+    _pooled_store(y_ptr, arg_ptr, n, oh, ow, inside, cb, best00, arg00, sy_n, sy_h, sy_w, sa_n, sa_h, sa_w)
+    _pooled_store(y_ptr, arg_ptr, n, oh, ow + 1, inside & (ow + 1 < OW)[:, :, None], cb, best01, arg01,
+                  sy_n, sy_h, sy_w, sa_n, sa_h, sa_w)
+    _pooled_store(y_ptr, arg_ptr, n, oh + 1, ow, inside & (oh + 1 < OH)[:, :, None], cb, best10, arg10,
+                  sy_n, sy_h, sy_w, sa_n, sa_h, sa_w)
+    _pooled_store(y_ptr, arg_ptr, n, oh + 1, ow + 1, inside & ((oh + 1 < OH) & (ow + 1 < OW))[:, :, None], cb,
+                  best11, arg11, sy_n, sy_h, sy_w, sa_n, sa_h, sa_w)
 
 
 @triton.jit
@@ -251,12 +312,16 @@ def _lrn_maxpool2d_fwd_kernel(
     SIMPLE_POW: tl.constexpr,  # kernels.lrn._pow
     RELU: tl.constexpr,  # the input's ReLU first: y = pool(lrn(relu(x)))
     QUADS: tl.constexpr,  # channels contiguous in whole quads (_fwd_quads)
+    CELLS: tl.constexpr,  # _fwd_quads in cells of 2 x 2 outputs (_fwd_cells)
 ):
     a = _scalar(alpha_over_size, ACC)
     neg_beta = -_scalar(beta, ACC)
     k_ = _scalar(k, ACC)
     sign = _scalar(neg_sign, ACC)
-    if QUADS:
+    if CELLS:
+        _fwd_cells(x_ptr, y_ptr, arg_ptr, C, OH, OW, CG, sx_n, sx_h, sx_w, sy_n, sy_h, sy_w, sa_n, sa_h, sa_w,
+                   a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_P, ACC, SIMPLE_POW, RELU)
+    elif QUADS:
         _fwd_quads(x_ptr, y_ptr, arg_ptr, C, OH, OW, CG, sx_n, sx_h, sx_w, sy_n, sy_h, sy_w, sa_n, sa_h, sa_w,
                    a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_P, ACC, SIMPLE_POW, RELU)
     else:
@@ -866,6 +931,11 @@ def _lrn_maxpool2d_bwd_kernel(
 
 # CUDA's limit on a grid's second and third axes.
 MAX_GRID_YZ = 65535
+# The forward in cells: at most 168 registers a thread, so 3 tiles of 128 threads fit an SM (65536
+# registers) whatever ptxas would pick: Triton 3.6's takes 179 in fp32 (2 tiles), 3.9's 153-160; capped,
+# 150-167 and no spills in either (perf.static). Not the backward: capped, ptxas takes more than the
+# 116-138 it picks (3 tiles an SM instead of 4 in fp32).
+FWD_CELLS_MAXNREG = 168
 
 
 def _quads(size: int, groups: int, *tensors: torch.Tensor, backward: bool = False) -> int:
@@ -954,16 +1024,18 @@ def lrn_maxpool2d_forward(x: torch.Tensor, size: int, alpha: float, beta: float,
     if y.numel() == 0:
         return y, arg
     quads = _quads(size, groups, x, y, arg)
-    block_c, block_p, num_warps = _block_sizes(C, OH * OW, quads=quads)
+    cells = bool(quads) and _cells(kernel_size, stride)
+    P = triton.cdiv(OH, 2) * triton.cdiv(OW, 2) if cells else OH * OW  # the threads' outputs, or cells
+    block_c, block_p, num_warps = _block_sizes(C, P, quads=quads, cells=cells)
     assert block_c & (block_c - 1) == 0 and block_p & (block_p - 1) == 0, "blocks must be powers of two"
-    grid = _grid(N, C, OH * OW, block_c, block_p, quads)
+    grid = _grid(N, C, P, block_c, block_p, quads)
     _lrn_maxpool2d_fwd_kernel[grid](
         x, y, arg, N, C, OH, OW, C // groups, *x.stride(), *y.stride(), *arg.stride(),
         *_lrn_consts(size, alpha, beta, k),
         SIZE=size, KH=kernel_size[0], KW=kernel_size[1], SH=stride[0], SW=stride[1],
         BLOCK_C=block_c, BLOCK_P=block_p, ACC=_common.acc_dtype(x.dtype), UNROLL=size <= MAX_UNROLL,
-        SIMPLE_POW=simple_pow(size, alpha, beta, k), RELU=bool(relu), QUADS=quads > 0,
-        num_warps=num_warps,
+        SIMPLE_POW=simple_pow(size, alpha, beta, k), RELU=bool(relu), QUADS=quads > 0, CELLS=cells,
+        num_warps=num_warps, **({"maxnreg": FWD_CELLS_MAXNREG} if cells else {}),
     )
     return y, arg
 

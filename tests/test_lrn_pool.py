@@ -373,17 +373,24 @@ def test_quads_geometries(kernel_size, stride, cells, shape, device):
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_cells_equal_positions(dtype, device, monkeypatch):
-    """The cells backward bitwise the one-position-a-thread quads backward, in every dtype (16-bit too:
-    both keep dz in fp32 and add its windows in the same order), with ties (windows sharing an argmax)
-    and a batch of 3."""
-    x = make_input((3, 16, 13, 11), dtype, device, "channels_last", requires_grad=False)
-    x[:, :, 4:9, 2:7] = 1.0  # constant patch: overlapping windows take the same first maximum
-    y, argmax = K.lrn_maxpool2d_forward(x, **STRONG, groups=2)
-    dy = torch.randn_like(y)
-    dx = K.lrn_maxpool2d_backward(dy, x, argmax, **STRONG, groups=2)
-    monkeypatch.setattr(K, "_cells", lambda kernel_size, stride: False)
-    assert torch.equal(dx, K.lrn_maxpool2d_backward(dy, x, argmax, **STRONG, groups=2))
+@pytest.mark.parametrize("shape", [(3, 16, 13, 11), (1, 8, 9, 16)])  # OH, OW odd / even; 8 channels: pairs
+def test_cells_equal_positions(shape, dtype, device, monkeypatch):
+    """The kernels in cells bitwise the one-position-a-thread quads kernels, in every dtype (the
+    backward in 16-bit too: both keep dz in fp32 and add its windows in the same order), with ties
+    (windows sharing a first maximum) and, forward, the relu path's all-zero windows."""
+    x = make_input(shape, dtype, device, "channels_last", requires_grad=False)
+    x[:, :, 4:9, 2:7] = 1.0  # a constant patch: overlapping windows tie and take the same first maximum
+    x[:, :2, :, :5] = -1.0  # with relu: windows of zeros (the first offset wins)
+    results = []
+    for cells in (True, False):
+        monkeypatch.setattr(K, "_cells", lambda kernel_size, stride, cells=cells: cells)
+        y, argmax = K.lrn_maxpool2d_forward(x, **STRONG, groups=2, relu=True)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(device, dtype)
+        dy = dy.contiguous(memory_format=torch.channels_last)
+        assert K._quads(5, 2, x, x, dy, argmax, backward=True)
+        results.append((y, argmax, K.lrn_maxpool2d_backward(dy, x, argmax, **STRONG, groups=2, relu=True)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -615,7 +622,7 @@ def test_block_sizes_gpu(C, P, backward, monkeypatch):
 def test_block_sizes_gpu_quads(C, P, quads, monkeypatch):
     """The quads kernels: 4 or 8 channels a thread, every thread with its own (P >= 36)."""
     monkeypatch.setattr(_common, "is_interpreting", lambda: False)
-    for cells in [False, True] if quads == 8 else [False]:
+    for cells in (False, True):
         block_c, block_p, num_warps = K._block_sizes(C, P, backward=quads == 8, quads=quads, cells=cells)
         assert _is_pow2(block_c) and _is_pow2(block_p) and _is_pow2(num_warps)
         assert num_warps <= (4 if cells else 8)  # cells: ~135 registers a thread, 3 tiles of 4 warps an SM

@@ -18,6 +18,8 @@ from fastalex.kernels._geometry import FLOAT_DTYPES
 
 # Offsets inside the kernels are int32: no element of a tensor may lie further than this from its first.
 MAX_OFFSET = 2**31 - 1
+# CUDA's limit on a grid's second and third axes (the 3-D grids take samples on the third).
+MAX_GRID_YZ = 65535
 
 # Tests set this to True: outputs are then filled with NaN (or the dtype's most negative value for
 # integer tensors) before launch, so an element a kernel forgot to write fails the comparison.

@@ -64,3 +64,12 @@ def argmax_dtype(kernel_size) -> torch.dtype:
     """max_pool2d's compact argmax: the smallest integer dtype holding every window offset 0 .. KH * KW - 1."""
     k = kernel_size[0] * kernel_size[1]
     return torch.int8 if k <= 127 else torch.int16 if k <= 32767 else torch.int32
+
+
+def pools_in_cells(kernel_size, stride, padding=(0, 0), dilation=(1, 1)) -> bool:
+    """Whether a max-pool's backward can take 2 x 2 cells of input positions (kernels.maxpool2d and
+    kernels.lrn_maxpool2d): stride 2 both ways, no padding or dilation, windows of at most 4, so the
+    positions of a cell share their candidate windows (at most 2 along each axis) and each one's offset
+    in each window is fixed. AlexNet's 3x3/2 pools qualify."""
+    return (tuple(stride) == (2, 2) and max(kernel_size) <= 4 and tuple(padding) == (0, 0)
+            and tuple(dilation) == (1, 1))

@@ -52,9 +52,11 @@ import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
 from fastalex.kernels import _common
+from fastalex.kernels._common import MAX_GRID_YZ
 from fastalex.kernels.lrn import (MAX_UNROLL, _channel_block, _div, _neg_sign, _pow, _relu, _scalar, _tile,
                                   _window_sumsq, simple_pow)
-from fastalex.kernels._geometry import argmax_dtype, output_size
+from fastalex.kernels._geometry import argmax_dtype, output_size, pools_in_cells
+from fastalex.kernels.maxpool2d import _hit
 
 __all__ = ["lrn_maxpool2d_forward", "lrn_maxpool2d_backward"]
 
@@ -593,15 +595,6 @@ def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
 
 
 @triton.jit
-def _hit(arg, dy, T, dz, ACC: tl.constexpr):
-    """dz + dy where the window's argmax (a loaded quad of bytes, -1 where masked) is T, else dz + 0 (a
-    select: bitwise what a load masked by the hit gave)."""
-    # (compared unsigned: a zero-extended byte; -1 reads 255, which matches no offset)
-    hit = arg.to(tl.uint8, bitcast=True).to(tl.int32) == T
-    return dz + tl.where(hit, dy.to(ACC), 0.0)
-
-
-@triton.jit
 def _gather_quad(arg_q, dy_q, ok, T, dz, ACC: tl.constexpr):
     """dz + dy where the window's argmax is this input's offset T in it, for a quad: both loads whole
     vectors (masked only by window and quad)."""
@@ -928,9 +921,6 @@ def _lrn_maxpool2d_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 
-
-# CUDA's limit on a grid's second and third axes.
-MAX_GRID_YZ = 65535
 # The forward in cells: at most 168 registers a thread, so 3 tiles of 128 threads fit an SM (65536
 # registers) whatever ptxas would pick: Triton 3.6's takes 179 in fp32 (2 tiles), 3.9's 153-160; capped,
 # 150-167 and no spills in either (perf.static). Not the backward: capped, ptxas takes more than the
@@ -952,9 +942,9 @@ def _quads(size: int, groups: int, *tensors: torch.Tensor, backward: bool = Fals
 
 
 def _cells(kernel_size: tuple[int, int], stride: tuple[int, int]) -> bool:
-    """Whether _bwd_quads can take cells of 2 x 2 positions (_bwd_cells): stride 2 both ways, windows of
-    at most 4 (so at most 2 candidate windows along each axis)."""
-    return tuple(stride) == (2, 2) and max(kernel_size) <= 4
+    """Whether the quads kernels take cells of 2 x 2 positions (_fwd_cells, _bwd_cells): stride 2 both
+    ways, windows of at most 4 (pools_in_cells)."""
+    return pools_in_cells(kernel_size, stride)
 
 
 def _grid(N: int, C: int, P: int, block_c: int, block_p: int, quads: int) -> tuple[int, ...]:

@@ -10,6 +10,10 @@ Backward: one tile of INPUT positions per program. For each (kh, kw) the only ou
 window holds this input at that offset is oh = (ih + pad - kh * dil) / stride (when divisible and
 in range); its gradient is added when its argmax is that offset. No atomics, fixed order: the
 result is bitwise deterministic (the forward too: one program per output, a fixed window order).
+Where the stride is 2 both ways with no padding or dilation and windows of at most 4 (AlexNet's
+3x3/2; `pools_in_cells`), a thread takes a 2 x 2 cell of inputs instead: the cell's inputs share
+their candidate windows, so each window is loaded once for four inputs and only the (input, window)
+pairs that can hit are tested, in the same order (bit for bit the same gradient).
 
 Tensors are (N, C, H, W) or unbatched (C, H, W); any strides. Outputs follow the input's memory
 format like torch (channels_last in, channels_last out).
@@ -22,8 +26,8 @@ import triton
 import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
-from fastalex.kernels._common import acc_dtype, check_int32, empty, is_interpreting, next_pow2, takes
-from fastalex.kernels._geometry import argmax_dtype, output_size
+from fastalex.kernels._common import MAX_GRID_YZ, acc_dtype, check_int32, empty, is_interpreting, next_pow2, takes
+from fastalex.kernels._geometry import argmax_dtype, output_size, pools_in_cells
 
 __all__ = ["argmax_dtype", "output_size", "maxpool2d_forward", "maxpool2d_backward"]
 
@@ -139,6 +143,70 @@ def _maxpool2d_bwd_kernel(
     tl.store(dx_ptr + n * sxn + c * sxc + ih * sxh + iw * sxw, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _hit(arg, dy, T, dz, ACC: tl.constexpr):
+    """dz + dy where a window's int8 argmax (loaded as -1 where masked) is T, else dz + 0: a select,
+    bitwise what a load masked by the hit gave."""
+    # (compared unsigned: a zero-extended byte; -1 reads 255, which matches no offset)
+    hit = arg.to(tl.uint8, bitcast=True).to(tl.int32) == T
+    return dz + tl.where(hit, dy.to(ACC), 0.0)
+
+
+@triton.jit
+def _maxpool2d_bwd_cells_kernel(
+    dy_ptr, arg_ptr, dx_ptr,  # as _maxpool2d_bwd_kernel's (argmax int8)
+    C, H, W, OH, OW,
+    sdn, sdc, sdh, sdw,
+    san, sac, sah, saw,
+    sxn, sxc, sxh, sxw,
+    KH: tl.constexpr, KW: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The backward where the stride is 2 both ways, with no padding or dilation and windows of at
+    most 4 (pools_in_cells; AlexNet's 3x3/2): a thread takes one channel of a cell of 2 x 2 input
+    positions (2 ci + I, 2 cj + J). They share their candidate windows (oh = ci - t, ow = cj - u; t, u
+    in 0, 1) and each one's offset in each is known when compiling (2 t + I, 2 u + J): a window's
+    argmax and dy are loaded once for the 4 positions and only the pairs that can hit are tested (9
+    for 3x3, where _maxpool2d_bwd_kernel tests 36 for 4 inputs and divides to find each). Each
+    position adds its windows in that kernel's order, from 0, bit for bit. Tiles are [BLOCK_S cells,
+    BLOCK_C channels] of one sample on a 3-D grid (cell blocks, channel blocks, samples)."""
+    CW = (W + 1) // 2
+    NCELL = ((H + 1) // 2) * CW
+    n = tl.program_id(2)
+    c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
+    s = (tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S))[:, None]
+    ci = s // CW
+    cj = s % CW
+    inside = (s < NCELL) & (c < C)
+    arg_w = arg_ptr + n * san + c * sac + ci * sah + cj * saw
+    dy_w = dy_ptr + n * sdn + c * sdc + ci * sdh + cj * sdw
+    dz00 = tl.zeros([BLOCK_S, BLOCK_C], ACC)
+    dz01 = dz00
+    dz10 = dz00
+    dz11 = dz00
+    for t in tl.static_range((KH + 1) // 2):
+        for u in tl.static_range((KW + 1) // 2):
+            ok = inside & (ci >= t) & (ci - t < OH) & (cj >= u) & (cj - u < OW)
+            a = tl.load(arg_w - (t * sah + u * saw), mask=ok, other=-1)
+            d = tl.load(dy_w - (t * sdh + u * sdw), mask=ok, other=0.0)
+            T = 2 * t * KW + 2 * u  # position 00's offset in this window
+            dz00 = _hit(a, d, T, dz00, ACC)
+            if 2 * u + 1 < KW:
+                dz01 = _hit(a, d, T + 1, dz01, ACC)
+            if 2 * t + 1 < KH:
+                dz10 = _hit(a, d, T + KW, dz10, ACC)
+                if 2 * u + 1 < KW:
+                    dz11 = _hit(a, d, T + KW + 1, dz11, ACC)
+    dx = dx_ptr + n * sxn + c * sxc + (2 * ci) * sxh + (2 * cj) * sxw
+    right = (2 * cj + 1 < W)
+    below = (2 * ci + 1 < H)
+    ty = dx_ptr.dtype.element_ty
+    tl.store(dx, dz00.to(ty), mask=inside)  # (a cell's first position is always in the plane)
+    tl.store(dx + sxw, dz01.to(ty), mask=inside & right)
+    tl.store(dx + sxh, dz10.to(ty), mask=inside & below)
+    tl.store(dx + sxh + sxw, dz11.to(ty), mask=inside & below & right)
+
+
 def _assert_pairs(kernel_size, stride, padding, dilation) -> None:
     """The launchers' preconditions on the window (fastalex.ops.maxpool2d checks them for users and raises)."""
     assert all(len(v) == 2 for v in (kernel_size, stride, padding, dilation))
@@ -158,6 +226,16 @@ def _block(total: int) -> tuple[int, int]:
         block = 512 if total >= 2**20 else 256
     assert block & (block - 1) == 0, "BLOCK must be a power of two (tl.arange)"
     return block, 4
+
+
+def _cell_blocks(C: int, cells: int) -> tuple[int, int, int]:
+    """(BLOCK_S, BLOCK_C, num_warps) of the cells backward: channels along a warp (channels_last rows
+    coalesce), 256 cells x channels a tile, 2 a thread; under the interpreter large tiles."""
+    if is_interpreting():
+        block_c = min(next_pow2(C), 256)
+        return min(next_pow2(cells), max(2**14 // block_c, 1)), block_c, 4
+    block_c = min(next_pow2(C), 32)
+    return max(256 // block_c, 1), block_c, 4
 
 
 def maxpool2d_forward(x: torch.Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool = False,
@@ -221,6 +299,15 @@ def maxpool2d_backward(dy: torch.Tensor, argmax: torch.Tensor, input_size, kerne
     if total == 0:
         return dx
     dy4, a4, dx4 = _as4d(dy), _as4d(argmax), _as4d(dx)
+    if pools_in_cells(kernel_size, stride, padding, dilation) and dx4.shape[0] <= MAX_GRID_YZ:
+        cells = triton.cdiv(H, 2) * triton.cdiv(W, 2)
+        block_s, block_c, warps = _cell_blocks(C, cells)
+        _maxpool2d_bwd_cells_kernel[(triton.cdiv(cells, block_s), triton.cdiv(C, block_c), dx4.shape[0])](
+            dy4, a4, dx4, C, H, W, OH, OW, *dy4.stride(), *a4.stride(), *dx4.stride(),
+            KH=kernel_size[0], KW=kernel_size[1], ACC=acc_dtype(dy.dtype), BLOCK_S=block_s, BLOCK_C=block_c,
+            num_warps=warps,
+        )
+        return dx
     BLOCK, warps = _block(total)
     _maxpool2d_bwd_kernel[(triton.cdiv(total, BLOCK),)](
         dy4, a4, dx4, total, C, H, W, OH, OW,

@@ -60,6 +60,9 @@ def _collect(batch: int) -> None:
             x = torch.empty(batch, c, size, size, dtype=dtype, **meta)
             y, arg, _ = maxpool2d.maxpool2d_forward(x, (3, 3), (2, 2), (0, 0), (1, 1), return_indices=True)
             maxpool2d.maxpool2d_backward(y, arg, x.shape, (3, 3), (2, 2), (0, 0), (1, 1))
+            # (AlexNet's 3x3/2 takes the cells backward; padded, the one-input-a-thread kernel)
+            y, arg, _ = maxpool2d.maxpool2d_forward(x, (3, 3), (2, 2), (1, 1), (1, 1))
+            maxpool2d.maxpool2d_backward(y, arg, x.shape, (3, 3), (2, 2), (1, 1), (1, 1))
         _collect_lrn_maxpool2d(batch, dtype)
 
 

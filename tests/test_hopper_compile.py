@@ -30,5 +30,6 @@ def test_all_kernels_compile_for_hopper():
     assert summary["failures"] == 0 and summary["compiled"] >= 8
     assert {"_conv2d_fwd_kernel", "_conv2d_dgrad_kernel", "_conv2d_wgrad_kernel", "_conv2d_wgrad_taps_kernel",
             "_sum_splits_to_weight_kernel", "_lrn_fwd_kernel",
-            "_lrn_bwd_kernel", "_maxpool2d_fwd_kernel", "_maxpool2d_bwd_kernel"} <= kernels
+            "_lrn_bwd_kernel", "_maxpool2d_fwd_kernel", "_maxpool2d_bwd_kernel",
+            "_maxpool2d_bwd_cells_kernel"} <= kernels
     assert {"_lrn_maxpool2d_fwd_kernel", "_lrn_maxpool2d_bwd_kernel"} <= kernels

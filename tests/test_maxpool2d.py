@@ -145,6 +145,56 @@ def test_nan_inf(dtype, device):
         check(x, device, **args)
 
 
+# Stride 2 both ways, no padding or dilation, windows of at most 4: the backward in 2 x 2 cells.
+CELL_CONFIGS = {"k3s2": ((3, 3), True), "k2s2": ((2, 2), True), "k4s2": ((4, 4), True),
+                "k3x2s2": ((3, 2), True), "k1x3s2": ((1, 3), True)}  # (k1x3: odd rows in no window)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", list(CELL_CONFIGS))
+def test_backward_cells(name, layout, dtype, device, monkeypatch):
+    """Against float64, and bitwise the one-input-a-thread kernel, on odd and even planes (ragged last
+    cells), with ties (windows sharing a first maximum)."""
+    kernel_size, _ = CELL_CONFIGS[name]
+    assert K.pools_in_cells(kernel_size, (2, 2))
+    for shape in ((2, 5, 13, 11), (1, 3, 8, 10)):
+        x = make_input(shape, dtype, device, layout, requires_grad=False)
+        x[..., 2:7, 3:8] = 1.0
+        x.requires_grad_(True)
+        check(x, device, **_args(kernel_size, 2))
+        y, arg, _ = K.maxpool2d_forward(x.detach(), kernel_size, (2, 2), (0, 0), (1, 1))
+        dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+        args = (dy, arg, x.shape, kernel_size, (2, 2), (0, 0), (1, 1), layout == "channels_last")
+        dx = K.maxpool2d_backward(*args)
+        with monkeypatch.context() as m:
+            m.setattr(K, "pools_in_cells", lambda *a: False)
+            assert torch.equal(dx, K.maxpool2d_backward(*args))
+
+
+def test_backward_cells_as_alexnet_runs_it(device, monkeypatch):
+    """pool5 in the model: x channels_last, its gradient NCHW-contiguous (flatten's backward), dx
+    channels_last; and a batch past the 3-D grid's sample axis takes the one-input kernel (65535
+    made 1 here), with the same result."""
+    x = make_input((3, 8, 13, 13), torch.float32, device, "channels_last", requires_grad=False)
+    y, arg, _ = K.maxpool2d_forward(x, (3, 3), (2, 2), (0, 0), (1, 1))
+    dy = torch.randn(y.shape, dtype=torch.float32, generator=torch.Generator().manual_seed(4)).to(device)
+    dx = K.maxpool2d_backward(dy, arg, x.shape, (3, 3), (2, 2), (0, 0), (1, 1), True)
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+    (xr,) = ref_inputs(x.requires_grad_())
+    (gr,) = torch.autograd.grad(TF.max_pool2d(xr, 3, 2), xr, dy.cpu().double())
+    assert_close(dx, gr, torch.float32, device, "grad_input")
+    monkeypatch.setattr(K, "MAX_GRID_YZ", 1)
+    assert torch.equal(dx, K.maxpool2d_backward(dy, arg, x.shape, (3, 3), (2, 2), (0, 0), (1, 1), True))
+
+
+def test_pools_in_cells():
+    assert K.pools_in_cells((3, 3), (2, 2)) and K.pools_in_cells((4, 1), (2, 2))
+    assert not K.pools_in_cells((5, 3), (2, 2))  # 3 candidate windows along h
+    assert not K.pools_in_cells((3, 3), (1, 1)) and not K.pools_in_cells((3, 3), (2, 1))
+    assert not K.pools_in_cells((3, 3), (2, 2), (1, 1)) and not K.pools_in_cells((3, 3), (2, 2), (0, 0), (2, 1))
+
+
 def test_all_neg_inf_with_padding(device):
     x = torch.full((1, 2, 5, 6), float("-inf"), dtype=torch.float64, device=device, requires_grad=True)
     check(x, device, **_args(3, 2, 1, ceil_mode=True))
@@ -426,3 +476,9 @@ def test_block_sizes_are_powers_of_two(interpreting, monkeypatch):
     for total in (1, 100, 4374, 2**20, 2**24):
         block, warps = K._block(total)
         assert block > 0 and block & (block - 1) == 0 and warps in (1, 2, 4, 8)
+    for C in (1, 5, 32, 256):
+        for cells in (1, 9, 49, 196):
+            block_s, block_c, warps = K._cell_blocks(C, cells)
+            assert all(b > 0 and b & (b - 1) == 0 for b in (block_s, block_c)) and warps in (1, 2, 4, 8)
+            if not interpreting:  # 2 cells a thread: 256 a tile
+                assert block_s * block_c == 64 * warps

@@ -40,6 +40,14 @@ and the quads either side, which the LRN windows reach. A group holds whole quad
 masked as a whole and no channel needs a mask of its own; the values are those of the per-channel
 form above, bit for bit (the same expressions, in the same order).
 
+Cells (_fwd_cells, _bwd_cells; `_cells` says where): where the quads run and the pool's stride is 2
+both ways with windows of at most 4 (AlexNet's 3x3/2), a thread takes a 2 x 2 cell. Forward, four
+pooled outputs whose windows overlap: each of the cell's taps (25 for 3x3/2, against 36 for four
+outputs apart) has its LRN computed once and goes to every output whose window holds it. Backward,
+four input positions that share their candidate pool windows: each window is loaded once for the
+four, and only the (position, window) pairs that can hit are tested (9 of 16). Same values, bit for
+bit (each output sees its taps, each input its windows, in the same order).
+
 Deterministic (no atomics, fixed order). Any strides: NCHW, channels_last and strided tensors are
 read in place through their 4-D strides (no copies).
 """

@@ -855,8 +855,15 @@ def _config(kind: str, dtype: torch.dtype, m: int, n: int) -> dict:
         # 0.57 -> 0.92 bf16).
         block_m = 256 if m >= 256 else (128 if m > 64 else 64)
         block_n = _taps_block_n(n)
+        if block_m == 256 and m % 256 and m % 128 == 0:
+            # 384 channels fill three 128-row tiles but only 1.5 of 256: conv3 (384 x 256) turns the
+            # wide tile round, conv4 (384 x 384) takes 128 x 128 three taps a program
+            # (taps_per_program) where 256 x 128 left a quarter of the MMA work on empty rows
+            # (perf.static, tile use 0.74 -> 1.0: conv3 109 -> 84 us fp32, 55 -> 43 bf16; conv4 163 ->
+            # 127, 82 -> 64).
+            block_m, block_n = 128, (256 if n % 256 == 0 else block_n)
     stages = 3
-    if kind == "wgrad_taps" and block_m == 256 and not small:
+    if kind == "wgrad_taps" and block_m * block_n >= 256 * 128 and not small:
         # fp32 at BLOCK_K 32 kept 24 bytes of spills (255 registers); 16 a step, 4 deep: 242 registers,
         # none spilled, ceiling 0.96 (perf.static). Since the loads' immediate offsets: 212 registers,
         # ceiling 1.0; 32 x 3 would now fit too (242, no spills, 1.0): for a GPU to choose.
@@ -1164,12 +1171,15 @@ def _input_grad_as_forward(grad_output, weight, input_shape, padding, dilation, 
 
 
 def taps_per_program(T: int, cfg: dict) -> int:
-    """Taps a per-tap weight-gradient program takes (TAPS): 1 for 256-row tiles (the single net's
-    conv2-5, already MMA-bound), else 3 where they divide T (3x3 kernels) and 4 otherwise (5x5: 7
-    blocks for 25 taps), so narrow tiles reuse each dy tile 3-4 times."""
-    if cfg["BLOCK_M"] >= 256 or T == 1:
+    """Taps a per-tap weight-gradient program takes (TAPS): 1 for 256x128 and 128x256 tiles (the single
+    net's conv2, conv3 and conv5, already MMA-bound), else 3 where they divide T (3x3 kernels) and 4
+    otherwise (5x5: 7 blocks for 25 taps), so narrower tiles reuse each dy tile 3-4 times; at most 3 for
+    128x128 tiles (conv4), whose 3 fp32 accumulators already hold 192 of a thread's registers."""
+    area = cfg["BLOCK_M"] * cfg["BLOCK_N"]
+    if area >= 256 * 128 or T == 1:
         return 1
-    return 3 if T % 3 == 0 else min(4, T)
+    taps = 3 if T % 3 == 0 else min(4, T)
+    return min(taps, 3) if area >= 128 * 128 else taps
 
 
 def _multi_tap_config(cfg: dict, taps_per: int, dtype: torch.dtype) -> dict:
@@ -1179,7 +1189,13 @@ def _multi_tap_config(cfg: dict, taps_per: int, dtype: torch.dtype) -> dict:
     BLOCK_K 32 for 16-bit types at 4 taps (64: 32 B). No spills; ceiling 1.0 fp32 and bf16 (0.84-0.94
     fp32, 0.91-0.92 bf16 before the immediate offsets), against 0.45-0.54 a tap at a time."""
     cfg = dict(cfg, num_warps=8)
-    if dtype == torch.float32:
+    if cfg["BLOCK_M"] * cfg["BLOCK_N"] >= 128 * 128:
+        # 3 accumulators of 128 x 128 (taps_per_program's most) hold 192 of a thread's registers: half
+        # the K a trip keeps the tiles' loads out of local memory (conv4 at 3 taps: 16 x 3 stages fp32,
+        # 32 x 3 bf16; 254-255 registers, no spills under Triton 3.6 and 3.9, where 32 x 2 fp32 spilled
+        # 8 B and 64 x 3 bf16 396 B).
+        cfg["BLOCK_K"] = max(16, cfg["BLOCK_K"] // 2)
+    elif dtype == torch.float32:
         cfg["num_stages"] = 2
     elif taps_per == 4:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 32)

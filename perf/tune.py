@@ -44,7 +44,9 @@ CONFIGS = {
               (64, 64, 64, 4, 4), (128, 256, 32, 8, 3)],
     # per tap: BLOCK_N spans one tap's input channels (AlexNet: 48 to 384)
     "wgrad_taps": [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (128, 64, 64, 4, 3),
-                   (64, 64, 64, 4, 4), (128, 32, 64, 4, 3)],
+                   (64, 64, 64, 4, 4), (128, 32, 64, 4, 3),
+                   # the wide tiles (one tap a program) both ways round, and 128 x 128 at three taps
+                   (256, 128, 16, 8, 4), (128, 256, 16, 8, 4), (128, 128, 16, 8, 3)],
 }
 CONFIGS["dgrad"] = CONFIGS["fwd"]
 KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")

@@ -592,15 +592,80 @@ def test_weight_grad_taps_loads_stay_in_bounds(taps_per, monkeypatch):
 
 
 def test_taps_per_program():
-    """1 for 256-row tiles; 3 for 3x3 kernels, 4 for 5x5 and others; never more than the taps."""
-    wide, narrow = dict(BLOCK_M=256), dict(BLOCK_M=128)
-    assert K.taps_per_program(9, wide) == 1 and K.taps_per_program(25, wide) == 1
+    """1 for 256x128 and 128x256 tiles; 3 for 3x3 kernels, 4 for 5x5 and others, at most 3 at 128x128;
+    never more than the taps."""
+    wide, turned = dict(BLOCK_M=256, BLOCK_N=128), dict(BLOCK_M=128, BLOCK_N=256)
+    square, narrow = dict(BLOCK_M=128, BLOCK_N=128), dict(BLOCK_M=128, BLOCK_N=64)
+    for cfg in (wide, turned):
+        assert K.taps_per_program(9, cfg) == 1 and K.taps_per_program(25, cfg) == 1
     assert K.taps_per_program(9, narrow) == 3 and K.taps_per_program(25, narrow) == 4
+    assert K.taps_per_program(9, square) == 3 and K.taps_per_program(25, square) == 3
     assert K.taps_per_program(2, narrow) == 2 and K.taps_per_program(1, narrow) == 1
     fp32 = K._multi_tap_config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3), 3, torch.float32)
     bf16 = K._multi_tap_config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3), 4, torch.bfloat16)
     assert (fp32["num_warps"], fp32["num_stages"], fp32["BLOCK_K"]) == (8, 2, 32)
     assert (bf16["num_warps"], bf16["num_stages"], bf16["BLOCK_K"]) == (8, 3, 32)
+    # 128 x 128 at 3 taps: half the K a trip, 3 stages (the accumulators take most registers)
+    for dtype, k in ((torch.float32, 32), (torch.bfloat16, 64)):
+        sq = K._multi_tap_config(dict(square, BLOCK_K=k, num_warps=8, num_stages=3), 3, dtype)
+        assert (sq["num_warps"], sq["num_stages"], sq["BLOCK_K"]) == (8, 3, k // 2)
+
+
+# The per-tap weight gradient's GPU tiles for AlexNet's layers (Cog, Cig, taps): (BLOCK_M, BLOCK_N, TAPS)
+# in fp32 and bf16, and BLOCK_K. 384 output channels take 128-row tiles (three whole ones), turned to
+# 128 x 256 where the input channels allow.
+GPU_TAP_TILES = {
+    (256, 96, 25): ((256, 128, 1), 16, 64),  # conv2: a quarter of the columns empty whatever the tile
+    (384, 256, 9): ((128, 256, 1), 16, 64),  # conv3
+    (384, 384, 9): ((128, 128, 3), 16, 32),  # conv4
+    (256, 384, 9): ((256, 128, 1), 16, 64),  # conv5
+    (128, 48, 25): ((128, 64, 4), 32, 32),  # the paper net's groups: conv2
+    (192, 192, 9): ((128, 64, 3), 32, 64),  # conv4
+    (128, 192, 9): ((128, 64, 3), 32, 64),  # conv5
+}
+
+
+@pytest.mark.parametrize("layer", list(GPU_TAP_TILES), ids=[f"{m}x{n}x{t}" for m, n, t in GPU_TAP_TILES])
+def test_per_tap_gpu_tiles(layer, monkeypatch):
+    monkeypatch.setattr(K, "is_interpreting", lambda: False)
+    m, n, T = layer
+    (bm, bn, taps), k32, k16 = GPU_TAP_TILES[layer]
+    for dtype, k in ((torch.float32, k32), (torch.bfloat16, k16)):
+        cfg = K._config("wgrad_taps", dtype, m, n)
+        got = K.taps_per_program(T, cfg)
+        if got > 1:
+            cfg = K._multi_tap_config(cfg, got, dtype)
+        assert (cfg["BLOCK_M"], cfg["BLOCK_N"], got, cfg["BLOCK_K"]) == (bm, bn, taps, k), (layer, dtype)
+
+
+@pytest.mark.parametrize("layer, dtype", [((384, 256), torch.float32), ((384, 384), torch.bfloat16)],
+                         ids=["conv3-fp32", "conv4-bf16"])
+def test_weight_grad_gpu_tiles_384(device, layer, dtype, monkeypatch):
+    """The tiles a GPU picks for conv3 and conv4 (128 x 256 one tap a program; 128 x 128 three taps)
+    against float64, on odd channel counts that leave both tile edges partial (and keep the
+    interpreter's sums small)."""
+    with monkeypatch.context() as gpu:
+        gpu.setattr(K, "is_interpreting", lambda: False)
+        cfg = K._config("wgrad_taps", dtype, *layer)
+        taps = K.taps_per_program(9, cfg)
+        if taps > 1:
+            cfg = K._multi_tap_config(cfg, taps, dtype)
+    spy = _LaunchSpy(K._conv2d_wgrad_taps_kernel)
+    monkeypatch.setattr(K, "_conv2d_wgrad_taps_kernel", spy)
+    c_out, c_in = 136, cfg["BLOCK_N"] - 56
+    x = make_input((2, c_in, 4, 5), dtype, device, layout="channels_last", requires_grad=False)
+    w = make_input((c_out, c_in, 3, 3), dtype, device, requires_grad=False, scale=0.1)
+    dy = torch.randn(TF.conv2d(x.float(), w.float(), padding=1).shape, device=device).to(dtype)
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    dw, db = K.conv2d_weight_grad(dy, x, w.shape, (1, 1), (1, 1), (1, 1), 1, config=cfg)
+    kw = spy.kwargs[-1]
+    assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["TAPS"]) == ((128, 256, 1) if layer[1] == 256 else (128, 128, 3))
+    xr, wr = ref_inputs(x, w)
+    wr.requires_grad_()
+    br = torch.zeros(c_out, dtype=torch.float64, requires_grad=True)
+    TF.conv2d(xr, wr, br, padding=1).backward(dy.double().cpu())
+    assert_close(dw, wr.grad, dtype, device, "grad_weight")
+    assert_close(db, br.grad, dtype, device, "grad_bias")
 
 
 def test_weight_grad_kernel_choice(device, monkeypatch):
@@ -754,7 +819,8 @@ def test_gpu_configs_are_valid(monkeypatch):
     monkeypatch.setattr(K, "is_interpreting", lambda: False)
     for kind in ("fwd", "dgrad", "wgrad", "wgrad_taps"):
         for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            for m, n in ((128 * 55 * 55, 48), (128 * 13 * 13, 192), (384, 2304), (16, 3), (1, 1)):
+            for m, n in ((128 * 55 * 55, 48), (128 * 13 * 13, 192), (384, 2304), (384, 256), (384, 384), (16, 3),
+                         (1, 1)):
                 cfg = K._config(kind, dtype, m, n)
                 K.check_config(cfg, dtype)
                 if kind == "wgrad_taps":  # and with the multi-tap adjustments (_multi_tap_config checks too)

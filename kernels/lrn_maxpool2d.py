@@ -64,7 +64,7 @@ from fastalex.kernels._common import MAX_GRID_YZ
 from fastalex.kernels.lrn import (MAX_UNROLL, _channel_block, _div, _neg_sign, _pow, _relu, _scalar, _tile,
                                   _window_sumsq, simple_pow)
 from fastalex.kernels._geometry import argmax_dtype, output_size, pools_in_cells
-from fastalex.kernels.maxpool2d import _hit
+from fastalex.kernels.maxpool2d import _cell_hits, _hit
 
 __all__ = ["lrn_maxpool2d_forward", "lrn_maxpool2d_backward"]
 
@@ -827,19 +827,12 @@ def _bwd_cells(dy_ptr, arg_ptr, x_ptr, dx_ptr, C, H, W, OH, OW, CG,
             ok = ((ci >= t) & (ci - t < OH) & (cj >= u) & (cj - u < OW))[:, :, None]
             a_l, a_m, a_m2, a_r, d_l, d_m, d_m2, d_r = _window_strip(
                 arg_q - (t * sa_h + u * sa_w), dy_q - (t * sd_h + u * sd_w), ok, left_ok, mid_ok, right_ok, QPT)
-            T = 2 * t * KW + 2 * u  # position 00's offset in this window
-            dz00_l, dz00_m, dz00_m2, dz00_r = _strip_hits(a_l, a_m, a_m2, a_r, d_l, d_m, d_m2, d_r, T,
-                                                          dz00_l, dz00_m, dz00_m2, dz00_r, ACC, QPT)
-            if 2 * u + 1 < KW:
-                dz01_l, dz01_m, dz01_m2, dz01_r = _strip_hits(a_l, a_m, a_m2, a_r, d_l, d_m, d_m2, d_r, T + 1,
-                                                              dz01_l, dz01_m, dz01_m2, dz01_r, ACC, QPT)
-            if 2 * t + 1 < KH:
-                dz10_l, dz10_m, dz10_m2, dz10_r = _strip_hits(a_l, a_m, a_m2, a_r, d_l, d_m, d_m2, d_r, T + KW,
-                                                              dz10_l, dz10_m, dz10_m2, dz10_r, ACC, QPT)
-                if 2 * u + 1 < KW:
-                    dz11_l, dz11_m, dz11_m2, dz11_r = _strip_hits(a_l, a_m, a_m2, a_r, d_l, d_m, d_m2, d_r,
-                                                                  T + KW + 1, dz11_l, dz11_m, dz11_m2, dz11_r, ACC,
-                                                                  QPT)
+            dz00_l, dz01_l, dz10_l, dz11_l = _cell_hits(a_l, d_l, t, u, KH, KW, dz00_l, dz01_l, dz10_l, dz11_l, ACC)
+            dz00_m, dz01_m, dz10_m, dz11_m = _cell_hits(a_m, d_m, t, u, KH, KW, dz00_m, dz01_m, dz10_m, dz11_m, ACC)
+            if QPT == 2:
+                dz00_m2, dz01_m2, dz10_m2, dz11_m2 = _cell_hits(a_m2, d_m2, t, u, KH, KW,
+                                                                dz00_m2, dz01_m2, dz10_m2, dz11_m2, ACC)
+            dz00_r, dz01_r, dz10_r, dz11_r = _cell_hits(a_r, d_r, t, u, KH, KW, dz00_r, dz01_r, dz10_r, dz11_r, ACC)
     inside = s < NCELL
     _cell_dx(0, 0, x_ptr, dx_ptr, n, ci, cj, inside, H, W, sx_n, sx_h, sx_w, sg_n, sg_h, sg_w,
              dz00_l, dz00_m, dz00_m2, dz00_r, cb, lo, left_ok, mid_ok, right_ok, a, k_, neg_beta, sign, CG, SIZE,

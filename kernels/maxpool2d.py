@@ -153,6 +153,23 @@ def _hit(arg, dy, T, dz, ACC: tl.constexpr):
 
 
 @triton.jit
+def _cell_hits(a, d, t: tl.constexpr, u: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, dz00, dz01, dz10, dz11,
+               ACC: tl.constexpr):
+    """Window (ci - t, cj - u)'s argmax a and dy d into the dz of the cell positions (2 ci + I, 2 cj + J)
+    it can hold, at their offsets 2 (t + I) KW + 2 u + J: the pairs past the window's edge (2 t + I
+    or 2 u + J beyond it) are never tested (pools_in_cells' stride-2 cells)."""
+    T = 2 * t * KW + 2 * u  # position 00's offset in this window
+    dz00 = _hit(a, d, T, dz00, ACC)
+    if 2 * u + 1 < KW:
+        dz01 = _hit(a, d, T + 1, dz01, ACC)
+    if 2 * t + 1 < KH:
+        dz10 = _hit(a, d, T + KW, dz10, ACC)
+        if 2 * u + 1 < KW:
+            dz11 = _hit(a, d, T + KW + 1, dz11, ACC)
+    return dz00, dz01, dz10, dz11
+
+
+@triton.jit
 def _maxpool2d_bwd_cells_kernel(
     dy_ptr, arg_ptr, dx_ptr,  # as _maxpool2d_bwd_kernel's (argmax int8)
     C, H, W, OH, OW,
@@ -189,14 +206,7 @@ def _maxpool2d_bwd_cells_kernel(
             ok = inside & (ci >= t) & (ci - t < OH) & (cj >= u) & (cj - u < OW)
             a = tl.load(arg_w - (t * sah + u * saw), mask=ok, other=-1)
             d = tl.load(dy_w - (t * sdh + u * sdw), mask=ok, other=0.0)
-            T = 2 * t * KW + 2 * u  # position 00's offset in this window
-            dz00 = _hit(a, d, T, dz00, ACC)
-            if 2 * u + 1 < KW:
-                dz01 = _hit(a, d, T + 1, dz01, ACC)
-            if 2 * t + 1 < KH:
-                dz10 = _hit(a, d, T + KW, dz10, ACC)
-                if 2 * u + 1 < KW:
-                    dz11 = _hit(a, d, T + KW + 1, dz11, ACC)
+            dz00, dz01, dz10, dz11 = _cell_hits(a, d, t, u, KH, KW, dz00, dz01, dz10, dz11, ACC)
     dx = dx_ptr + n * sxn + c * sxc + (2 * ci) * sxh + (2 * cj) * sxw
     right = (2 * cj + 1 < W)
     below = (2 * ci + 1 < H)

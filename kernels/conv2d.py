@@ -941,14 +941,15 @@ def _assert_geometry(stride, padding, dilation, groups, C_out: int) -> None:
     assert isinstance(groups, int) and groups >= 1 and C_out % groups == 0, f"groups={groups}, C_out={C_out}"
 
 
-def _split_n(cog: int, block_m: int, block_n: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_N2) for the forward kernel: column tiles of 128 + 64 where 256 leaves a quarter of
-    the last tile empty and 192 fits exactly (conv3-4's 384 channels, the paper net's 192 a group), on
-    128-row tiles (fp32). perf.static: ceiling 1.0 there; 64 + 32 (96 channels) and 256-row tiles
-    (bf16) fell to 0.53-0.66 or spilled, so they keep one tile."""
-    if block_m == 128 and block_n == 256 and cog % 256 != 0 and cog % 192 == 0:
-        return 128, 64
-    return block_n, 0
+def _split_n(cfg: dict, cog: int) -> tuple[dict, int]:
+    """(cfg, BLOCK_N2) for the forward kernel: column tiles of 128 + 64 on 128 rows where a wide tile
+    (128x256 fp32, 256x128 16-bit) leaves a quarter of its last column tile empty and 192 fits exactly:
+    conv3-4's 384 channels in fp32, the paper net's 192 a group (conv4's forward, conv4-5's input
+    gradient) in either. perf.static: ceiling 1.0 there (bf16 192 a group: 45 -> 34 us, 148 registers);
+    64 + 32 (96 channels) and 256-row tiles fell to 0.53-0.66 or spilled, so they keep one tile."""
+    if cfg["BLOCK_M"] * cfg["BLOCK_N"] == 128 * 256 and cog % cfg["BLOCK_N"] != 0 and cog % 192 == 0:
+        return dict(cfg, BLOCK_M=128, BLOCK_N=128), 64
+    return cfg, 0
 
 
 def _fill_waves(cfg: dict, M: int, Cog: int, groups: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -1096,7 +1097,7 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
     if row_tail:
         cfg["BLOCK_N"], block_n2 = _row_tail_n(Cog, cfg["BLOCK_K"])
     elif config is None:
-        cfg["BLOCK_N"], block_n2 = _split_n(Cog, cfg["BLOCK_M"], cfg["BLOCK_N"])
+        cfg, block_n2 = _split_n(cfg, Cog)
         cfg = _fill_waves(cfg, M, Cog, groups, x.dtype, x.device)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cog, cfg["BLOCK_N"] + block_n2), groups)
     _conv2d_fwd_kernel[grid](

@@ -127,32 +127,40 @@ def test_odd_shapes(device, case):
 
 @pytest.mark.parametrize("case", [
     # (N, C_in, H, W, C_out, kernel, stride, padding, groups, layout): the three K paths, ragged columns
-    (2, 3, 15, 15, 40, 5, 2, 0, 1, "channels_last"),  # row blocks (3 channels, NHWC); 40 = 32 + 8 of 16
-    (1, 128, 5, 5, 80, 3, 1, 1, 1, "channels_last"),  # tap blocks (128 channels); 2 column programs
-    (2, 6, 9, 9, 96, 3, 1, 1, 2, "contiguous"),  # the flat K path (NCHW), 48 a group
+    (2, 3, 15, 15, 40, 5, 2, 0, 1, "channels_last", torch.float32),  # row blocks (3 channels, NHWC); 40 = 32 + 8
+    (1, 128, 5, 5, 80, 3, 1, 1, 1, "channels_last", torch.float32),  # tap blocks (128 channels); 2 column programs
+    (1, 256, 5, 5, 96, 3, 1, 1, 2, "channels_last", torch.bfloat16),  # tap blocks in 2 groups, bf16 (paper conv4)
+    (2, 6, 9, 9, 96, 3, 1, 1, 2, "contiguous", torch.float32),  # the flat K path (NCHW), 48 a group
 ])
 def test_forward_second_column_tile(device, case, monkeypatch):
     """BLOCK_N2: a program's columns as BLOCK_N + BLOCK_N / 2 (on GPUs 128 + 64 for 192 and 384
     channels), forced here at 32 + 16 in every K path, partly and wholly masked tiles included."""
-    N, C, H, W, Co, k, s, p, g, layout = case
-    monkeypatch.setattr(K, "_split_n", lambda cog, bm, bn: (32, 16))
+    N, C, H, W, Co, k, s, p, g, layout, dtype = case
+    monkeypatch.setattr(K, "_split_n", lambda cfg, cog: (dict(cfg, BLOCK_N=32), 16))
     spy = _LaunchSpy(K._conv2d_fwd_kernel)
     monkeypatch.setattr(K, "_conv2d_fwd_kernel", spy)
-    x = make_input((N, C, H, W), torch.float32, device, layout=layout)
-    w = make_input((Co, C // g, k, k), torch.float32, device, scale=0.2)
-    b = make_input((Co,), torch.float32, device)
-    _check(device, torch.float32, x, w, b, stride=s, padding=p, groups=g)
+    x = make_input((N, C, H, W), dtype, device, layout=layout)
+    w = make_input((Co, C // g, k, k), dtype, device, scale=0.2)
+    b = make_input((Co,), dtype, device)
+    _check(device, dtype, x, w, b, stride=s, padding=p, groups=g)
     kw = spy.kwargs[0]
     assert kw["BLOCK_N2"] == 16 and kw["BLOCK_N"] == 32
     assert spy.grids[0][1] == -(-(Co // g) // 48)
-    assert kw["ROW_BLOCKS"] == (C == 3) and kw["TAP_BLOCKS"] == (C == 128)
+    assert kw["ROW_BLOCKS"] == (C == 3) and kw["TAP_BLOCKS"] == (C // g == 128)
 
 
 def test_split_n():
-    """128 + 64 columns for 192 and 384 channels at 128-row tiles; one tile otherwise."""
-    assert K._split_n(384, 128, 256) == (128, 64) and K._split_n(192, 128, 256) == (128, 64)
-    assert K._split_n(256, 128, 256) == (256, 0) and K._split_n(384, 256, 128) == (128, 0)
-    assert K._split_n(96, 128, 128) == (128, 0) and K._split_n(200, 128, 256) == (256, 0)
+    """128 + 64 columns on 128 rows where a wide tile leaves a quarter of its columns empty and 192 fits:
+    384 and 192 channels on fp32's 128x256, 192 on 16-bit types' 256x128; one tile otherwise."""
+    def split(cog, bm, bn):
+        cfg, n2 = K._split_n(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32, num_warps=8, num_stages=3), cog)
+        return cfg["BLOCK_M"], cfg["BLOCK_N"], n2
+
+    assert split(384, 128, 256) == (128, 128, 64) and split(192, 128, 256) == (128, 128, 64)
+    assert split(192, 256, 128) == (128, 128, 64)  # the paper net's conv4 (and conv4-5 dgrad) in bf16
+    assert split(256, 128, 256) == (128, 256, 0) and split(384, 256, 128) == (256, 128, 0)
+    assert split(96, 128, 128) == (128, 128, 0) and split(200, 128, 256) == (128, 256, 0)
+    assert split(512, 256, 128) == (256, 128, 0) and split(192, 128, 128) == (128, 128, 0)
 
 
 def test_fill_waves():

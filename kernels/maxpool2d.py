@@ -156,8 +156,8 @@ def _hit(arg, dy, T, dz, ACC: tl.constexpr):
 def _cell_hits(a, d, t: tl.constexpr, u: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, dz00, dz01, dz10, dz11,
                ACC: tl.constexpr):
     """Window (ci - t, cj - u)'s argmax a and dy d into the dz of the cell positions (2 ci + I, 2 cj + J)
-    it can hold, at their offsets 2 (t + I) KW + 2 u + J: the pairs past the window's edge (2 t + I
-    or 2 u + J beyond it) are never tested (pools_in_cells' stride-2 cells)."""
+    it can hold, at their offsets (2 t + I) KW + 2 u + J; pairs past the window's edge (2 t + I >= KH
+    or 2 u + J >= KW) are never tested (pools_in_cells' stride-2 cells)."""
     T = 2 * t * KW + 2 * u  # position 00's offset in this window
     dz00 = _hit(a, d, T, dz00, ACC)
     if 2 * u + 1 < KW:

@@ -635,21 +635,28 @@ def _wgrad_flat_positions(acc, dbias, dy_ptr, x_ptr, co_off_dy, col_off, mask_m,
 
 
 @triton.jit
-def _tap_dot(acc, a, x_base, row_off, oh_s, ow_s, ok_k, mask_c, c_off, t, T, KW, H, W, sxh, sxw,
-             pad_h, pad_w, dil_h, dil_w, IN_BOUNDS: tl.constexpr,
+def _tap_dot(acc, a, x_base, row_off, oh_s, ow_s, ok_k, mask_c, c_off, col_w, t, T, KW, H, W, sxh, sxw,
+             pad_h, pad_w, dil_h, dil_w, IN_BOUNDS: tl.constexpr, ROWS: tl.constexpr,
              ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc += a @ x_t for tap t (scalar): x_t [BLOCK_K, BLOCK_N] is x at each output position's window
     corner (row_off from x_base, oh_s, ow_s: 1-D) shifted by the tap, zero in the padding. A tap past T
-    (the last block of taps) loads tap T - 1 again, which _tap_store drops: no per-element test."""
+    (the last block of taps) loads tap T - 1 again, which _tap_store drops: no per-element test.
+    ROWS: a tap is a kernel row (KW == 1 here) and column j lies col_w[j] columns right of the window's
+    left edge, so the padding test along w is per element."""
     t = tl.minimum(t, T - 1)
     dh = (t // KW) * dil_h - pad_h
     dw = (t % KW) * dil_w - pad_w
     ok = ok_k
     if not IN_BOUNDS:
         # 0 <= ih < H as one unsigned compare (H >= 0)
-        ok = ok & ((oh_s + dh).to(tl.uint32, bitcast=True) < H) & ((ow_s + dw).to(tl.uint32, bitcast=True) < W)
+        ok = ok & ((oh_s + dh).to(tl.uint32, bitcast=True) < H)
+        if not ROWS:
+            ok = ok & ((ow_s + dw).to(tl.uint32, bitcast=True) < W)
+    mask = ok[:, None] & mask_c[None, :]
+    if ROWS and not IN_BOUNDS:
+        mask = mask & (((ow_s + dw)[:, None] + col_w[None, :]).to(tl.uint32, bitcast=True) < W)
     rows = (x_base + (dh * sxh + dw * sxw)) + row_off
-    b = tl.load(rows[:, None] + c_off[None, :], mask=ok[:, None] & mask_c[None, :], other=0.0)
+    b = tl.load(rows[:, None] + c_off[None, :], mask=mask, other=0.0)
     return _dot(acc, a, b, ACC, PRECISION, UPCAST)
 
 
@@ -672,10 +679,12 @@ def _conv2d_wgrad_taps_kernel(
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH, KW, C_out,
+    CW,  # ROWS: the input channels of a column of the kernel row (Cig and KW are then KW * CW and 1)
     DY_DENSE: tl.constexpr,  # sdn == OH * sdh and sdh == OW * sdw: position p of dy at p * sdw
     IN_BOUNDS: tl.constexpr,  # no padding: every tap of every output position lies in x (_in_bounds)
     BIAS_2D: tl.constexpr,  # see _wgrad_accumulate
     TAPS: tl.constexpr,  # taps a program (1-4): each trip's dy tile feeds TAPS products
+    ROWS: tl.constexpr,  # a tap is a kernel row, its columns (kw, ci): x's window rows are contiguous
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no position mask (_k_mask)
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -688,6 +697,9 @@ def _conv2d_wgrad_taps_kernel(
     # the loop; TAPS > 1 reuses the dy tile for TAPS products, as a TAPS times wider tile would. In fp32
     # the loads are 4-byte copies (tf32 wgmma takes K-major tiles; both tiles are K-strided here), so
     # their address math is most of the loop: one row offset a position a trip, shared by the taps.
+    # With ROWS the launcher makes a kernel row the tap (KH taps of KW * CW columns, (kw, ci), contiguous
+    # in x where channels_last has one group): conv2's 96 channels a tap filled 3/4 of a 128-column
+    # tile, its 480 a row fill 15/16 of four; the padding test along w is then per column (col_w).
     pid = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
@@ -709,6 +721,9 @@ def _conv2d_wgrad_taps_kernel(
     x_base = x_ptr + (g * Cig + pid_c * BLOCK_N) * sxc
     c_off = tl.arange(0, BLOCK_N) * sxc
     m_off = tl.arange(0, BLOCK_M) * sdc
+    col_w = offs_c
+    if ROWS:
+        col_w = (offs_c // CW) * dil_w  # the column's kw, as an offset along w
 
     acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)  # (unused accumulators are never carried)
@@ -729,17 +744,17 @@ def _conv2d_wgrad_taps_kernel(
         oh_s = oh * stride_h
         ow_s = ow * stride_w
         row_off = n * sxn + oh_s * sxh + ow_s * sxw
-        acc0 = _tap_dot(acc0, a, x_base, row_off, oh_s, ow_s, mask_k, mask_c, c_off, t0, T, KW, H, W, sxh, sxw,
-                        pad_h, pad_w, dil_h, dil_w, IN_BOUNDS, ACC, PRECISION, UPCAST)
+        acc0 = _tap_dot(acc0, a, x_base, row_off, oh_s, ow_s, mask_k, mask_c, c_off, col_w, t0, T, KW, H, W, sxh, sxw,
+                        pad_h, pad_w, dil_h, dil_w, IN_BOUNDS, ROWS, ACC, PRECISION, UPCAST)
         if TAPS > 1:
-            acc1 = _tap_dot(acc1, a, x_base, row_off, oh_s, ow_s, mask_k, mask_c, c_off, t0 + 1, T, KW, H, W, sxh,
-                            sxw, pad_h, pad_w, dil_h, dil_w, IN_BOUNDS, ACC, PRECISION, UPCAST)
+            acc1 = _tap_dot(acc1, a, x_base, row_off, oh_s, ow_s, mask_k, mask_c, c_off, col_w, t0 + 1, T, KW, H,
+                            W, sxh, sxw, pad_h, pad_w, dil_h, dil_w, IN_BOUNDS, ROWS, ACC, PRECISION, UPCAST)
         if TAPS > 2:
-            acc2 = _tap_dot(acc2, a, x_base, row_off, oh_s, ow_s, mask_k, mask_c, c_off, t0 + 2, T, KW, H, W, sxh,
-                            sxw, pad_h, pad_w, dil_h, dil_w, IN_BOUNDS, ACC, PRECISION, UPCAST)
+            acc2 = _tap_dot(acc2, a, x_base, row_off, oh_s, ow_s, mask_k, mask_c, c_off, col_w, t0 + 2, T, KW, H,
+                            W, sxh, sxw, pad_h, pad_w, dil_h, dil_w, IN_BOUNDS, ROWS, ACC, PRECISION, UPCAST)
         if TAPS > 3:
-            acc3 = _tap_dot(acc3, a, x_base, row_off, oh_s, ow_s, mask_k, mask_c, c_off, t0 + 3, T, KW, H, W, sxh,
-                            sxw, pad_h, pad_w, dil_h, dil_w, IN_BOUNDS, ACC, PRECISION, UPCAST)
+            acc3 = _tap_dot(acc3, a, x_base, row_off, oh_s, ow_s, mask_k, mask_c, c_off, col_w, t0 + 3, T, KW, H,
+                            W, sxh, sxw, pad_h, pad_w, dil_h, dil_w, IN_BOUNDS, ROWS, ACC, PRECISION, UPCAST)
         dbias = _bias_add(dbias, a, ACC, BIAS_2D)
         n, oh, ow = _advance(n, oh, ow, OH, OW, QN, QH, RW)
 
@@ -1211,8 +1226,16 @@ def default_taps(x, weight_shape) -> bool:
     return x.stride(1) == 1 and Cig >= 16 and KH * KW > 1
 
 
+def default_rows(x, weight_shape, dilation) -> bool:
+    """Whether the per-tap kernel takes a kernel row as its tap (columns (kw, ci), KW x Cig of them):
+    where a tap's Cig channels leave its column tiles partly empty (conv2's 96 fill three quarters of
+    128) and a row's columns are contiguous in x (channels_last, one group, no dilation along w)."""
+    _, Cig, _, KW = weight_shape
+    return KW > 1 and Cig % 64 != 0 and x.stride(1) == 1 and x.stride(3) == Cig and dilation[1] == 1
+
+
 def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, groups, allow_tf32=True,
-                       split_k=None, config=None, taps=None):
+                       split_k=None, config=None, taps=None, rows=None):
     """(dw (C_out, C_in/groups, KH, KW), db (C_out,)) from grad_output (N, C_out, OH, OW) and x.
 
     A fused ReLU's mask is the caller's to apply first, as for conv2d_input_grad. The reduction over the N*OH*OW
@@ -1222,6 +1245,7 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
     the sum permutes them.
     taps: run the per-tap kernel (columns: one tap's input channels) rather than the flat one
     (columns: all of (ci, kh, kw)); None: default_taps(x, weight_shape).
+    rows: the per-tap kernel with a kernel row a tap (columns (kw, ci)); None: default_rows.
     """
     assert takes(grad_output, 4) and takes(x, 4) and same(grad_output, x), \
         "grad_output and input: 4-D, one dtype and device"
@@ -1243,12 +1267,18 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
     if taps is None:
         taps = default_taps(x, weight_shape)
     taps_per = 1
+    rows = bool(taps and (default_rows(x, weight_shape, dilation) if rows is None else rows))
+    assert not rows or (x.stride(3) == Cig * x.stride(1) and dilation[1] == 1), "rows: a kernel row contiguous in x"
+    # The per-tap kernel's taps and their columns: (KH*KW, Cig), or with rows (KH, KW*Cig), in the
+    # same memory order (co, kh, kw, ci), so the partials and their sums are the same either way.
+    taps_t, taps_kw, taps_n = (KH, 1, KW * Cig) if rows else (T, KW, Cig)
     if taps:
-        cfg = _pick(config, "wgrad_taps", dtype, Cog, Cig)
-        taps_per = taps_per_program(T, cfg)
+        cfg = _pick(config, "wgrad_taps", dtype, Cog, taps_n)
+        taps_per = taps_per_program(taps_t, cfg)
         if config is None and taps_per > 1 and not is_interpreting():
             cfg = _multi_tap_config(cfg, taps_per, dtype)
-        tiles = triton.cdiv(Cog, cfg["BLOCK_M"]) * triton.cdiv(T, taps_per) * triton.cdiv(Cig, cfg["BLOCK_N"])
+        tiles = (triton.cdiv(Cog, cfg["BLOCK_M"]) * triton.cdiv(taps_t, taps_per)
+                 * triton.cdiv(taps_n, cfg["BLOCK_N"]))
     else:
         cfg = _pick(config, "wgrad", dtype, Cog, CKK)
         if config is None and not is_interpreting() and _bias_col(dict(cfg, BLOCK_K=64), dtype, N, CKK, in_bounds):
@@ -1285,7 +1315,12 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
                       IN_BOUNDS=in_bounds,
                       ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype, allow_tf32), UPCAST=dot_upcast(dtype), **cfg)
         if taps:
-            _conv2d_wgrad_taps_kernel[(tiles, groups, split)](*args, TAPS=taps_per, **common)
+            args = (grad_output, x, dw_part, db_part,
+                    H, W, OH, OW, taps_n, Cog, K, k_per_split,
+                    *grad_output.stride(), *x.stride(),
+                    stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+                    KH, taps_kw, C_out, Cig)
+            _conv2d_wgrad_taps_kernel[(tiles, groups, split)](*args, TAPS=taps_per, ROWS=rows, **common)
         else:
             _conv2d_wgrad_kernel[(tiles, groups, split)](
                 *args, CI_FAST=ci_fast, IMAGE_BLOCKS=N % cfg["BLOCK_K"] == 0,

@@ -500,10 +500,13 @@ def test_weight_grad_per_tap_with_dy_in_another_layout(device):
     assert_close(want[0], wr.grad, torch.float32, device, "grad_weight")
 
 
+@pytest.mark.parametrize("rows", [None, False], ids=["rows-default", "rows-off"])
 @pytest.mark.parametrize("case", WGRAD_TAPS, ids=[f"taps{i}" for i in range(len(WGRAD_TAPS))])
-def test_weight_grad_per_tap(device, case, monkeypatch):
+def test_weight_grad_per_tap(device, case, rows, monkeypatch):
     """The per-tap weight-gradient kernel (channels-contiguous x with Cig >= 16, or asked for): any
-    column count, stride, padding, dilation, groups and split against float64 autograd."""
+    column count, stride, padding, dilation, groups and split against float64 autograd; a tap a kernel
+    row (rows, the default where a row is contiguous in x: its KW x Cig columns in blocks that cross
+    kw's boundaries) and a tap a (kh, kw)."""
     N, C, H, W, Co, k, s, p, d, g, split, relu, dtype, layout, taps = case
     k = k if isinstance(k, tuple) else (k, k)
     s, p, d = ((v, v) if isinstance(v, int) else v for v in (s, p, d))
@@ -517,8 +520,9 @@ def test_weight_grad_per_tap(device, case, monkeypatch):
     monkeypatch.setattr(K, "_conv2d_wgrad_taps_kernel", spy)
     cfg = dict(BLOCK_M=16, BLOCK_N=16 if C // g == 16 else 32, BLOCK_K=16, num_warps=4, num_stages=1)
     dw, db = K.conv2d_weight_grad(_masked(dy, y, relu), x, w.shape, s, p, d, g, split_k=split, config=cfg,
-                                  taps=taps)
+                                  taps=taps, rows=rows)
     assert len(spy.grids) == 1 and spy.grids[0][2] == split
+    assert spy.kwargs[0]["ROWS"] == (K.default_rows(x, w.shape, d) if rows is None else False)
     assert dw.shape == w.shape and dw.is_contiguous() and dw.dtype == dtype and db.dtype == dtype
     xr, wr = ref_inputs(x, w)
     wr.requires_grad_()
@@ -545,7 +549,8 @@ def test_weight_grad_taps_per_program(device, taps_per, kernel, padding, groups,
     dy = torch.randn(TF.conv2d(x, w, padding=pad, groups=groups).shape, device=device)
     dy = dy.contiguous(memory_format=torch.channels_last)
     cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
-    dw, db = K.conv2d_weight_grad(dy, x, w.shape, (1, 1), pad, (1, 1), groups, split_k=2, config=cfg, taps=True)
+    dw, db = K.conv2d_weight_grad(dy, x, w.shape, (1, 1), pad, (1, 1), groups, split_k=2, config=cfg, taps=True,
+                                  rows=False)
     T = kernel[0] * kernel[1]
     assert spy.kwargs[-1]["TAPS"] == taps_per and spy.grids[-1][0] == -(-T // taps_per)  # 1 co and ci block
     xr, wr = ref_inputs(x, w)
@@ -557,11 +562,13 @@ def test_weight_grad_taps_per_program(device, taps_per, kernel, padding, groups,
 
 
 @pytest.mark.skipif(not _common.is_interpreting(), reason="watches the interpreter's loads")
+@pytest.mark.parametrize("rows", [False, True])
 @pytest.mark.parametrize("taps_per", [3, 4])
-def test_weight_grad_taps_loads_stay_in_bounds(taps_per, monkeypatch):
+def test_weight_grad_taps_loads_stay_in_bounds(taps_per, rows, monkeypatch):
     """The per-tap kernel reads only inside x and dy: a tap block past the last tap (6 taps in blocks of
     4) loads tap T - 1 again rather than a row below the image, which with no padding (IN_BOUNDS) no
-    test masks; results cannot show it (those taps are never stored), so the addresses are checked."""
+    test masks; results cannot show it (those taps are never stored), so the addresses are checked.
+    With rows a tap is a kernel row (2 of them here)."""
     from triton.runtime import interpreter
 
     monkeypatch.setattr(K, "taps_per_program", lambda T, cfg: taps_per)
@@ -591,12 +598,27 @@ def test_weight_grad_taps_loads_stay_in_bounds(taps_per, monkeypatch):
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", watched)
     monkeypatch.setattr(K, "_conv2d_wgrad_taps_kernel", Watch(K._conv2d_wgrad_taps_kernel))
     cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
-    dw, _ = K.conv2d_weight_grad(dy, x, w.shape, (1, 1), (0, 0), (1, 1), 1, split_k=1, config=cfg, taps=True)
+    dw, _ = K.conv2d_weight_grad(dy, x, w.shape, (1, 1), (0, 0), (1, 1), 1, split_k=1, config=cfg, taps=True,
+                                 rows=rows)
     assert ran == [taps_per] and not outside, f"{len(outside)} loads outside x and dy"
     xr, wr = ref_inputs(x, w)
     wr.requires_grad_()
     TF.conv2d(xr, wr).backward(dy.double())
     assert_close(dw, wr.grad, torch.float32, "cpu", "grad_weight")
+
+
+def test_default_rows():
+    """A kernel row a tap where a tap's channels leave column tiles partly empty (not a multiple of 64)
+    and the row is contiguous in x: channels_last, one group, no dilation along w, several columns."""
+    def rows(c_in, kernel, layout="channels_last", groups=1, dilation=(1, 1)):
+        x = make_input((1, c_in, 9, 9), torch.float32, "cpu", layout=layout, requires_grad=False)
+        return K.default_rows(x, (8, c_in // groups, *kernel), dilation)
+
+    assert rows(96, (5, 5))  # conv2
+    assert not rows(256, (3, 3)) and not rows(384, (3, 3)) and not rows(192, (3, 3))  # conv3-5: whole tiles
+    assert not rows(96, (5, 5), groups=2)  # the paper net's conv2: a group's row is not contiguous
+    assert not rows(96, (5, 5), layout="contiguous") and not rows(96, (5, 5), dilation=(1, 2))
+    assert not rows(96, (5, 1)) and rows(96, (1, 5)) and rows(20, (3, 3))
 
 
 def test_taps_per_program():

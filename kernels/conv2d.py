@@ -1300,11 +1300,12 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
         dw_part.zero_()
         db_part.zero_()
     else:
+        # (taps_n, taps_kw: Cig and KW, but for a kernel row a tap)
         args = (grad_output, x, dw_part, db_part,
-                H, W, OH, OW, Cig, Cog, K, k_per_split,
+                H, W, OH, OW, taps_n, Cog, K, k_per_split,
                 *grad_output.stride(), *x.stride(),
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-                KH, KW, C_out)
+                KH, taps_kw, C_out)
         # The bias sums a trip's dy tile into a 2-D accumulator where the registers allow (16-bit
         # types, tiles up to 128x128; perf.static: bf16 conv1 0.23 -> 0.27, the paper net's grouped
         # layers 0.45 -> 0.52, no spills; fp32 and the 256-row tiles spilled with it).
@@ -1315,12 +1316,7 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
                       IN_BOUNDS=in_bounds,
                       ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype, allow_tf32), UPCAST=dot_upcast(dtype), **cfg)
         if taps:
-            args = (grad_output, x, dw_part, db_part,
-                    H, W, OH, OW, taps_n, Cog, K, k_per_split,
-                    *grad_output.stride(), *x.stride(),
-                    stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-                    KH, taps_kw, C_out, Cig)
-            _conv2d_wgrad_taps_kernel[(tiles, groups, split)](*args, TAPS=taps_per, ROWS=rows, **common)
+            _conv2d_wgrad_taps_kernel[(tiles, groups, split)](*args, Cig, TAPS=taps_per, ROWS=rows, **common)
         else:
             _conv2d_wgrad_kernel[(tiles, groups, split)](
                 *args, CI_FAST=ci_fast, IMAGE_BLOCKS=N % cfg["BLOCK_K"] == 0,

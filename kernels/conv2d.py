@@ -904,14 +904,15 @@ def _pick(config: dict | None, kind: str, dtype: torch.dtype, m: int, n: int) ->
     return dict(config)
 
 
-def check_config(cfg: dict, dtype: torch.dtype) -> None:
-    """What the GPU compiler requires of a tl.dot config, which the interpreter does not check."""
+def check_config(cfg: dict, dtype: torch.dtype, block_n2: int = 0) -> None:
+    """What the GPU compiler requires of a tl.dot config, which the interpreter does not check
+    (block_n2: the forward's second column tile, whose weight tile takes shared memory too)."""
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
         v = cfg[key]
         if v < 16 or v & (v - 1):
             raise ValueError(f"{key}={v}: tl.dot block sizes must be powers of two >= 16")
     elem = torch.empty((), dtype=dtype).element_size()
-    smem = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem
+    smem = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"] + block_n2) * cfg["BLOCK_K"] * elem
     if smem > SMEM_LIMIT:
         raise ValueError(f"config {cfg} needs {smem} bytes of shared memory, more than {SMEM_LIMIT}")
 
@@ -956,14 +957,28 @@ def _assert_geometry(stride, padding, dilation, groups, C_out: int) -> None:
     assert isinstance(groups, int) and groups >= 1 and C_out % groups == 0, f"groups={groups}, C_out={C_out}"
 
 
-def _split_n(cfg: dict, cog: int) -> tuple[dict, int]:
-    """(cfg, BLOCK_N2) for the forward kernel: column tiles of 128 + 64 on 128 rows where a wide tile
-    (128x256 fp32, 256x128 16-bit) leaves a quarter of its last column tile empty and 192 fits exactly:
-    conv3-4's 384 channels in fp32, the paper net's 192 a group (conv4's forward, conv4-5's input
-    gradient) in either. perf.static: ceiling 1.0 there (bf16 192 a group: 45 -> 34 us, 148 registers);
-    64 + 32 (96 channels) and 256-row tiles fell to 0.53-0.66 or spilled, so they keep one tile."""
-    if cfg["BLOCK_M"] * cfg["BLOCK_N"] == 128 * 256 and cog % cfg["BLOCK_N"] != 0 and cog % 192 == 0:
+def _split_n(cfg: dict, cog: int, dtype: torch.dtype) -> tuple[dict, int]:
+    """(cfg, BLOCK_N2) for the forward kernel: a program's columns as 3 x 2^k where the heuristic's
+    column tile leaves a quarter of the last one empty and the three-part width divides the channels.
+
+    - 128 + 64 on 128 rows where a wide tile (128x256 fp32, 256x128 16-bit) would take 192 channels
+      as 256: conv3-4's 384 in fp32, the paper net's 192 a group (conv4's forward, conv4-5's input
+      gradient) in either (perf.static: ceiling 1.0; bf16 192 a group: 45 -> 34 us, 148 registers).
+    - 64 + 32 on 128 rows, BLOCK_K 32 fp32 / 64 16-bit, where a tile of 128 columns would take 96:
+      conv2's input gradient (96 input channels). perf.static: 113 / 109 registers, two CTAs an SM,
+      ceiling 1.0, no spills (before its tap bits the same split fell to 0.53-0.66); the 32-column
+      wgmma read 149 B/clk of operands (operand ceiling 0.86), so 336 -> 293 us fp32, 168 -> 147 bf16,
+      not the 3/4 the tile use alone would give.
+    256-row tiles keep one column tile (0.53, or spills); 48 channels as 32 + 16 stayed under 0.9."""
+    if cfg["BLOCK_M"] * cfg["BLOCK_N"] < 128 * 128 or cog % cfg["BLOCK_N"] == 0:
+        return cfg, 0
+    if cfg["BLOCK_M"] * cfg["BLOCK_N"] == 128 * 256 and cog % 192 == 0:
         return dict(cfg, BLOCK_M=128, BLOCK_N=128), 64
+    if cfg["BLOCK_N"] == 128 and cog % 96 == 0:
+        small = dtype in (torch.float16, torch.bfloat16)
+        cfg = dict(cfg, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64 if small else 32, num_warps=8, num_stages=3)
+        check_config(cfg, dtype, 32)
+        return cfg, 32
     return cfg, 0
 
 
@@ -1112,7 +1127,7 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
     if row_tail:
         cfg["BLOCK_N"], block_n2 = _row_tail_n(Cog, cfg["BLOCK_K"])
     elif config is None:
-        cfg, block_n2 = _split_n(cfg, Cog)
+        cfg, block_n2 = _split_n(cfg, Cog, x.dtype)
         cfg = _fill_waves(cfg, M, Cog, groups, x.dtype, x.device)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cog, cfg["BLOCK_N"] + block_n2), groups)
     _conv2d_fwd_kernel[grid](

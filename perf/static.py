@@ -17,8 +17,10 @@ specialize it at that launch (specialize()), then:
                      Triton 3.9's PTX 9.x). Registers are cross-checked against the cubin Triton built.
   SASS               cuobjdump -sass on Triton's cubin: HGMMA/HMMA, LDGSTS (cp.async), UTMALDG/UBLKCP
                      (TMA) counts, and the innermost MMA loop (backward branches).
-  model              occupancy, waves on 132 SMs, an issue-bound ceiling of the MMA loop and a predicted
-                     time at H100 SXM rates. See perf/NOTES.md, "The static model (perf.static)".
+  model              occupancy, waves on 132 SMs, an issue-bound ceiling of the MMA loop, the bound its
+                     wgmma operand reads from shared memory set ("operand") and a predicted time at
+                     H100 SXM rates. See perf/NOTES.md, "The static model (perf.static)" and "... the
+                     model's operand-read bound".
 
 Predictions of a model, not measurements. Run without TRITON_INTERPRET (it compiles for a GPU).
 Compiling takes 1-10 s a kernel on a small machine; Triton's cache (~/.triton/cache) makes reruns fast.
@@ -59,6 +61,11 @@ SCHEDULERS = 4  # warp schedulers per SM: one warp-instruction per clock each
 DRAM_BYTES_PER_S = 3.35e12
 # Dense tensor-core FMAs per clock per SM, by operand type (the SASS suffix of HGMMA/HMMA).
 MMA_FMA_PER_CLK = {"TF32": 1024, "BF16": 2048, "F16": 2048, "E4M3": 4096, "E5M2": 4096}
+MMA_OPERAND_BYTES = {"TF32": 4, "BF16": 2, "F16": 2, "E4M3": 1, "E5M2": 1}
+# Shared-memory bytes per clock per SM that wgmma's operand reads are assumed to share (32 banks x 4 B:
+# an assumption, not a published wgmma figure; it makes m64n64 at full rate read exactly this much, and
+# narrower N more: the one GPU check NOTES lists for it).
+SMEM_BYTES_PER_CLK = 128
 
 KINDS = ("conv-fwd", "conv-dgrad", "conv-wgrad", "lrn_pool-fwd", "lrn_pool-bwd", "pool-fwd", "pool-bwd")
 NETS = ("single", "paper")
@@ -500,6 +507,18 @@ def loops(sass: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
     return found
 
 
+def _operand_bytes(op: str, operands: str) -> int:
+    """Shared-memory bytes one HGMMA reads: B (k x n) always, A (m x k) when it comes from a descriptor
+    ("HGMMA.64x128x8.F32.TF32 R24, gdesc[UR8], R24": A and B both in shared memory); 0 for HMMA (its
+    operands are registers, loaded by separate instructions) and anything else."""
+    shape = _mma_shape(op)
+    if not shape or not op.startswith("HGMMA"):
+        return 0
+    kind, m, n, k = shape
+    a_smem = operands.split(",")[1].strip().startswith("gdesc") if operands.count(",") >= 1 else True
+    return (n * k + (m * k if a_smem else 0)) * MMA_OPERAND_BYTES[kind]
+
+
 def sass_info(sass_text: str) -> dict:
     """Counts over the kernel and the innermost MMA loop (or the innermost loop when there is no MMA)."""
     sass = parse_sass(sass_text)
@@ -508,7 +527,7 @@ def sass_info(sass_text: str) -> dict:
     info = dict(instructions=len(sass), hgmma=sum(op.startswith("HGMMA") for op in ops),
                 hmma=sum(op.startswith("HMMA") for op in ops), ldgsts=sum(op.startswith("LDGSTS") for op in ops),
                 tma=sum(op.startswith(("UTMALDG", "UBLKCP")) for op in ops), loops=0, loop_instrs=None,
-                loop_mma=0, loop_mma_type=None, loop_warp_fmas=0, loop_local=0)
+                loop_mma=0, loop_mma_type=None, loop_warp_fmas=0, loop_local=0, loop_operand_bytes=0)
     found = loops(sass)
     info["loops"] = len(found)
     with_mma = [lp for lp in found if any(lp[0] <= a <= lp[1] for a in mma_addrs)]
@@ -519,6 +538,9 @@ def sass_info(sass_text: str) -> dict:
     body = [(op, _mma_shape(op)) for a, op, _ in sass if start <= a <= end]
     mmas = [shape for _, shape in body if shape]
     info.update(loop_instrs=len(body), loop_mma=len(mmas), loop_mma_type=mmas[0][0] if mmas else None,
+                # Shared-memory bytes one warpgroup's wgmma read a trip: B always, A where its operand is a
+                # descriptor (gdesc[...]: from shared memory; a register A reads none).
+                loop_operand_bytes=sum(_operand_bytes(op, operands) for a, op, operands in sass if start <= a <= end),
                 # Local-memory loads/stores (spill traffic, when ptxas reports spills) inside the loop.
                 loop_local=sum(op.startswith(("LDL", "STL")) for op, _ in body),
                 # FMAs one warp's MMA instructions stand for in one trip (HGMMA: per warpgroup, issued by
@@ -546,16 +568,21 @@ def occupancy(regs: int, num_warps: int, smem: int) -> tuple[int, str]:
     return limits[limiter], limiter
 
 
-def ceiling(fma_per_trip: float, mma_type: str, loop_instrs: int, num_warps: int) -> dict:
-    """Issue-bound ceiling of one MMA loop trip of one CTA on one SM.
+def ceiling(fma_per_trip: float, mma_type: str, loop_instrs: int, num_warps: int, operand_bytes: float = 0) -> dict:
+    """Issue-bound ceiling of one MMA loop trip of one CTA on one SM, and the operand-read bound beside it.
 
     tensor clocks = FMAs per trip / the SM's dense rate for the operand type (TF32 1024, BF16/F16 2048
     FMA/clock); issue clocks = loop instructions x warps / 4 schedulers (each warp runs the whole body
     once per trip). ceiling = tensor / max(tensor, issue): 1 when the tensor cores, not instruction
-    issue, bound the loop. With k CTAs on an SM both scale by k, so occupancy does not enter."""
+    issue, bound the loop. operand clocks = the shared-memory bytes the trip's wgmma read (every
+    warpgroup's, `operand_bytes`) / SMEM_BYTES_PER_CLK; operand_ceiling = tensor / max(tensor, operand):
+    below 1 where narrow MMA tiles read A again for few columns (N = 32: 1.5 x the bytes m64n64 reads a
+    FMA). With k CTAs on an SM all scale by k, so occupancy does not enter."""
     tensor = fma_per_trip / MMA_FMA_PER_CLK[mma_type]
     issue = loop_instrs * num_warps / SCHEDULERS
-    return dict(tensor_clocks=tensor, issue_clocks=issue, ceiling=tensor / max(tensor, issue))
+    operand = operand_bytes / SMEM_BYTES_PER_CLK
+    return dict(tensor_clocks=tensor, issue_clocks=issue, ceiling=tensor / max(tensor, issue),
+                operand_clocks=operand, operand_ceiling=tensor / max(tensor, operand))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -611,7 +638,8 @@ def model(launch: Launch, spec: Spec, compiled_info: dict) -> dict:
         # One trip of the K loop does one BLOCK_K step of the CTA's BLOCK_M x BLOCK_N tile.
         # (TAPS products a trip; BLOCK_N2 a second column tile)
         fma_trip = b["BLOCK_M"] * (b["BLOCK_N"] + b.get("BLOCK_N2", 0)) * b["BLOCK_K"] * b.get("TAPS", 1)
-        c = ceiling(fma_trip, k["loop_mma_type"], k["loop_instrs"], warps)
+        # (HGMMA is a warpgroup's: the body's operand bytes once for each group of 4 warps)
+        c = ceiling(fma_trip, k["loop_mma_type"], k["loop_instrs"], warps, k["loop_operand_bytes"] * warps / 4)
         rate = MMA_FMA_PER_CLK[k["loop_mma_type"]] * 2 * SMS * CLOCK_HZ  # dense FLOP/s of the whole GPU
         out.update(fma_per_trip=fma_trip, fma_per_trip_sass=k["loop_warp_fmas"] * warps, **c)
         if name in GEMMS:
@@ -619,7 +647,8 @@ def model(launch: Launch, spec: Spec, compiled_info: dict) -> dict:
             useful = m * n * kk * groups
             out["shape"] = f"{m}x{n}x{kk}" + (f" g{groups}" if groups > 1 else "")
             executed = ctas * trips * fma_trip  # whole tiles: padding of M, N and K included
-            t_comp = 2 * executed / rate / c["ceiling"]
+            # Instruction issue and operand reads overlap the MMA and each other: the slower bounds.
+            t_comp = 2 * executed / rate / min(c["ceiling"], c["operand_ceiling"])
             out.update(flops=2 * useful, flops_executed=2 * executed, tile_eff=useful / executed,
                        t_compute_us=t_comp * 1e6)
             t = max(t_comp, t_mem)
@@ -727,7 +756,7 @@ def summary(results: list[dict]) -> dict:
 # Output
 
 COLUMNS = ("kernel", "layer/op", "shape", "nets", "dtype", "layout", "regs", "spill B", "smem KB", "HGMMA/HMMA",
-           "cp.async/TMA", "loop instrs", "ceiling", "grid", "waves", "wave eff", "pred us")
+           "cp.async/TMA", "loop instrs", "ceiling", "operand", "grid", "waves", "wave eff", "pred us")
 
 
 def _fmt(v, spec: str = "") -> str:
@@ -746,13 +775,14 @@ def table_rows(results: list[dict]) -> list[list[str]]:
     for r in results:
         if "error" in r:
             rows.append([r["kernel"], f"{r['layer']} {r['op']}", "", _nets_of(r), r["dtype"], r["layout"], "error"]
-                        + [""] * 10)
+                        + [""] * 11)
             continue
         rows.append([r["kernel"].lstrip("_").removesuffix("_kernel"), f"{r['layer']} {r['op']}", r.get("shape", ""),
                      _nets_of(r), r["dtype"],
                      r["layout"], str(r["regs"]), str(r["spill_bytes"]), f"{r['smem'] / 1024:.0f}",
                      f"{r['hgmma']}/{r['hmma']}", f"{r['ldgsts']}/{r['tma']}", _fmt(r["loop_instrs"]),
-                     _fmt(r.get("ceiling"), ".2f"), "x".join(map(str, r.get("grid", []))),
+                     _fmt(r.get("ceiling"), ".2f"), _fmt(r.get("operand_ceiling"), ".2f"),
+                     "x".join(map(str, r.get("grid", []))),
                      _fmt(r.get("waves"), ".2f"), _fmt(r.get("wave_eff"), ".2f"), _fmt(r.get("predicted_us"), ".1f")])
     return rows
 

@@ -136,7 +136,7 @@ def test_forward_second_column_tile(device, case, monkeypatch):
     """BLOCK_N2: a program's columns as BLOCK_N + BLOCK_N / 2 (on GPUs 128 + 64 for 192 and 384
     channels), forced here at 32 + 16 in every K path, partly and wholly masked tiles included."""
     N, C, H, W, Co, k, s, p, g, layout, dtype = case
-    monkeypatch.setattr(K, "_split_n", lambda cfg, cog: (dict(cfg, BLOCK_N=32), 16))
+    monkeypatch.setattr(K, "_split_n", lambda cfg, cog, dtype: (dict(cfg, BLOCK_N=32), 16))
     spy = _LaunchSpy(K._conv2d_fwd_kernel)
     monkeypatch.setattr(K, "_conv2d_fwd_kernel", spy)
     x = make_input((N, C, H, W), dtype, device, layout=layout)
@@ -151,18 +151,46 @@ def test_forward_second_column_tile(device, case, monkeypatch):
 
 def test_split_n():
     """128 + 64 columns on 128 rows where a wide tile leaves a quarter of its columns empty and 192 fits:
-    384 and 192 channels on fp32's 128x256, 192 on 16-bit types' 256x128; one tile otherwise."""
-    def split(cog, bm, bn):
-        cfg, n2 = K._split_n(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32, num_warps=8, num_stages=3), cog)
+    384 and 192 channels on fp32's 128x256, 192 on 16-bit types' 256x128; 64 + 32 where a 128-column
+    tile would take 96 (conv2's input gradient), BLOCK_K 32 fp32 / 64 bf16; one tile otherwise."""
+    def split(cog, bm, bn, dtype=torch.float32):
+        cfg, n2 = K._split_n(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32, num_warps=8, num_stages=3), cog, dtype)
         return cfg["BLOCK_M"], cfg["BLOCK_N"], n2
 
     assert split(384, 128, 256) == (128, 128, 64) and split(192, 128, 256) == (128, 128, 64)
-    assert split(192, 256, 128) == (128, 128, 64)  # the paper net's conv4 (and conv4-5 dgrad) in bf16
+    assert split(192, 256, 128, torch.bfloat16) == (128, 128, 64)  # the paper net's conv4 (and conv4-5 dgrad)
     assert split(256, 128, 256) == (128, 256, 0) and split(384, 256, 128) == (256, 128, 0)
-    assert split(96, 128, 128) == (128, 128, 0) and split(200, 128, 256) == (128, 256, 0)
-    assert split(512, 256, 128) == (256, 128, 0) and split(192, 128, 128) == (128, 128, 0)
+    assert split(200, 128, 256) == (128, 256, 0) and split(512, 256, 128) == (256, 128, 0)
+    assert split(160, 128, 128) == (128, 128, 0) and split(100, 128, 128) == (128, 128, 0)
+    assert split(48, 128, 64) == (128, 64, 0) and split(96, 64, 128) == (64, 128, 0)  # 32 + 16, 64 rows: no
+    for dtype, k in ((torch.float32, 32), (torch.bfloat16, 64), (torch.float16, 64)):
+        for cog, bm in ((96, 128), (96, 256), (288, 256), (192, 128)):  # conv2's dgrad on fp32's and bf16's tiles
+            cfg, n2 = K._split_n(dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3), cog, dtype)
+            assert (cfg["BLOCK_M"], cfg["BLOCK_N"], n2, cfg["BLOCK_K"], cfg["num_warps"]) == (128, 64, 32, k, 8)
+            K.check_config(cfg, dtype, n2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_input_grad_96_channels_split(device, dtype, monkeypatch):
+    """conv2's input gradient (96 input channels, 5 x 5, padding 2) from the GPU's base tile, which the
+    launcher splits to 128 x (64 + 32): the forward kernel's tap-bit path with both column tiles, a
+    partial row tile (49 positions of 128), against float64."""
+    small = dtype == torch.bfloat16
+    base = dict(BLOCK_M=256 if small else 128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
+    with monkeypatch.context() as gpu:
+        gpu.setattr(K, "is_interpreting", lambda: False)
+        assert K._config("fwd", dtype, 128 * 27 * 27, 96) == base  # what a GPU picks before the split
+    monkeypatch.setattr(K, "_config", lambda kind, dt, m, n: dict(base))
+    spy = _LaunchSpy(K._conv2d_fwd_kernel)
+    monkeypatch.setattr(K, "_conv2d_fwd_kernel", spy)
+    w = make_input((64, 96, 5, 5), dtype, device, layout="channels_last", requires_grad=False, scale=0.1)
+    dy = make_input((1, 64, 7, 7), dtype, device, layout="channels_last", requires_grad=False)
+    dx = K.conv2d_input_grad(dy, w, (1, 96, 7, 7), (1, 1), (2, 2), (1, 1), 1, channels_last=True)
+    kw = spy.kwargs[-1]
+    assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_N2"], kw["BLOCK_K"]) == (128, 64, 32, 64 if small else 32)
+    assert kw["TAP_BITS"] and spy.grids[-1] == (1, 1, 1)
+    ref = torch.nn.grad.conv2d_input((1, 96, 7, 7), w.double().cpu(), dy.double().cpu(), padding=2)
+    assert_close(dx, ref, dtype, device, "grad_input")
 def test_fill_waves():
     """Wide forward tiles become 128x128 where their last wave is under 85% full and the halves fill it
     better (conv5 / conv3's input gradient: 169 tiles on 132 SMs); elsewhere the config is unchanged."""

@@ -52,6 +52,12 @@ def test_sass_loops_and_counts():
     # The innermost loop holding an MMA: 0x60..0xa0, 5 instructions, two 64x128x16 wgmmas a warpgroup.
     assert (info["loop_instrs"], info["loop_mma"], info["loop_mma_type"], info["loop_local"]) == (5, 2, "BF16", 0)
     assert info["loop_warp_fmas"] == 2 * 64 * 128 * 16 / 4
+    # Both wgmmas read A (64 x 16) and B (16 x 128) bf16 from shared memory (gdesc): 6 KB each.
+    assert info["loop_operand_bytes"] == 2 * (64 * 16 + 16 * 128) * 2
+    # A from registers (the RS form) reads only B; HMMA's operands are registers.
+    assert static._operand_bytes("HGMMA.64x64x16.F32.BF16", "R24, R120, gdesc[UR4], R24") == 16 * 64 * 2
+    assert static._operand_bytes("HGMMA.64x32x8.F32.TF32", "R24, gdesc[UR8], R24") == (64 * 8 + 8 * 32) * 4
+    assert static._operand_bytes("HMMA.16816.F32.BF16", "R4, R8, R12, R4") == 0
     assert static._mma_shape("HMMA.16816.F32.BF16") == ("BF16", 16, 8, 16)
     assert static._mma_shape("HMMA.1688.F32.TF32") == ("TF32", 16, 8, 8)
     # fp16 operands carry no type suffix (sm_90 SASS of an fp16 conv: HGMMA.64x128x16.F32)
@@ -84,6 +90,13 @@ def test_occupancy_and_ceiling_arithmetic():
     assert (c["tensor_clocks"], c["issue_clocks"], c["ceiling"]) == (512, 190, 1.0)
     # tf32 128x128x32: 512 tensor clocks against 494 x 8 / 4 = 988 issue clocks.
     assert static.ceiling(128 * 128 * 32, "TF32", 494, 8)["ceiling"] == pytest.approx(512 / 988)
+    # Operand reads: tf32 128 x 128 x 32 on two warpgroups, each 4 x m64n128k8 (2 KB of A, 4 KB of B):
+    # 48 KB at 128 B a clock = 384 clocks, under the 512 tensor clocks. 128 x (64 + 32): each group
+    # 4 x (m64n64k8 + m64n32k8), 7 KB a k-step, 56 KB = 448 clocks against 384: ceiling 6/7.
+    c = static.ceiling(128 * 128 * 32, "TF32", 131, 8, operand_bytes=2 * 4 * (2 + 4) * 1024)
+    assert (c["operand_clocks"], c["operand_ceiling"]) == (384, 1.0)
+    c = static.ceiling(128 * 96 * 32, "TF32", 148, 8, operand_bytes=2 * 4 * (2 + 2 + 2 + 1) * 1024)
+    assert c["operand_clocks"] == 448 and c["operand_ceiling"] == pytest.approx(384 / 448) and c["ceiling"] == 1.0
 
 
 @pytest.mark.slow

@@ -959,7 +959,8 @@ def _assert_geometry(stride, padding, dilation, groups, C_out: int) -> None:
 
 def _split_n(cfg: dict, cog: int, dtype: torch.dtype) -> tuple[dict, int]:
     """(cfg, BLOCK_N2) for the forward kernel: a program's columns as 3 x 2^k where the heuristic's
-    column tile leaves a quarter of the last one empty and the three-part width divides the channels.
+    column tile leaves a quarter of the last one empty and the three-part width divides the channels
+    (one of _fwd_tiles' options: where 128 x 128 fills the waves better, as for fp32's 384 channels, it wins).
 
     - 128 + 64 on 128 rows where a wide tile (128x256 fp32, 256x128 16-bit) would take 192 channels
       as 256: conv3-4's 384 in fp32, the paper net's 192 a group (conv4's forward, conv4-5's input
@@ -982,23 +983,45 @@ def _split_n(cfg: dict, cog: int, dtype: torch.dtype) -> tuple[dict, int]:
     return cfg, 0
 
 
-def _fill_waves(cfg: dict, M: int, Cog: int, groups: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """The forward's wide tiles (128x256 fp32, 256x128 16-bit) traded for 128x128 ones where they leave
-    the last wave under 85% full and the halves fill it better. conv5's forward and conv3's input
-    gradient (21632 positions x 256 channels, and the paper net's conv5 in bf16: 2 groups of 128) are
-    169-170 wide tiles on 132 SMs, 1.28 waves: 37 SMs run two while 95 idle half the time; as 338
-    halves the busiest SM runs three, 3/4 of the time (perf.static: wave efficiency 0.64 -> 0.85)."""
-    if cfg["BLOCK_M"] * cfg["BLOCK_N"] != 128 * 256:
-        return cfg
+def _operand_share(widths: tuple[int, ...]) -> float:
+    """The share of tensor-core rate a 128-row tile's wgmma keep with column parts of these widths, when
+    their operand reads from shared memory bound them (perf.static's operand ceiling, at 128 B a clock):
+    each 64-row wgmma reads its A for each part, so reads / FMAs grow with the parts. 1 for one part of
+    >= 64 columns; 6/7 for 64 + 32."""
+    n = sum(widths)
+    return min(1.0, 2 * n / (64 * len(widths) + n))
+
+
+def _fwd_tiles(cfg: dict, M: int, Cog: int, groups: int, dtype: torch.dtype, device: torch.device) -> tuple[dict, int]:
+    """(cfg, BLOCK_N2) of a forward launch from the heuristic's config: it, its split into 3 x 2^k
+    columns (_split_n), or for a wide tile (128x256 fp32, 256x128 16-bit) 128x128, whichever gives the
+    busiest SM the least MMA time: rounds of tiles an SM runs (cdiv(tiles, SMs), a tile's ceiling being
+    one CTA's alone on an SM, as perf.static counts waves) x the tile's area / _operand_share; the
+    heuristic's on ties.
+
+    conv5's forward and conv3's input gradient (21632 positions x 256 channels; the paper net's conv5 in
+    bf16, 2 groups of 128) are 169-170 wide tiles on 132 SMs: the busiest SM runs two while 95 idle half
+    the time; as 338 halves it runs three (perf.static: wave efficiency 0.64 -> 0.85). conv3-4's 384
+    channels in fp32 (conv4-5's input gradients too): 338 tiles of 128 x 192 are 3 rounds of 3/4 of
+    128 x 256's area, 507 of 128 x 128 are 4 rounds of half (0.85 -> 0.96: conv4 136 -> 121 us)."""
     sms = _num_sms(device)
-    wide = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(Cog, cfg["BLOCK_N"]) * groups
-    half = triton.cdiv(M, 128) * triton.cdiv(Cog, 128) * groups
-    if _wave_efficiency(wide, sms) >= 0.85 or _wave_efficiency(half, sms) <= _wave_efficiency(wide, sms):
-        return cfg
-    small = dtype in (torch.float16, torch.bfloat16)
-    cfg = dict(cfg, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if small else 32, num_warps=8)
-    check_config(cfg, dtype)
-    return cfg
+    options = [(cfg, 0)]
+    split = _split_n(cfg, Cog, dtype)
+    if split[1]:
+        options.append(split)
+    if cfg["BLOCK_M"] * cfg["BLOCK_N"] == 128 * 256:
+        small = dtype in (torch.float16, torch.bfloat16)
+        half = dict(cfg, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if small else 32, num_warps=8)
+        check_config(half, dtype)
+        options.append((half, 0))
+
+    def busiest(option):
+        c, n2 = option
+        cols = c["BLOCK_N"] + n2
+        tiles = triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(Cog, cols) * groups
+        return triton.cdiv(tiles, sms) * c["BLOCK_M"] * cols / _operand_share((c["BLOCK_N"], n2) if n2 else (cols,))
+
+    return min(options, key=busiest)
 
 
 def _positions_dense(t: torch.Tensor) -> bool:
@@ -1127,8 +1150,7 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
     if row_tail:
         cfg["BLOCK_N"], block_n2 = _row_tail_n(Cog, cfg["BLOCK_K"])
     elif config is None:
-        cfg, block_n2 = _split_n(cfg, Cog, x.dtype)
-        cfg = _fill_waves(cfg, M, Cog, groups, x.dtype, x.device)
+        cfg, block_n2 = _fwd_tiles(cfg, M, Cog, groups, x.dtype, x.device)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cog, cfg["BLOCK_N"] + block_n2), groups)
     _conv2d_fwd_kernel[grid](
         x, weight, bias if bias is not None else x, y,

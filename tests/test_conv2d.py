@@ -136,7 +136,7 @@ def test_forward_second_column_tile(device, case, monkeypatch):
     """BLOCK_N2: a program's columns as BLOCK_N + BLOCK_N / 2 (on GPUs 128 + 64 for 192 and 384
     channels), forced here at 32 + 16 in every K path, partly and wholly masked tiles included."""
     N, C, H, W, Co, k, s, p, g, layout, dtype = case
-    monkeypatch.setattr(K, "_split_n", lambda cfg, cog, dtype: (dict(cfg, BLOCK_N=32), 16))
+    monkeypatch.setattr(K, "_fwd_tiles", lambda cfg, m, cog, groups, dtype, device: (dict(cfg, BLOCK_N=32), 16))
     spy = _LaunchSpy(K._conv2d_fwd_kernel)
     monkeypatch.setattr(K, "_conv2d_fwd_kernel", spy)
     x = make_input((N, C, H, W), dtype, device, layout=layout)
@@ -191,33 +191,51 @@ def test_input_grad_96_channels_split(device, dtype, monkeypatch):
     assert kw["TAP_BITS"] and spy.grids[-1] == (1, 1, 1)
     ref = torch.nn.grad.conv2d_input((1, 96, 7, 7), w.double().cpu(), dy.double().cpu(), padding=2)
     assert_close(dx, ref, dtype, device, "grad_input")
-def test_fill_waves():
-    """Wide forward tiles become 128x128 where their last wave is under 85% full and the halves fill it
-    better (conv5 / conv3's input gradient: 169 tiles on 132 SMs); elsewhere the config is unchanged."""
+def test_fwd_tiles():
+    """The forward's tile from the heuristic's: its 3 x 2^k split or 128x128 where they give the busiest
+    of 132 SMs less MMA time (128x128 where a wide tile's last wave is mostly idle, conv5 / conv3's input
+    gradient: 169 tiles; also for fp32's 384 channels, 507 tiles of 128x128 against 338 of 128 x 192),
+    the heuristic's config on ties and where nothing applies."""
     wide32 = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, num_warps=8, num_stages=3)
     wide16 = dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
+    sq32 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
+    sq16 = dict(sq32, BLOCK_K=64)
     gpu = torch.device("meta")
+    f32, b16 = torch.float32, torch.bfloat16
+
+    def tiles(cfg, m, cog, groups, dtype):
+        c, n2 = K._fwd_tiles(dict(cfg), m, cog, groups, dtype, gpu)
+        return c, n2
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(K, "_num_sms", lambda device: 132)
-        half32 = K._fill_waves(dict(wide32), 21632, 256, 1, torch.float32, gpu)
-        assert half32 == dict(wide32, BLOCK_N=128)
+        assert tiles(wide32, 21632, 256, 1, f32) == (sq32, 0)  # conv5 fwd, conv3 dgrad
         for cog, groups in ((256, 1), (128, 2)):  # the single net's conv5, the paper net's (2 groups of 128)
-            assert K._fill_waves(dict(wide16), 21632, cog, groups, torch.bfloat16, gpu) == dict(
-                wide16, BLOCK_M=128, BLOCK_K=64)
-        # conv2 (729 wide tiles: 92% of the last wave) and conv3-4 in bf16 (255: 97%) keep theirs
-        assert K._fill_waves(dict(wide32), 93312, 256, 1, torch.float32, gpu) == wide32
-        assert K._fill_waves(dict(wide16), 21632, 384, 1, torch.bfloat16, gpu) == wide16
-        small = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
-        assert K._fill_waves(dict(small), 21632, 128, 2, torch.float32, gpu) == small
-        # one SM (the interpreter's count): every grid fills its waves
+            assert tiles(wide16, 21632, cog, groups, b16) == (sq16, 0)
+        assert tiles(wide32, 21632, 384, 1, f32) == (sq32, 0)  # conv3-4 fwd, conv4-5 dgrad in fp32
+        # the paper net's 192 a group: 338 tiles of 128 x 192 (3 rounds) against 676 of 128x128 (6)
+        assert tiles(wide32, 21632, 192, 2, f32) == (dict(wide32, BLOCK_N=128), 64)
+        assert tiles(wide16, 21632, 192, 2, b16) == (dict(wide16, BLOCK_M=128), 64)
+        # conv2's input gradient (96 channels): 64 + 32 at 6/7 of the rate beats a quarter of 128 empty
+        split = (dict(sq32, BLOCK_N=64), 32)
+        assert tiles(sq32, 93312, 96, 1, f32) == split
+        assert tiles(wide16, 93312, 96, 1, b16) == (dict(sq16, BLOCK_N=64), 32)
+        # ties keep the heuristic's: conv2 fwd (729 wide tiles, 92% of the last wave), conv3-4 in bf16
+        assert tiles(wide32, 93312, 256, 1, f32) == (wide32, 0)
+        assert tiles(wide16, 21632, 384, 1, b16) == (wide16, 0)
+        assert tiles(sq32, 21632, 128, 2, f32) == (sq32, 0)
+        # one SM (the interpreter's count): least padded work; full wide tiles stay
         mp.setattr(K, "_num_sms", lambda device: 1)
-        assert K._fill_waves(dict(wide32), 21632, 256, 1, torch.float32, gpu) == wide32
+        assert tiles(wide32, 21632, 256, 1, f32) == (wide32, 0)
+        assert tiles(sq32, 4096, 96, 1, f32) == split
+    assert K._operand_share((128,)) == 1.0 and K._operand_share((64,)) == 1.0
+    assert K._operand_share((64, 32)) == pytest.approx(6 / 7) and K._operand_share((128, 64)) == 1.0
     assert K._wave_efficiency(169, 132) == pytest.approx(169 / 264)
     assert K._wave_efficiency(338, 132) == pytest.approx(338 / 396) and K._wave_efficiency(264, 132) == 1.0
 
 
 def test_forward_fills_waves(device, monkeypatch):
-    """The launcher applies _fill_waves to the heuristic's config: with a wide tile forced and 132 SMs,
+    """The launcher applies _fwd_tiles to the heuristic's config: with a wide tile forced and 132 SMs,
     a small grid runs at 128x128 (half the wide tile), and the result matches float64."""
     monkeypatch.setattr(K, "_num_sms", lambda device: 132)
     monkeypatch.setattr(K, "_config", lambda kind, dtype, m, n: dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32,

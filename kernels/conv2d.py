@@ -685,6 +685,7 @@ def _conv2d_wgrad_taps_kernel(
     BIAS_2D: tl.constexpr,  # see _wgrad_accumulate
     TAPS: tl.constexpr,  # taps a program (1-4): each trip's dy tile feeds TAPS products
     ROWS: tl.constexpr,  # a tap is a kernel row, its columns (kw, ci): x's window rows are contiguous
+    ROW_GAPS: tl.constexpr,  # ROWS where a row's KW runs of CW channels lie sxw apart (groups): per-column offsets
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no position mask (_k_mask)
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -699,7 +700,8 @@ def _conv2d_wgrad_taps_kernel(
     # their address math is most of the loop: one row offset a position a trip, shared by the taps.
     # With ROWS the launcher makes a kernel row the tap (KH taps of KW * CW columns, (kw, ci), contiguous
     # in x where channels_last has one group): conv2's 96 channels a tap filled 3/4 of a 128-column
-    # tile, its 480 a row fill 15/16 of four; the padding test along w is then per column (col_w).
+    # tile, its 480 a row fill 15/16 of four; the padding test along w is then per column (col_w). In
+    # groups (ROW_GAPS; the paper net's conv2: 48 channels a group, 240 a row) the row's runs are apart.
     pid = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
@@ -724,6 +726,12 @@ def _conv2d_wgrad_taps_kernel(
     col_w = offs_c
     if ROWS:
         col_w = (offs_c // CW) * dil_w  # the column's kw, as an offset along w
+        if ROW_GAPS:
+            # In groups a kernel row is KW runs of the group's CW channels, a pixel (sxw) apart: the
+            # column offsets are computed once, here. With CW % 16 == 0 Triton still sees runs of 16
+            # contiguous columns, so the copies stay 16 bytes wide.
+            x_base = x_ptr + g * CW * sxc
+            c_off = (offs_c // CW) * sxw + (offs_c % CW) * sxc
 
     acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)  # (unused accumulators are never carried)
@@ -877,6 +885,11 @@ def _config(kind: str, dtype: torch.dtype, m: int, n: int) -> dict:
             # (perf.static, tile use 0.74 -> 1.0: conv3 109 -> 84 us fp32, 55 -> 43 bf16; conv4 163 ->
             # 127, 82 -> 64).
             block_m, block_n = 128, (256 if n % 256 == 0 else block_n)
+        if block_m == 128 and n > 128 and n % 64:
+            # A kernel row a tap in groups (the paper net's conv2: 128 x 240 a group): 128 x 256, one row
+            # a program. At 128 x 128 the 5 rows took blocks of 3 taps, a sixth of them past the last
+            # (perf.static: 181 -> 149 us fp32 at 3 taps; 128 us here, ceiling 0.98; bf16 91 -> 64).
+            block_n = 256
     stages = 3
     if kind == "wgrad_taps" and block_m * block_n >= 256 * 128 and not small:
         # fp32 at BLOCK_K 32 kept 24 bytes of spills (255 registers); 16 a step, 4 deep: 242 registers,
@@ -1266,9 +1279,10 @@ def default_taps(x, weight_shape) -> bool:
 def default_rows(x, weight_shape, dilation) -> bool:
     """Whether the per-tap kernel takes a kernel row as its tap (columns (kw, ci), KW x Cig of them):
     where a tap's Cig channels leave its column tiles partly empty (conv2's 96 fill three quarters of
-    128) and a row's columns are contiguous in x (channels_last, one group, no dilation along w)."""
+    128; the paper net's 48 a group, half of 64) and x's channels are contiguous, with no dilation
+    along w. A row's columns are then contiguous in x with one group, or KW runs of Cig (ROW_GAPS)."""
     _, Cig, _, KW = weight_shape
-    return KW > 1 and Cig % 64 != 0 and x.stride(1) == 1 and x.stride(3) == Cig and dilation[1] == 1
+    return KW > 1 and Cig % 64 != 0 and x.stride(1) == 1 and dilation[1] == 1
 
 
 def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, groups, allow_tf32=True,
@@ -1305,7 +1319,7 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
         taps = default_taps(x, weight_shape)
     taps_per = 1
     rows = bool(taps and (default_rows(x, weight_shape, dilation) if rows is None else rows))
-    assert not rows or (x.stride(3) == Cig * x.stride(1) and dilation[1] == 1), "rows: a kernel row contiguous in x"
+    assert not rows or dilation[1] == 1, "rows: no dilation along w"
     # The per-tap kernel's taps and their columns: (KH*KW, Cig), or with rows (KH, KW*Cig), in the
     # same memory order (co, kh, kw, ci), so the partials and their sums are the same either way.
     taps_t, taps_kw, taps_n = (KH, 1, KW * Cig) if rows else (T, KW, Cig)
@@ -1353,7 +1367,8 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
                       IN_BOUNDS=in_bounds,
                       ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype, allow_tf32), UPCAST=dot_upcast(dtype), **cfg)
         if taps:
-            _conv2d_wgrad_taps_kernel[(tiles, groups, split)](*args, Cig, TAPS=taps_per, ROWS=rows, **common)
+            _conv2d_wgrad_taps_kernel[(tiles, groups, split)](
+                *args, Cig, TAPS=taps_per, ROWS=rows, ROW_GAPS=rows and x.stride(3) != Cig * x.stride(1), **common)
         else:
             _conv2d_wgrad_kernel[(tiles, groups, split)](
                 *args, CI_FAST=ci_fast, IMAGE_BLOCKS=N % cfg["BLOCK_K"] == 0,

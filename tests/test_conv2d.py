@@ -569,6 +569,8 @@ def test_weight_grad_per_tap(device, case, rows, monkeypatch):
                                   taps=taps, rows=rows)
     assert len(spy.grids) == 1 and spy.grids[0][2] == split
     assert spy.kwargs[0]["ROWS"] == (K.default_rows(x, w.shape, d) if rows is None else False)
+    # in groups a row's KW runs of a group's channels lie a pixel apart (ROW_GAPS)
+    assert spy.kwargs[0]["ROW_GAPS"] == (spy.kwargs[0]["ROWS"] and g > 1)
     assert dw.shape == w.shape and dw.is_contiguous() and dw.dtype == dtype and db.dtype == dtype
     xr, wr = ref_inputs(x, w)
     wr.requires_grad_()
@@ -608,19 +610,20 @@ def test_weight_grad_taps_per_program(device, taps_per, kernel, padding, groups,
 
 
 @pytest.mark.skipif(not _common.is_interpreting(), reason="watches the interpreter's loads")
-@pytest.mark.parametrize("rows", [False, True])
+@pytest.mark.parametrize("rows, groups", [(False, 1), (True, 1), (True, 2)], ids=["taps", "rows", "rows-g2"])
 @pytest.mark.parametrize("taps_per", [3, 4])
-def test_weight_grad_taps_loads_stay_in_bounds(taps_per, rows, monkeypatch):
+def test_weight_grad_taps_loads_stay_in_bounds(taps_per, rows, groups, monkeypatch):
     """The per-tap kernel reads only inside x and dy: a tap block past the last tap (6 taps in blocks of
     4) loads tap T - 1 again rather than a row below the image, which with no padding (IN_BOUNDS) no
     test masks; results cannot show it (those taps are never stored), so the addresses are checked.
-    With rows a tap is a kernel row (2 of them here)."""
+    With rows a tap is a kernel row (2 of them here); in 2 groups its columns lie in runs (ROW_GAPS),
+    the columns past the row masked."""
     from triton.runtime import interpreter
 
     monkeypatch.setattr(K, "taps_per_program", lambda T, cfg: taps_per)
-    x = make_input((2, 16, 5, 6), torch.float32, "cpu", layout="channels_last", requires_grad=False)
-    w = make_input((8, 16, 2, 3), torch.float32, "cpu", requires_grad=False, scale=0.3)
-    dy = torch.randn(TF.conv2d(x, w).shape).contiguous(memory_format=torch.channels_last)
+    x = make_input((2, 16 * groups, 5, 6), torch.float32, "cpu", layout="channels_last", requires_grad=False)
+    w = make_input((8 * groups, 16, 2, 3), torch.float32, "cpu", requires_grad=False, scale=0.3)
+    dy = torch.randn(TF.conv2d(x, w, groups=groups).shape).contiguous(memory_format=torch.channels_last)
     spans = [(t.data_ptr(), t.data_ptr() + t.untyped_storage().nbytes()) for t in (x, dy)]
     outside, watching, ran = [], [], []
     load = interpreter.InterpreterBuilder.create_masked_load
@@ -644,25 +647,26 @@ def test_weight_grad_taps_loads_stay_in_bounds(taps_per, rows, monkeypatch):
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", watched)
     monkeypatch.setattr(K, "_conv2d_wgrad_taps_kernel", Watch(K._conv2d_wgrad_taps_kernel))
     cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
-    dw, _ = K.conv2d_weight_grad(dy, x, w.shape, (1, 1), (0, 0), (1, 1), 1, split_k=1, config=cfg, taps=True,
+    dw, _ = K.conv2d_weight_grad(dy, x, w.shape, (1, 1), (0, 0), (1, 1), groups, split_k=1, config=cfg, taps=True,
                                  rows=rows)
     assert ran == [taps_per] and not outside, f"{len(outside)} loads outside x and dy"
     xr, wr = ref_inputs(x, w)
     wr.requires_grad_()
-    TF.conv2d(xr, wr).backward(dy.double())
+    TF.conv2d(xr, wr, groups=groups).backward(dy.double())
     assert_close(dw, wr.grad, torch.float32, "cpu", "grad_weight")
 
 
 def test_default_rows():
     """A kernel row a tap where a tap's channels leave column tiles partly empty (not a multiple of 64)
-    and the row is contiguous in x: channels_last, one group, no dilation along w, several columns."""
+    and x's channels are contiguous (channels_last; in groups too), no dilation along w, several columns."""
     def rows(c_in, kernel, layout="channels_last", groups=1, dilation=(1, 1)):
         x = make_input((1, c_in, 9, 9), torch.float32, "cpu", layout=layout, requires_grad=False)
         return K.default_rows(x, (8, c_in // groups, *kernel), dilation)
 
     assert rows(96, (5, 5))  # conv2
     assert not rows(256, (3, 3)) and not rows(384, (3, 3)) and not rows(192, (3, 3))  # conv3-5: whole tiles
-    assert not rows(96, (5, 5), groups=2)  # the paper net's conv2: a group's row is not contiguous
+    assert rows(96, (5, 5), groups=2)  # the paper net's conv2: 48 a group, the row in runs (ROW_GAPS)
+    assert not rows(384, (3, 3), groups=2) and not rows(256, (3, 3), groups=2)  # conv4-5: 192, 128 a group
     assert not rows(96, (5, 5), layout="contiguous") and not rows(96, (5, 5), dilation=(1, 2))
     assert not rows(96, (5, 1)) and rows(96, (1, 5)) and rows(20, (3, 3))
 
@@ -698,6 +702,9 @@ GPU_TAP_TILES = {
     (128, 48, 25): ((128, 64, 4), 32, 32),  # the paper net's groups: conv2
     (192, 192, 9): ((128, 64, 3), 32, 64),  # conv4
     (128, 192, 9): ((128, 64, 3), 32, 64),  # conv5
+    # a kernel row a tap (default_rows): KW x Cig columns, KH taps
+    (256, 480, 5): ((256, 128, 1), 16, 64),  # conv2
+    (128, 240, 5): ((128, 256, 1), 16, 64),  # the paper net's conv2: one 256-column tile, a row a program
 }
 
 
@@ -740,6 +747,32 @@ def test_weight_grad_gpu_tiles_384(device, layer, dtype, monkeypatch):
     wr.requires_grad_()
     br = torch.zeros(c_out, dtype=torch.float64, requires_grad=True)
     TF.conv2d(xr, wr, br, padding=1).backward(dy.double().cpu())
+    assert_close(dw, wr.grad, dtype, device, "grad_weight")
+    assert_close(db, br.grad, dtype, device, "grad_bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_grad_gpu_tile_rows_in_groups(device, dtype, monkeypatch):
+    """The tile a GPU picks for the paper net's conv2 (a kernel row a tap in 2 groups: 128 x 256, one row
+    a program, the row's columns in runs a pixel apart) against float64, on 40 channels a group (200 of
+    256 columns) and 12 output channels (12 of 128 rows)."""
+    with monkeypatch.context() as gpu:
+        gpu.setattr(K, "is_interpreting", lambda: False)
+        cfg = K._config("wgrad_taps", dtype, 128, 5 * 48)
+        assert K.taps_per_program(5, cfg) == 1
+    spy = _LaunchSpy(K._conv2d_wgrad_taps_kernel)
+    monkeypatch.setattr(K, "_conv2d_wgrad_taps_kernel", spy)
+    x = make_input((2, 80, 6, 7), dtype, device, layout="channels_last", requires_grad=False)
+    w = make_input((24, 40, 5, 5), dtype, device, requires_grad=False, scale=0.1)
+    dy = torch.randn(TF.conv2d(x.float(), w.float(), padding=2, groups=2).shape, device=device).to(dtype)
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    dw, db = K.conv2d_weight_grad(dy, x, w.shape, (1, 1), (2, 2), (1, 1), 2, config=cfg)
+    kw = spy.kwargs[-1]
+    assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["TAPS"], kw["ROWS"], kw["ROW_GAPS"]) == (128, 256, 1, True, True)
+    xr, wr = ref_inputs(x, w)
+    wr.requires_grad_()
+    br = torch.zeros(24, dtype=torch.float64, requires_grad=True)
+    TF.conv2d(xr, wr, br, padding=2, groups=2).backward(dy.double().cpu())
     assert_close(dw, wr.grad, dtype, device, "grad_weight")
     assert_close(db, br.grad, dtype, device, "grad_bias")
 

@@ -1285,6 +1285,18 @@ def default_rows(x, weight_shape, dilation) -> bool:
     return KW > 1 and Cig % 64 != 0 and x.stride(1) == 1 and dilation[1] == 1
 
 
+def wgrad_tiles(weight_shape, cfg: dict, taps: bool, rows: bool) -> int:
+    """Output tiles a group of a weight-gradient launch has (its grid's first axis; split-K multiplies
+    them): co blocks x column blocks, the per-tap kernel's by blocks of taps_per_program taps, a tap
+    being a kernel row with rows (perf.tune sizes its split-K sweep from it)."""
+    C_out_g, Cig, KH, KW = weight_shape  # C_out_g: the output channels of one group
+    tiles = triton.cdiv(C_out_g, cfg["BLOCK_M"])
+    if not taps:
+        return tiles * triton.cdiv(Cig * KH * KW, cfg["BLOCK_N"])
+    taps_t, taps_n = (KH, KW * Cig) if rows else (KH * KW, Cig)
+    return tiles * triton.cdiv(taps_t, taps_per_program(taps_t, cfg)) * triton.cdiv(taps_n, cfg["BLOCK_N"])
+
+
 def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, groups, allow_tf32=True,
                        split_k=None, config=None, taps=None, rows=None):
     """(dw (C_out, C_in/groups, KH, KW), db (C_out,)) from grad_output (N, C_out, OH, OW) and x.
@@ -1328,8 +1340,6 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
         taps_per = taps_per_program(taps_t, cfg)
         if config is None and taps_per > 1 and not is_interpreting():
             cfg = _multi_tap_config(cfg, taps_per, dtype)
-        tiles = (triton.cdiv(Cog, cfg["BLOCK_M"]) * triton.cdiv(taps_t, taps_per)
-                 * triton.cdiv(taps_n, cfg["BLOCK_N"]))
     else:
         cfg = _pick(config, "wgrad", dtype, Cog, CKK)
         if config is None and not is_interpreting() and _bias_col(dict(cfg, BLOCK_K=64), dtype, N, CKK, in_bounds):
@@ -1337,7 +1347,7 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
             # twice the MMA a trip against the same fixed cost (perf.static, conv1 bf16: ceiling 0.78 ->
             # 0.98, 210 registers, no spills).
             cfg = dict(cfg, BLOCK_K=64)
-        tiles = triton.cdiv(Cog, cfg["BLOCK_M"]) * triton.cdiv(CKK, cfg["BLOCK_N"])
+    tiles = wgrad_tiles((Cog, Cig, KH, KW), cfg, taps, rows)
     k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
     split = split_k if split_k is not None else _split_k(tiles * groups, k_blocks, device)
     split = max(1, min(int(split), max(k_blocks, 1)))

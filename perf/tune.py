@@ -126,15 +126,14 @@ def _calls(s, kind, x, w, b, y, dy):
     return fast, ref, autograd
 
 
-def _splits(s, cfg, batch, kind="wgrad") -> list[int | None]:
+def _splits(s, cfg, batch, kind="wgrad", rows=False) -> list[int | None]:
+    """Split-K factors to time a weight-gradient config at: the launcher's own for it (from the tiles
+    the launch makes: taps a program and a kernel row a tap included), half and twice that."""
     from fastalex.kernels import conv2d as K
     import triton
 
-    m, cig = s.c_out // s.groups, s.c_in // s.groups
-    if kind == "wgrad_taps":
-        tiles = triton.cdiv(m, cfg["BLOCK_M"]) * s.kernel**2 * triton.cdiv(cig, cfg["BLOCK_N"]) * s.groups
-    else:
-        tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(cig * s.kernel**2, cfg["BLOCK_N"]) * s.groups
+    shape = (s.c_out // s.groups, s.c_in // s.groups, s.kernel, s.kernel)
+    tiles = K.wgrad_tiles(shape, cfg, kind == "wgrad_taps", rows) * s.groups
     k_blocks = triton.cdiv(batch * s.out_size**2, cfg["BLOCK_K"])
     auto = K._split_k(tiles, k_blocks, torch.device(DEVICE))
     return sorted({max(1, auto // 2), auto, min(2 * auto, k_blocks)})
@@ -176,6 +175,8 @@ def main(argv=None) -> int:
         return 2
     import triton.testing
 
+    from fastalex.kernels import conv2d as K
+
     if args.compile_workers > 1:
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_compile_worker, args=(args, i, args.compile_workers))
@@ -198,13 +199,15 @@ def main(argv=None) -> int:
     for s, kind, dtype, layout in _cases(args):
         x, w, b, y, dy = _tensors(s, dtype, layout, args.batch)
         fast, ref, autograd = _calls(s, kind, x, w, b, y, dy)
+        # (the per-tap kernel takes a kernel row a tap where the launcher would: its tiles differ)
+        row_taps = kind == "wgrad_taps" and K.default_rows(x, w.shape, (1, 1))
         cudnn_ms = bench(ref)
         case = dict(layer=s.name, kind=kind, dtype=dtype, layout=layout, autograd=autograd, cudnn_ms=cudnn_ms)
         heur_ms = bench(lambda: fast(None))
         results = []
         for t in configs[kind]:
             cfg = _cfg(t)
-            for split in (_splits(s, cfg, args.batch, kind) if kind.startswith("wgrad") else [None]):
+            for split in (_splits(s, cfg, args.batch, kind, row_taps) if kind.startswith("wgrad") else [None]):
                 try:
                     ms = bench(lambda: fast(cfg, split))
                     err = None

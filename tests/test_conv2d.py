@@ -1230,3 +1230,35 @@ def test_tune_times_the_launches_autograd_makes(layout, relu, monkeypatch):
     with static.intercept() as trained, fastalex.backend("triton"):
         (F.conv2d_relu if relu else F.conv2d)(xa, wa, ba, s.stride, s.padding).backward(dy)
     assert signature(tuned) == signature(trained)
+
+
+@pytest.mark.parametrize("kind", ["wgrad", "wgrad_taps"])
+def test_tune_splits_center_on_the_launchers(kind, monkeypatch):
+    """perf.tune times each weight-gradient config at the split the launcher would give it (and half and
+    twice that): its tile count follows the launch's, taps a program and a kernel row a tap included
+    (conv2 and the paper net's conv2 take rows), for every AlexNet layer and sweep config at batch 128."""
+    from perf import static, tune
+    from perf.shapes import CONV
+
+    monkeypatch.setattr(K, "is_interpreting", lambda: False)
+    monkeypatch.setattr(K, "_num_sms", lambda device: 132)
+    checked = set()
+    for s in CONV:
+        cig = s.c_in // s.groups
+        if kind == "wgrad_taps" and cig < 16:
+            continue
+        x = torch.empty(128, s.c_in, s.size, s.size, device="meta").contiguous(memory_format=torch.channels_last)
+        dy = torch.empty(128, s.c_out, s.out_size, s.out_size, device="meta").contiguous(
+            memory_format=torch.channels_last)
+        w_shape = (s.c_out, cig, s.kernel, s.kernel)
+        rows = kind == "wgrad_taps" and K.default_rows(x, w_shape, (1, 1))
+        for t in tune.CONFIGS[kind]:
+            cfg = tune._cfg(t)
+            with static.intercept() as launches:
+                K.conv2d_weight_grad(dy, x, w_shape, (s.stride,) * 2, (s.padding,) * 2, (1, 1), s.groups,
+                                     config=cfg, taps=kind == "wgrad_taps")
+            assert launches[0].grid[2] in tune._splits(s, cfg, 128, kind, rows), (s.name, t)
+            if kind == "wgrad_taps":
+                assert launches[0].kwargs["ROWS"] == rows
+            checked.add((s.name, rows))
+    assert ("conv2", kind == "wgrad_taps") in checked and ("conv2-g2", kind == "wgrad_taps") in checked

@@ -888,7 +888,7 @@ def _config(kind: str, dtype: torch.dtype, m: int, n: int) -> dict:
         if block_m == 128 and n > 128 and n % 64:
             # A kernel row a tap in groups (the paper net's conv2: 128 x 240 a group): 128 x 256, one row
             # a program. At 128 x 128 the 5 rows took blocks of 3 taps, a sixth of them past the last
-            # (perf.static: 181 -> 149 us fp32 at 3 taps; 128 us here, ceiling 0.98; bf16 91 -> 64).
+            # (perf.static: 181 -> 149 us fp32 at 3 taps; 129 us here, ceiling 0.98; bf16 91 -> 64).
             block_n = 256
     stages = 3
     if kind == "wgrad_taps" and block_m * block_n >= 256 * 128 and not small:
@@ -981,7 +981,7 @@ def _split_n(cfg: dict, cog: int, dtype: torch.dtype) -> tuple[dict, int]:
     - 64 + 32 on 128 rows, BLOCK_K 32 fp32 / 64 16-bit, where a tile of 128 columns would take 96:
       conv2's input gradient (96 input channels). perf.static: 113 / 109 registers, two CTAs an SM,
       ceiling 1.0, no spills (before its tap bits the same split fell to 0.53-0.66); the 32-column
-      wgmma read 149 B/clk of operands (operand ceiling 0.86), so 336 -> 293 us fp32, 168 -> 147 bf16,
+      wgmma read 149 B/clk of operands (operand ceiling 0.86), so 336 -> 294 us fp32, 168 -> 147 bf16,
       not the 3/4 the tile use alone would give.
     256-row tiles keep one column tile (0.53, or spills); 48 channels as 32 + 16 stayed under 0.9."""
     if cfg["BLOCK_M"] * cfg["BLOCK_N"] < 128 * 128 or cog % cfg["BLOCK_N"] == 0:

@@ -898,10 +898,19 @@ def _config(kind: str, dtype: torch.dtype, m: int, n: int) -> dict:
         block_k, stages = 16, 4
     if dtype == torch.float64:
         block_m, block_n, block_k = min(block_m, 64), min(block_n, 64), 16
-    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_m * block_n >= 128 * 128 else 4,
-               num_stages=stages)
+    warps = 8 if block_m * block_n >= 128 * 128 else 4
+    if kind == "fwd" and dtype == torch.float32 and block_m * block_n == 128 * 128:
+        warps = _TF32_SQUARE_WARPS
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     check_config(cfg, dtype)
     return cfg
+
+
+# The forward's 128 x 128 tf32 tiles on one warpgroup: on two (8 warps) Triton 3.6, the GPU machines'
+# version, waits for each wgmma before issuing the next (WARPGROUP.DEPBAR.LE gsb0, 0x0 after all 4 a
+# trip: perf.static's "drains"), so a warpgroup's MMAs run one at a time; on one, neither 3.6 nor 3.9
+# waits (conv4: 210-212 registers, 186-195 instructions a trip, two CTAs an SM, no spills).
+_TF32_SQUARE_WARPS = 4
 
 
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
@@ -1024,7 +1033,8 @@ def _fwd_tiles(cfg: dict, M: int, Cog: int, groups: int, dtype: torch.dtype, dev
         options.append(split)
     if cfg["BLOCK_M"] * cfg["BLOCK_N"] == 128 * 256:
         small = dtype in (torch.float16, torch.bfloat16)
-        half = dict(cfg, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if small else 32, num_warps=8)
+        half = dict(cfg, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if small else 32,
+                    num_warps=8 if small else _TF32_SQUARE_WARPS)
         check_config(half, dtype)
         options.append((half, 0))
 
@@ -1083,7 +1093,9 @@ def _row_blocks(x, weight, dilation, tap_blocks: bool, cfg: dict, widen: bool) -
         block_k = _row_block_k(row, KH, elem)
         if block_k < row:
             block_m = min(cfg["BLOCK_M"], 128)
-            warps = 8 if block_m == 128 else 4
+            # (tf32 on one warpgroup: on two, Triton 3.6 waits for each of the loop's 8 wgmma in turn;
+            # on one, 220-229 registers, no waits, two CTAs an SM all the same)
+            warps = 8 if block_m == 128 and elem == 2 else 4
         else:
             block_m = min(cfg["BLOCK_M"], 256 if elem == 2 else 128)
             warps = 8 if block_m == 256 else 4

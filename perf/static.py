@@ -527,7 +527,8 @@ def sass_info(sass_text: str) -> dict:
     info = dict(instructions=len(sass), hgmma=sum(op.startswith("HGMMA") for op in ops),
                 hmma=sum(op.startswith("HMMA") for op in ops), ldgsts=sum(op.startswith("LDGSTS") for op in ops),
                 tma=sum(op.startswith(("UTMALDG", "UBLKCP")) for op in ops), loops=0, loop_instrs=None,
-                loop_mma=0, loop_mma_type=None, loop_warp_fmas=0, loop_local=0, loop_operand_bytes=0)
+                loop_mma=0, loop_mma_type=None, loop_warp_fmas=0, loop_local=0, loop_operand_bytes=0,
+                loop_barriers=0, loop_mma_drains=0)
     found = loops(sass)
     info["loops"] = len(found)
     with_mma = [lp for lp in found if any(lp[0] <= a <= lp[1] for a in mma_addrs)]
@@ -543,6 +544,12 @@ def sass_info(sass_text: str) -> dict:
                 loop_operand_bytes=sum(_operand_bytes(op, operands) for a, op, operands in sass if start <= a <= end),
                 # Local-memory loads/stores (spill traffic, when ptxas reports spills) inside the loop.
                 loop_local=sum(op.startswith(("LDL", "STL")) for op, _ in body),
+                # What a throughput count cannot see: CTA barriers a trip (two in a plain pipelined GEMM:
+                # the stage handover), and waits for every wgmma in flight (WARPGROUP.DEPBAR.LE gsb0,
+                # 0x0: the tensor cores idle until the next is issued; a pipelined loop leaves 1-3 groups).
+                loop_barriers=sum(op.startswith("BAR.SYNC") for op, _ in body),
+                loop_mma_drains=sum(op.startswith("WARPGROUP.DEPBAR") and operands.replace(" ", "").endswith(",0x0")
+                                    for a, op, operands in sass if start <= a <= end),
                 # FMAs one warp's MMA instructions stand for in one trip (HGMMA: per warpgroup, issued by
                 # each of its 4 warps, so a quarter each): for the cross-check against the block sizes.
                 loop_warp_fmas=sum(m * n * k / (4 if op.startswith("HGMMA") else 1)
@@ -743,8 +750,11 @@ def summary(results: list[dict]) -> dict:
     for r in ok:
         for where, n in r["counts"].items():
             step[where] = step.get(where, 0.0) + n * r.get("predicted_us", 0.0)
+    drains = [f"{r['kernel']} {r['layer']} {r['op']} {r['dtype']} {r['layout']}" for r in ok
+              if r.get("loop_mma_drains")]
     return dict(launches=len(results), compiled=len({r["spec_hash"] for r in results}),
                 errors=len(results) - len(ok), spilling=len(spilling), spilling_launches=spilling,
+                draining_launches=drains,
                 min_ceiling=round(worst["ceiling"], 3) if worst else None,
                 min_ceiling_launch=(f"{worst['kernel']} {worst['layer']} {worst['op']} {worst['dtype']} "
                                     f"{worst['layout']}") if worst else None,
@@ -756,7 +766,7 @@ def summary(results: list[dict]) -> dict:
 # Output
 
 COLUMNS = ("kernel", "layer/op", "shape", "nets", "dtype", "layout", "regs", "spill B", "smem KB", "HGMMA/HMMA",
-           "cp.async/TMA", "loop instrs", "ceiling", "operand", "grid", "waves", "wave eff", "pred us")
+           "cp.async/TMA", "loop instrs", "bars/drains", "ceiling", "operand", "grid", "waves", "wave eff", "pred us")
 
 
 def _fmt(v, spec: str = "") -> str:
@@ -775,12 +785,13 @@ def table_rows(results: list[dict]) -> list[list[str]]:
     for r in results:
         if "error" in r:
             rows.append([r["kernel"], f"{r['layer']} {r['op']}", "", _nets_of(r), r["dtype"], r["layout"], "error"]
-                        + [""] * 11)
+                        + [""] * 12)
             continue
         rows.append([r["kernel"].lstrip("_").removesuffix("_kernel"), f"{r['layer']} {r['op']}", r.get("shape", ""),
                      _nets_of(r), r["dtype"],
                      r["layout"], str(r["regs"]), str(r["spill_bytes"]), f"{r['smem'] / 1024:.0f}",
                      f"{r['hgmma']}/{r['hmma']}", f"{r['ldgsts']}/{r['tma']}", _fmt(r["loop_instrs"]),
+                     f"{r['loop_barriers']}/{r['loop_mma_drains']}" if r.get("loop_mma") else "-",
                      _fmt(r.get("ceiling"), ".2f"), _fmt(r.get("operand_ceiling"), ".2f"),
                      "x".join(map(str, r.get("grid", []))),
                      _fmt(r.get("waves"), ".2f"), _fmt(r.get("wave_eff"), ".2f"), _fmt(r.get("predicted_us"), ".1f")])
@@ -803,6 +814,9 @@ def print_table(results: list[dict], summ: dict) -> None:
     console.print(f"{summ['launches']} distinct launches, {summ['errors']} errors; "
                   f"{summ['spilling']} spill{'s' if summ['spilling'] != 1 else ''}"
                   + (": " + "; ".join(summ["spilling_launches"]) if summ["spilling"] else ""))
+    if summ["draining_launches"]:
+        console.print("MMA loops that wait for every wgmma a trip (latency the model does not count): "
+                      + "; ".join(summ["draining_launches"]))
     if summ["min_ceiling"] is not None:
         console.print(f"lowest ceiling {summ['min_ceiling']:.2f}: {summ['min_ceiling_launch']}")
     for kind, c in summ["ceilings_by_kind"].items():
@@ -816,6 +830,9 @@ def markdown(results: list[dict], summ: dict) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(results)]
     lines += ["", f"{summ['launches']} distinct launches, {summ['errors']} errors, {summ['spilling']} spilling."]
+    if summ["draining_launches"]:
+        lines.append("MMA loops that wait for every wgmma a trip (latency the model does not count): "
+                     + "; ".join(summ["draining_launches"]) + ".")
     if summ["min_ceiling"] is not None:
         lines.append(f"Lowest ceiling {summ['min_ceiling']:.2f}: {summ['min_ceiling_launch']}.")
     lines += ["", "| kind | min ceiling | median | max | launches |", "|---|---|---|---|---|"]

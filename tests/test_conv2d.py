@@ -176,7 +176,7 @@ def test_input_grad_96_channels_split(device, dtype, monkeypatch):
     launcher splits to 128 x (64 + 32): the forward kernel's tap-bit path with both column tiles, a
     partial row tile (49 positions of 128), against float64."""
     small = dtype == torch.bfloat16
-    base = dict(BLOCK_M=256 if small else 128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
+    base = dict(BLOCK_M=256 if small else 128, BLOCK_N=128, BLOCK_K=32, num_warps=8 if small else 4, num_stages=3)
     with monkeypatch.context() as gpu:
         gpu.setattr(K, "is_interpreting", lambda: False)
         assert K._config("fwd", dtype, 128 * 27 * 27, 96) == base  # what a GPU picks before the split
@@ -200,6 +200,7 @@ def test_fwd_tiles():
     wide16 = dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
     sq32 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
     sq16 = dict(sq32, BLOCK_K=64)
+    half32 = dict(sq32, num_warps=4)  # tf32 128x128 on one warpgroup (_TF32_SQUARE_WARPS)
     gpu = torch.device("meta")
     f32, b16 = torch.float32, torch.bfloat16
 
@@ -208,11 +209,15 @@ def test_fwd_tiles():
         return c, n2
 
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(K, "is_interpreting", lambda: False)
+        # the heuristic's own tf32 128x128 (the paper net's conv2 and conv5, 128 a group) on one warpgroup too
+        assert K._config("fwd", f32, 128 * 27 * 27, 128) == half32
+        assert K._config("fwd", b16, 128 * 13 * 13, 128)["num_warps"] == 8
         mp.setattr(K, "_num_sms", lambda device: 132)
-        assert tiles(wide32, 21632, 256, 1, f32) == (sq32, 0)  # conv5 fwd, conv3 dgrad
+        assert tiles(wide32, 21632, 256, 1, f32) == (half32, 0)  # conv5 fwd, conv3 dgrad
         for cog, groups in ((256, 1), (128, 2)):  # the single net's conv5, the paper net's (2 groups of 128)
             assert tiles(wide16, 21632, cog, groups, b16) == (sq16, 0)
-        assert tiles(wide32, 21632, 384, 1, f32) == (sq32, 0)  # conv3-4 fwd, conv4-5 dgrad in fp32
+        assert tiles(wide32, 21632, 384, 1, f32) == (half32, 0)  # conv3-4 fwd, conv4-5 dgrad in fp32
         # the paper net's 192 a group: 338 tiles of 128 x 192 (3 rounds) against 676 of 128x128 (6)
         assert tiles(wide32, 21632, 192, 2, f32) == (dict(wide32, BLOCK_N=128), 64)
         assert tiles(wide16, 21632, 192, 2, b16) == (dict(wide16, BLOCK_M=128), 64)
@@ -1106,9 +1111,9 @@ def test_row_blocks_gpu_config_widens_block_k_within_shared_memory():
         w = torch.empty(96, 3, 11, 11, dtype=dtype, device="meta").contiguous(memory_format=torch.channels_last)
         given = dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
         rows, cfg = K._row_blocks(x, w, (1, 1), False, given, widen=True)
-        tail = dtype != torch.float64  # 32 of a row in the loop, the rest in ROW_TAIL; 8 warps
+        tail = dtype != torch.float64  # 32 of a row in the loop, the rest in ROW_TAIL; bf16 on 8 warps
         assert rows and cfg["BLOCK_K"] == (32 if tail else 64) and cfg["BLOCK_M"] == 128 and cfg["BLOCK_N"] == 64
-        assert cfg["num_warps"] == (8 if tail else 4)
+        assert cfg["num_warps"] == (8 if dtype == torch.bfloat16 else 4)  # tf32: one warpgroup (no wgmma waits)
         assert K._row_tail(33, 11, cfg["BLOCK_K"]) == (16 if tail else 0)
         K.check_config(cfg, dtype)
         assert K._row_blocks(x, w, (1, 1), False, given, widen=False) == (False, given)

@@ -70,6 +70,28 @@ def test_sass_loops_and_counts():
     assert static.sass_info(plain)["loop_instrs"] == 3 and static.sass_info(plain)["loop_mma"] == 0
 
 
+def test_sass_loop_barriers_and_mma_drains():
+    """The MMA loop's CTA barriers and full wgmma waits (WARPGROUP.DEPBAR.LE gsb0, 0x0), which a
+    throughput count cannot price; a wait that leaves a group in flight (0x1) is no drain."""
+    loop = """
+        /*0000*/                   WARPGROUP.ARRIVE ;                           /* 0x00000000000079c5 */
+        /*0010*/                   HGMMA.64x64x8.F32.TF32 R24, R72, gdesc[UR8], R24, gsb0 ; /* 0x04e0 */
+        /*0020*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;              /* 0x00008000000079 */
+        /*0030*/                   HGMMA.64x32x8.F32.TF32 R56, gdesc[UR12], R56, gsb0 ; /* 0x0460 */
+        /*0040*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;              /* 0x00008000000079 */
+        /*0050*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;                /* 0x0000000000007b1d */
+        /*0060*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;                /* 0x0000000000007b1d */
+        /*0070*/                   ISETP.GE.AND P0, PT, R2, R5, PT ;            /* 0x000000050200720c */
+        /*0080*/               @!P0 BRA 0x0 ;                                   /* 0xfffffff000008947 */
+        /*0090*/                   EXIT ;                                       /* 0x000000000000794d */
+"""
+    info = static.sass_info(loop)
+    assert (info["loop_instrs"], info["loop_barriers"], info["loop_mma_drains"]) == (9, 2, 1)
+    # A register A reads only B from shared memory; the descriptor form reads both.
+    assert info["loop_operand_bytes"] == 8 * 64 * 4 + (64 * 8 + 8 * 32) * 4
+    assert static.sass_info(SASS)["loop_barriers"] == 0 and static.sass_info(SASS)["loop_mma_drains"] == 0
+
+
 def test_ptxas_log_parsing():
     log = ("ptxas info    : Function properties for k\n"
            "    16 bytes stack frame, 24 bytes spill stores, 8 bytes spill loads\n"

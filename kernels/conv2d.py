@@ -686,6 +686,7 @@ def _conv2d_wgrad_taps_kernel(
     TAPS: tl.constexpr,  # taps a program (1-4): each trip's dy tile feeds TAPS products
     ROWS: tl.constexpr,  # a tap is a kernel row, its columns (kw, ci): x's window rows are contiguous
     ROW_GAPS: tl.constexpr,  # ROWS where a row's KW runs of CW channels lie sxw apart (groups): per-column offsets
+    BIAS_FIRST: tl.constexpr,  # only the programs that store the bias sums make them (a uniform branch a trip)
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no position mask (_k_mask)
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -763,7 +764,11 @@ def _conv2d_wgrad_taps_kernel(
         if TAPS > 3:
             acc3 = _tap_dot(acc3, a, x_base, row_off, oh_s, ow_s, mask_k, mask_c, c_off, col_w, t0 + 3, T, KW, H,
                             W, sxh, sxw, pad_h, pad_w, dil_h, dil_w, IN_BOUNDS, ROWS, ACC, PRECISION, UPCAST)
-        dbias = _bias_add(dbias, a, ACC, BIAS_2D)
+        if BIAS_FIRST:
+            if pid // num_m == 0:
+                dbias = _bias_add(dbias, a, ACC, BIAS_2D)
+        else:
+            dbias = _bias_add(dbias, a, ACC, BIAS_2D)
         n, oh, ow = _advance(n, oh, ow, OH, OW, QN, QH, RW)
 
     _tap_store(dw_ptr, acc0, split, C_out, T, Cig, g, Cog, offs_m, offs_c, mask_m, mask_c, t0)
@@ -773,7 +778,8 @@ def _conv2d_wgrad_taps_kernel(
         _tap_store(dw_ptr, acc2, split, C_out, T, Cig, g, Cog, offs_m, offs_c, mask_m, mask_c, t0 + 2)
     if TAPS > 3:
         _tap_store(dw_ptr, acc3, split, C_out, T, Cig, g, Cog, offs_m, offs_c, mask_m, mask_c, t0 + 3)
-    # Every (tap block, ci block) computed the same bias sums; the first one writes them.
+    # The first (tap block, ci block) writes the bias sums (the others made the same, or with
+    # BIAS_FIRST none).
     if pid // num_m == 0:
         tl.store(db_ptr + split * C_out + g * Cog + offs_m, _bias_sums(dbias, BIAS_2D), mask=mask_m)
 
@@ -1389,8 +1395,14 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
                       IN_BOUNDS=in_bounds,
                       ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype, allow_tf32), UPCAST=dot_upcast(dtype), **cfg)
         if taps:
+            # 16-bit tiles too wide for a 2-D bias accumulator reduce each trip's dy tile across warps
+            # through shared memory (7 more barriers a trip on 256 x 128 bf16): only the programs that
+            # store the sums (1 in 5-27 on AlexNet) do it. In fp32 the sums stay within warps, and the
+            # branch would make Triton wait for each wgmma (perf.static: 2-6 drains a trip).
+            bias_first = dtype in (torch.float16, torch.bfloat16) and not bias_2d
             _conv2d_wgrad_taps_kernel[(tiles, groups, split)](
-                *args, Cig, TAPS=taps_per, ROWS=rows, ROW_GAPS=rows and x.stride(3) != Cig * x.stride(1), **common)
+                *args, Cig, TAPS=taps_per, ROWS=rows, ROW_GAPS=rows and x.stride(3) != Cig * x.stride(1),
+                BIAS_FIRST=bias_first, **common)
         else:
             _conv2d_wgrad_kernel[(tiles, groups, split)](
                 *args, CI_FAST=ci_fast, IMAGE_BLOCKS=N % cfg["BLOCK_K"] == 0,

@@ -759,8 +759,9 @@ def test_weight_grad_gpu_tiles_384(device, layer, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_weight_grad_gpu_tile_rows_in_groups(device, dtype, monkeypatch):
     """The tile a GPU picks for the paper net's conv2 (a kernel row a tap in 2 groups: 128 x 256, one row
-    a program, the row's columns in runs a pixel apart) against float64, on 40 channels a group (200 of
-    256 columns) and 12 output channels (12 of 128 rows)."""
+    a program, the row's columns in runs a pixel apart; in bf16 the bias sums made only by the program
+    that stores them, BIAS_FIRST) against float64, on 40 channels a group (200 of 256 columns) and 12
+    output channels (12 of 128 rows)."""
     with monkeypatch.context() as gpu:
         gpu.setattr(K, "is_interpreting", lambda: False)
         cfg = K._config("wgrad_taps", dtype, 128, 5 * 48)
@@ -774,6 +775,8 @@ def test_weight_grad_gpu_tile_rows_in_groups(device, dtype, monkeypatch):
     dw, db = K.conv2d_weight_grad(dy, x, w.shape, (1, 1), (2, 2), (1, 1), 2, config=cfg)
     kw = spy.kwargs[-1]
     assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["TAPS"], kw["ROWS"], kw["ROW_GAPS"]) == (128, 256, 1, True, True)
+    # bf16 on 128 x 256: the bias sums only in the first of the 5 row programs, which stores them
+    assert kw["BIAS_FIRST"] == (dtype == torch.bfloat16) and spy.grids[-1][0] == 5
     xr, wr = ref_inputs(x, w)
     wr.requires_grad_()
     br = torch.zeros(24, dtype=torch.float64, requires_grad=True)

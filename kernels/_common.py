@@ -73,6 +73,11 @@ def check_int32(name: str, t) -> None:
                                   f"offsets (at most 2**31 - 1): use fastalex.backend('torch') for it")
 
 
+def is_16bit(dtype: torch.dtype) -> bool:
+    """Whether dtype is a 16-bit float (fp16, bf16): twice tf32's tensor-core rate, half its bytes."""
+    return dtype in (torch.float16, torch.bfloat16)
+
+
 def acc_dtype(dtype: torch.dtype) -> tl.dtype:
     """Accumulator type of a kernel: fp64 for fp64 inputs, fp32 for everything else."""
     return tl.float64 if dtype == torch.float64 else tl.float32

@@ -32,6 +32,7 @@ from fastalex.kernels._common import (
     dot_precision,
     dot_upcast,
     empty,
+    is_16bit,
     is_interpreting,
     next_pow2,
     same,
@@ -854,7 +855,7 @@ def _config(kind: str, dtype: torch.dtype, m: int, n: int) -> dict:
         if kind == "wgrad_taps":
             return dict(BLOCK_M=64, BLOCK_N=max(16, min(128, next_pow2(n))), BLOCK_K=128, num_warps=4, num_stages=1)
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1)
-    small = dtype in (torch.float16, torch.bfloat16)
+    small = is_16bit(dtype)
     block_n = 128 if n > 64 else (64 if n > 32 else (32 if n > 16 else 16))
     block_m = 128 if m >= 128 * 64 else 64
     block_k = 64 if small else 32
@@ -905,18 +906,23 @@ def _config(kind: str, dtype: torch.dtype, m: int, n: int) -> dict:
     if dtype == torch.float64:
         block_m, block_n, block_k = min(block_m, 64), min(block_n, 64), 16
     warps = 8 if block_m * block_n >= 128 * 128 else 4
-    if kind == "fwd" and dtype == torch.float32 and block_m * block_n == 128 * 128:
-        warps = _TF32_SQUARE_WARPS
+    if kind == "fwd":
+        warps = _fwd_warps(block_m, block_n, dtype)
     cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     check_config(cfg, dtype)
     return cfg
 
 
-# The forward's 128 x 128 tf32 tiles on one warpgroup: on two (8 warps) Triton 3.6, the GPU machines'
-# version, waits for each wgmma before issuing the next (WARPGROUP.DEPBAR.LE gsb0, 0x0 after all 4 a
-# trip: perf.static's "drains"), so a warpgroup's MMAs run one at a time; on one, neither 3.6 nor 3.9
-# waits (conv4: 210-212 registers, 186-195 instructions a trip, two CTAs an SM, no spills).
-_TF32_SQUARE_WARPS = 4
+def _fwd_warps(block_m: int, block_n: int, dtype: torch.dtype) -> int:
+    """Warps of a forward-kernel tile: two warpgroups from 128 x 128 up, except tf32 at 128 x 128, which
+    keeps one. On two (8 warps) Triton 3.6, the GPU machines' version, waits for each wgmma before
+    issuing the next (WARPGROUP.DEPBAR.LE gsb0, 0x0 after all 4 a trip: perf.static's "drains"), so a
+    warpgroup's MMAs run one at a time; on one, neither 3.6 nor 3.9 waits (conv4: 210-212 registers,
+    186-195 instructions a trip, two CTAs an SM, no spills). (_row_blocks' tail tiles follow the same
+    rule at 128 x (64 + 32); _split_n's 64 + 32 keeps two warpgroups, which neither version drains.)"""
+    if dtype == torch.float32 and block_m == 128 and block_n == 128:
+        return 4
+    return 8 if block_m * block_n >= 128 * 128 else 4
 
 
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
@@ -1004,8 +1010,7 @@ def _split_n(cfg: dict, cog: int, dtype: torch.dtype) -> tuple[dict, int]:
     if cfg["BLOCK_M"] * cfg["BLOCK_N"] == 128 * 256 and cog % 192 == 0:
         return dict(cfg, BLOCK_M=128, BLOCK_N=128), 64
     if cfg["BLOCK_N"] == 128 and cog % 96 == 0:
-        small = dtype in (torch.float16, torch.bfloat16)
-        cfg = dict(cfg, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64 if small else 32, num_warps=8, num_stages=3)
+        cfg = dict(cfg, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64 if is_16bit(dtype) else 32, num_warps=8, num_stages=3)
         check_config(cfg, dtype, 32)
         return cfg, 32
     return cfg, 0
@@ -1038,9 +1043,8 @@ def _fwd_tiles(cfg: dict, M: int, Cog: int, groups: int, dtype: torch.dtype, dev
     if split[1]:
         options.append(split)
     if cfg["BLOCK_M"] * cfg["BLOCK_N"] == 128 * 256:
-        small = dtype in (torch.float16, torch.bfloat16)
-        half = dict(cfg, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if small else 32,
-                    num_warps=8 if small else _TF32_SQUARE_WARPS)
+        half = dict(cfg, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if is_16bit(dtype) else 32,
+                    num_warps=_fwd_warps(128, 128, dtype))
         check_config(half, dtype)
         options.append((half, 0))
 
@@ -1099,11 +1103,11 @@ def _row_blocks(x, weight, dilation, tap_blocks: bool, cfg: dict, widen: bool) -
         block_k = _row_block_k(row, KH, elem)
         if block_k < row:
             block_m = min(cfg["BLOCK_M"], 128)
-            # (tf32 on one warpgroup: on two, Triton 3.6 waits for each of the loop's 8 wgmma in turn;
-            # on one, 220-229 registers, no waits, two CTAs an SM all the same)
-            warps = 8 if block_m == 128 and elem == 2 else 4
+            # (tf32 on one warpgroup, as _fwd_warps: on two, Triton 3.6 waits for each of the loop's 8
+            # wgmma in turn; on one, 220-229 registers, no waits, two CTAs an SM all the same)
+            warps = 8 if block_m == 128 and is_16bit(x.dtype) else 4
         else:
-            block_m = min(cfg["BLOCK_M"], 256 if elem == 2 else 128)
+            block_m = min(cfg["BLOCK_M"], 256 if is_16bit(x.dtype) else 128)
             warps = 8 if block_m == 256 else 4
         cfg = dict(BLOCK_M=block_m, BLOCK_N=min(cfg["BLOCK_N"], 64), BLOCK_K=block_k, num_warps=warps, num_stages=3)
         while cfg["num_stages"] > 1 and cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem > SMEM_LIMIT:
@@ -1389,7 +1393,7 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
         # types, tiles up to 128x128; perf.static: bf16 conv1 0.23 -> 0.27, the paper net's grouped
         # layers 0.45 -> 0.52, no spills; fp32 and the 256-row tiles spilled with it).
         bias_col = not taps and _bias_col(cfg, dtype, N, CKK, in_bounds)  # then no sums in the loop
-        bias_2d = (dtype in (torch.float16, torch.bfloat16) and cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 128 * 128
+        bias_2d = (is_16bit(dtype) and cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 128 * 128
                    and not bias_col)
         common = dict(DY_DENSE=_positions_dense(grad_output), BIAS_2D=bias_2d, EVEN_K=K % cfg["BLOCK_K"] == 0,
                       IN_BOUNDS=in_bounds,
@@ -1399,7 +1403,7 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
             # through shared memory (7 more barriers a trip on 256 x 128 bf16): only the programs that
             # store the sums (1 in 5-27 on AlexNet) do it. In fp32 the sums stay within warps, and the
             # branch would make Triton wait for each wgmma (perf.static: 2-6 drains a trip).
-            bias_first = dtype in (torch.float16, torch.bfloat16) and not bias_2d
+            bias_first = is_16bit(dtype) and not bias_2d
             _conv2d_wgrad_taps_kernel[(tiles, groups, split)](
                 *args, Cig, TAPS=taps_per, ROWS=rows, ROW_GAPS=rows and x.stride(3) != Cig * x.stride(1),
                 BIAS_FIRST=bias_first, **common)
@@ -1433,7 +1437,7 @@ def _bias_col(cfg: dict, dtype: torch.dtype, N: int, CKK: int, in_bounds: bool) 
     _wgrad_flat_images): K blocks of images (N % BLOCK_K == 0), no padding (the masked x columns load
     as 1.0, and only they are masked), a 16-bit type (exact dy products; tf32 would round dy) and a
     column past CKK in the last column block."""
-    return (N % cfg["BLOCK_K"] == 0 and in_bounds and dtype in (torch.float16, torch.bfloat16)
+    return (N % cfg["BLOCK_K"] == 0 and in_bounds and is_16bit(dtype)
             and CKK % cfg["BLOCK_N"] != 0)
 
 

@@ -536,24 +536,24 @@ def sass_info(sass_text: str) -> dict:
     if not pool:
         return info
     start, end = min(pool, key=lambda lp: lp[1] - lp[0])
-    body = [(op, _mma_shape(op)) for a, op, _ in sass if start <= a <= end]
-    mmas = [shape for _, shape in body if shape]
+    body = [(op, operands, _mma_shape(op)) for a, op, operands in sass if start <= a <= end]
+    mmas = [shape for _, _, shape in body if shape]
     info.update(loop_instrs=len(body), loop_mma=len(mmas), loop_mma_type=mmas[0][0] if mmas else None,
                 # Shared-memory bytes one warpgroup's wgmma read a trip: B always, A where its operand is a
                 # descriptor (gdesc[...]: from shared memory; a register A reads none).
-                loop_operand_bytes=sum(_operand_bytes(op, operands) for a, op, operands in sass if start <= a <= end),
+                loop_operand_bytes=sum(_operand_bytes(op, operands) for op, operands, _ in body),
                 # Local-memory loads/stores (spill traffic, when ptxas reports spills) inside the loop.
-                loop_local=sum(op.startswith(("LDL", "STL")) for op, _ in body),
+                loop_local=sum(op.startswith(("LDL", "STL")) for op, _, _ in body),
                 # What a throughput count cannot see: CTA barriers a trip (two in a plain pipelined GEMM:
                 # the stage handover), and waits for every wgmma in flight (WARPGROUP.DEPBAR.LE gsb0,
                 # 0x0: the tensor cores idle until the next is issued; a pipelined loop leaves 1-3 groups).
-                loop_barriers=sum(op.startswith("BAR.SYNC") for op, _ in body),
+                loop_barriers=sum(op.startswith("BAR.SYNC") for op, _, _ in body),
                 loop_mma_drains=sum(op.startswith("WARPGROUP.DEPBAR") and operands.replace(" ", "").endswith(",0x0")
-                                    for a, op, operands in sass if start <= a <= end),
+                                    for op, operands, _ in body),
                 # FMAs one warp's MMA instructions stand for in one trip (HGMMA: per warpgroup, issued by
                 # each of its 4 warps, so a quarter each): for the cross-check against the block sizes.
                 loop_warp_fmas=sum(m * n * k / (4 if op.startswith("HGMMA") else 1)
-                                   for op, shape in body if shape for _, m, n, k in [shape]))
+                                   for op, _, shape in body if shape for _, m, n, k in [shape]))
     return info
 
 

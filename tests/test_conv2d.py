@@ -200,7 +200,7 @@ def test_fwd_tiles():
     wide16 = dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
     sq32 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
     sq16 = dict(sq32, BLOCK_K=64)
-    half32 = dict(sq32, num_warps=4)  # tf32 128x128 on one warpgroup (_TF32_SQUARE_WARPS)
+    half32 = dict(sq32, num_warps=4)  # tf32 128x128 on one warpgroup (_fwd_warps)
     gpu = torch.device("meta")
     f32, b16 = torch.float32, torch.bfloat16
 
@@ -210,6 +210,9 @@ def test_fwd_tiles():
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(K, "is_interpreting", lambda: False)
+        # one warpgroup for tf32 at 128 x 128 only; two for every other tile from 128 x 128 up
+        assert [K._fwd_warps(128, 128, f32), K._fwd_warps(128, 128, b16), K._fwd_warps(128, 256, f32),
+                K._fwd_warps(256, 128, b16), K._fwd_warps(128, 64, f32)] == [4, 8, 8, 8, 4]
         # the heuristic's own tf32 128x128 (the paper net's conv2 and conv5, 128 a group) on one warpgroup too
         assert K._config("fwd", f32, 128 * 27 * 27, 128) == half32
         assert K._config("fwd", b16, 128 * 13 * 13, 128)["num_warps"] == 8

@@ -8,12 +8,14 @@ with `groups`, channels outside c's group of C/groups channels count 0, as in th
 
 The gradient, with M(i) = {c : i in W(c)} = [i - (size-1)//2, i + size//2] (the mirror window):
 
-    dx_i = dy_i * s_i^(-beta) - 2*beta*alpha/size * sum_{c in M(i)} (x_i / s_c) * (dy_c * y_c).
+    dx_i = dy_i * s_i^(-beta) - 2*beta*alpha/size * x_i * sum_{c in M(i)} (dy_c * y_c) / s_c.
 
 The backward recomputes every s_c from x ((size + 1) * size shifted loads per tile, nearly all
-cache hits), so nothing but x is saved between the passes. The products are grouped as (x_i / s_c) * (dy_c * y_c)
-so that no intermediate underflows in fp32 for inputs up to ~1e18 (where x^2 itself overflows, as
-it does in torch's own fp32 computation).
+cache hits), so nothing but x is saved between the passes. x_i multiplies the window's sum, not each
+term: a term depends on c alone, so a kernel that computes each c once for several inputs (the fused
+LRN + max-pool's backward) adds it to each of their sums with one addition. (dy_c * y_c) / s_c falls
+as x^-2.5, and stays a normal fp32 number for inputs up to ~1e18 (x^2 overflows at ~1.8e19, as in
+torch's own fp32 computation).
 
 Every tensor is handled as a 3-D view (N, C, S), S = product of the trailing dims, with explicit
 strides: contiguous, channels_last(_3d) and most strided tensors need no copy (layouts whose
@@ -112,7 +114,7 @@ def _pow(s, e, neg_sign, SIMPLE: tl.constexpr):
 
 @triton.jit
 def _div(x, s):
-    """x / s for the backward's x_i / s_c. On a GPU in fp32 the hardware reciprocal (div.approx: within
+    """x / s for the backward's (dy_c * y_c) / s_c. On a GPU in fp32 the hardware reciprocal (div.approx: within
     2 ulp, IEEE's special cases for 0, inf and NaN, but 0 for |s| in [2^126, 2^128), where x^2 has
     nearly overflowed) instead of div.full's range tests and scaling around it (~7 instructions a
     term). Both LRN backwards take it, so the fused kernel stays bitwise the unfused one."""
@@ -185,18 +187,18 @@ def _lrn_fwd_kernel(
 
 
 @triton.jit
-def _mirror_term(x_base, dy_base, c, x_i, x_soff, dy_soff, s_mask, lo, hi, sx_c, sd_c, off, a, k_, neg_beta, sign,
+def _mirror_term(x_base, dy_base, c, x_soff, dy_soff, s_mask, lo, hi, sx_c, sd_c, off, a, k_, neg_beta, sign,
                  SIZE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
                  UNROLL: tl.constexpr, SIMPLE_POW: tl.constexpr):
-    """(x_i / s_cc) * dy_cc * y_cc for the output channels cc = c + off, 0 where cc is outside c's group
-    [lo, hi) (an output of another group never sees x_i; one in the group has its window there too)."""
+    """(dy_cc * y_cc) / s_cc for the output channels cc = c + off, 0 where cc is outside c's group
+    [lo, hi) (an output of another group never sees x_c; one in the group has its window there too)."""
     cc = c + off
     valid = (cc >= lo) & (cc < hi) & s_mask
     x_c = tl.load(x_base + cc * sx_c + x_soff, mask=valid, other=0.0).to(ACC)
     dy_c = tl.load(dy_base + cc * sd_c + dy_soff, mask=valid, other=0.0).to(ACC)
     s_c = k_ + a * _window_sumsq(x_base, c, x_soff, s_mask, lo, hi, sx_c, off - SIZE // 2, SIZE,
                                  BLOCK_C, BLOCK_S, ACC, UNROLL, False)
-    term = _div(x_i, s_c) * (dy_c * (x_c * _pow(s_c, neg_beta, sign, SIMPLE_POW)))
+    term = _div(dy_c * (x_c * _pow(s_c, neg_beta, sign, SIMPLE_POW)), s_c)
     # Channels outside the group are not outputs here: drop them (their s_c may be 0 when k = 0).
     return tl.where(valid, term, 0.0)
 
@@ -238,17 +240,17 @@ def _lrn_bwd_kernel(
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
     if UNROLL:
         for m in tl.static_range(SIZE):
-            acc += _mirror_term(x_base, dy_base, c, x_i, x_soff, s * sd_s, s_mask, lo, hi, sx_c, sd_c,
+            acc += _mirror_term(x_base, dy_base, c, x_soff, s * sd_s, s_mask, lo, hi, sx_c, sd_c,
                                 m - (SIZE - 1) // 2, a, k_, neg_beta, sign, SIZE, BLOCK_C, BLOCK_S, ACC, UNROLL,
                                 SIMPLE_POW)
     else:
         for m in range(SIZE):
-            acc += _mirror_term(x_base, dy_base, c, x_i, x_soff, s * sd_s, s_mask, lo, hi, sx_c, sd_c,
+            acc += _mirror_term(x_base, dy_base, c, x_soff, s * sd_s, s_mask, lo, hi, sx_c, sd_c,
                                 m - (SIZE - 1) // 2, a, k_, neg_beta, sign, SIZE, BLOCK_C, BLOCK_S, ACC, UNROLL,
                                 SIMPLE_POW)
     # With beta = 0 the window term has no gradient (torch's pow backward gives exactly 0, then
     # 0 * x_i, so only a non-finite x_i itself gets NaN); don't let acc's NaN (inf/inf) leak in.
-    cross = tl.where(neg_beta == 0, x_i * 0.0, (2.0 * neg_beta * a) * acc)
+    cross = tl.where(neg_beta == 0, x_i * 0.0, (2.0 * neg_beta * a) * (x_i * acc))
     dx = dy_i * r_i + cross
     tl.store(dx_ptr + n * sg_n + c * sg_c + s * sg_s, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 

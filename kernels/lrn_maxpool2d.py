@@ -23,7 +23,7 @@ re-reading the LRN output (4 B an element for fp32), and the kernel stays one pa
 
 Backward, with z = lrn(x) and dz the pool gradient routed to z (dz = 0 except at argmax positions):
 
-    dx_i = dz_i * s_i^(-beta) - 2*beta*alpha/size * sum_{c in M(i)} (x_i / s_c) * (dz_c * z_c)
+    dx_i = dz_i * s_i^(-beta) - 2*beta*alpha/size * x_i * sum_{c in M(i)} (dz_c * z_c) / s_c
 
 (kernels/lrn.py's formula and structure; M(i) the mirror window). One tile of [BLOCK_C channels,
 BLOCK_S input positions] per program; each dz_c is gathered where it is needed: only the
@@ -404,12 +404,12 @@ def _routed_grad(dy_base, arg_base, cc, h, w, valid, OH, OW, sd_c, sd_h, sd_w, s
 
 
 @triton.jit
-def _mirror_terms(x_base, dy_base, arg_base, c, x_i, h, w, x_soff, s_mask, lo, hi, OH, OW,
+def _mirror_terms(x_base, dy_base, arg_base, c, h, w, x_soff, s_mask, lo, hi, OH, OW,
                   sx_c, sd_c, sd_h, sd_w, sa_c, sa_h, sa_w, off, a, k_, neg_beta, sign,
                   SIZE: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, UNROLL: tl.constexpr,
                   SIMPLE_POW: tl.constexpr, RELU: tl.constexpr):
-    """For the LRN outputs cc = c + off: ((x_i / s_cc) * dz_cc * z_cc, dz_cc * s_cc^(-beta)), both 0
+    """For the LRN outputs cc = c + off: ((dz_cc * z_cc) / s_cc, dz_cc * s_cc^(-beta)), both 0
     where cc is outside c's group (kernels.lrn._mirror_term, with dz gathered from the pool)."""
     cc = c + off
     valid = (cc >= lo) & (cc < hi) & s_mask
@@ -419,7 +419,7 @@ def _mirror_terms(x_base, dy_base, arg_base, c, x_i, h, w, x_soff, s_mask, lo, h
     s_c = k_ + a * _window_sumsq(x_base, c, x_soff, s_mask, lo, hi, sx_c, off - SIZE // 2, SIZE,
                                  BLOCK_C, BLOCK_S, ACC, UNROLL, RELU)
     r_c = _pow(s_c, neg_beta, sign, SIMPLE_POW)
-    term = _div(x_i, s_c) * (dz_c * (x_c * r_c))
+    term = _div(dz_c * (x_c * r_c), s_c)
     return tl.where(valid, term, 0.0), tl.where(valid, dz_c * r_c, 0.0)
 
 
@@ -493,29 +493,30 @@ def _channel_quantities(x_row, arg_w, dy_w, cb, h, w, C, CG, OH, OW, sx_c, sd_c,
 
 
 @triton.jit
-def _add_term(acc, x_v, s_j, w_j, cb, V: tl.constexpr, J: tl.constexpr, lo_v, hi_v):
-    """acc + (x_v / s_cc) * (dz_cc * z_cc) for cc = cb + J in the group [lo_v, hi_v) of the input channel
-    cb + V (kernels.lrn._mirror_term's expression; 0 added otherwise, as there)."""
+def _add_term(acc, s_j, w_j, cb, J: tl.constexpr, lo_v, hi_v):
+    """acc + (dz_cc * z_cc) / s_cc for cc = cb + J in the group [lo_v, hi_v) of an input channel
+    (kernels.lrn._mirror_term's expression; 0 added otherwise, as there). The term does not depend on
+    the input: for inputs of one group the compiler computes it once and adds it to each sum."""
     cc = cb + J
-    return acc + tl.where((cc >= lo_v) & (cc < hi_v), _div(x_v, s_j) * w_j, 0.0)
+    return acc + tl.where((cc >= lo_v) & (cc < hi_v), _div(w_j, s_j), 0.0)
 
 
 @triton.jit
-def _mirror_step(J: tl.constexpr, OFF_LO: tl.constexpr, OFF_HI: tl.constexpr, s_j, w_j, dr_j, cb, x0, x1, x2, x3,
+def _mirror_step(J: tl.constexpr, OFF_LO: tl.constexpr, OFF_HI: tl.constexpr, s_j, w_j, dr_j, cb,
                  acc0, acc1, acc2, acc3, d0, d1, d2, d3, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3):
     """LRN output cb + J's terms added to the sums of the thread's inputs cb + v whose mirror window
     [v + OFF_LO, v + OFF_HI] holds it (called in ascending J: each sum in ascending offset), and its
     direct term dr_j kept where it is one of them."""
     if J <= OFF_HI:
-        acc0 = _add_term(acc0, x0, s_j, w_j, cb, 0, J, lo0, hi0)
+        acc0 = _add_term(acc0, s_j, w_j, cb, J, lo0, hi0)
     if J - 1 >= OFF_LO:
         if J - 1 <= OFF_HI:
-            acc1 = _add_term(acc1, x1, s_j, w_j, cb, 1, J, lo1, hi1)
+            acc1 = _add_term(acc1, s_j, w_j, cb, J, lo1, hi1)
     if J - 2 >= OFF_LO:
         if J - 2 <= OFF_HI:
-            acc2 = _add_term(acc2, x2, s_j, w_j, cb, 2, J, lo2, hi2)
+            acc2 = _add_term(acc2, s_j, w_j, cb, J, lo2, hi2)
     if J - 3 >= OFF_LO:
-        acc3 = _add_term(acc3, x3, s_j, w_j, cb, 3, J, lo3, hi3)
+        acc3 = _add_term(acc3, s_j, w_j, cb, J, lo3, hi3)
     if J == 0:
         d0 = dr_j
     if J == 1:
@@ -531,7 +532,7 @@ def _mirror_step(J: tl.constexpr, OFF_LO: tl.constexpr, OFF_HI: tl.constexpr, s_
 def _dx(direct, acc, x, a, neg_beta, RELU: tl.constexpr):
     """An input's gradient from its direct term and its sum of mirror terms (through the ReLU where
     RELU). beta = 0: no window gradient (as kernels.lrn; acc's inf/inf NaN must not leak in)."""
-    return _relu_grad(direct + tl.where(neg_beta == 0, x * 0.0, (2.0 * neg_beta * a) * acc), x, RELU)
+    return _relu_grad(direct + tl.where(neg_beta == 0, x * 0.0, (2.0 * neg_beta * a) * (x * acc)), x, RELU)
 
 
 @triton.jit
@@ -592,7 +593,7 @@ def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
                                              sa_c, sa_h, sa_w, a, k_, neg_beta, sign, lo0, J, SIZE, KH, KW, SH, SW,
                                              BC, BLOCK_S, ACC, ONE_STEP, SAME_GROUP, SIMPLE_POW, RELU)
         acc0, acc1, acc2, acc3, d0, d1, d2, d3 = _mirror_step(
-            J, OFF_LO, OFF_HI, s_j, w_j, dr_j, cb, x0, x1, x2, x3, acc0, acc1, acc2, acc3, d0, d1, d2, d3,
+            J, OFF_LO, OFF_HI, s_j, w_j, dr_j, cb, acc0, acc1, acc2, acc3, d0, d1, d2, d3,
             lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3)
     g_row = dx_ptr + n * sg_n + cb * sg_c + h * sg_h + w * sg_w
     ty = dx_ptr.dtype.element_ty
@@ -683,7 +684,7 @@ def _quad_grad(x_l, x_m, x_r, dz_l, dz_m, dz_r, cb, lo, hi, a, k_, neg_beta, sig
                                           dz_r0, dz_r1, dz_r2, dz_r3, a, k_, neg_beta, sign, SIZE, B0, B1,
                                           ACC, SIMPLE_POW)
         acc0, acc1, acc2, acc3, d0, d1, d2, d3 = _mirror_step(
-            J, OFF_LO, OFF_HI, s_j, w_j, dr_j, cb, x_m0, x_m1, x_m2, x_m3, acc0, acc1, acc2, acc3, d0, d1, d2, d3,
+            J, OFF_LO, OFF_HI, s_j, w_j, dr_j, cb, acc0, acc1, acc2, acc3, d0, d1, d2, d3,
             lo, hi, lo, hi, lo, hi, lo, hi)
     return _join4(_dx(d0, acc0, x_m0, a, neg_beta, RELU), _dx(d1, acc1, x_m1, a, neg_beta, RELU),
                   _dx(d2, acc2, x_m2, a, neg_beta, RELU), _dx(d3, acc3, x_m3, a, neg_beta, RELU), B0, B1)
@@ -907,14 +908,14 @@ def _lrn_maxpool2d_bwd_kernel(
         # A loop, not SIZE copies (large windows): compile time stays flat.
         for m in range(SIZE):
             off = m - (SIZE - 1) // 2
-            term, d = _mirror_terms(x_base, dy_base, arg_base, c, x_i, h, w, x_soff, s_mask, lo, hi, OH, OW,
+            term, d = _mirror_terms(x_base, dy_base, arg_base, c, h, w, x_soff, s_mask, lo, hi, OH, OW,
                                     sx_c, sd_c, sd_h, sd_w, sa_c, sa_h, sa_w, off,
                                     a, k_, neg_beta, sign, SIZE, KH, KW, SH, SW, BLOCK_C, BLOCK_S, ACC, UNROLL,
                                     SIMPLE_POW, RELU)
             acc += term
             direct += tl.where(off == 0, d, 0.0)
         # beta = 0: no window gradient (as kernels.lrn; acc's inf/inf NaN must not leak in).
-        cross = tl.where(neg_beta == 0, x_i * 0.0, (2.0 * neg_beta * a) * acc)
+        cross = tl.where(neg_beta == 0, x_i * 0.0, (2.0 * neg_beta * a) * (x_i * acc))
         dx = _relu_grad(direct + cross, x_i, RELU)
         tl.store(dx_ptr + n * sg_n + c * sg_c + h * sg_h + w * sg_w, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 

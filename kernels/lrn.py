@@ -204,6 +204,17 @@ def _mirror_term(x_base, dy_base, c, x_soff, dy_soff, s_mask, lo, hi, sx_c, sd_c
 
 
 @triton.jit
+def _cross(x_i, acc, a, neg_beta, SIMPLE_POW: tl.constexpr):
+    """dx_i's window term, -2 beta alpha/size * x_i * acc (acc: the sum of x_i's mirror terms). With
+    beta = 0 (never SIMPLE_POW) there is no window gradient: torch's pow backward gives exactly 0, then
+    0 * x_i, so only a non-finite x_i itself gets NaN; acc's NaN (inf/inf) must not leak in."""
+    cross = (2.0 * neg_beta * a) * (x_i * acc)
+    if not SIMPLE_POW:
+        cross = tl.where(neg_beta == 0, x_i * 0.0, cross)
+    return cross
+
+
+@triton.jit
 def _lrn_bwd_kernel(
     dy_ptr,  # (N, C, S) output gradient, strides sd_*
     x_ptr,  # (N, C, S) forward input, strides sx_*
@@ -248,10 +259,7 @@ def _lrn_bwd_kernel(
             acc += _mirror_term(x_base, dy_base, c, x_soff, s * sd_s, s_mask, lo, hi, sx_c, sd_c,
                                 m - (SIZE - 1) // 2, a, k_, neg_beta, sign, SIZE, BLOCK_C, BLOCK_S, ACC, UNROLL,
                                 SIMPLE_POW)
-    # With beta = 0 the window term has no gradient (torch's pow backward gives exactly 0, then
-    # 0 * x_i, so only a non-finite x_i itself gets NaN); don't let acc's NaN (inf/inf) leak in.
-    cross = tl.where(neg_beta == 0, x_i * 0.0, (2.0 * neg_beta * a) * (x_i * acc))
-    dx = dy_i * r_i + cross
+    dx = dy_i * r_i + _cross(x_i, acc, a, neg_beta, SIMPLE_POW)
     tl.store(dx_ptr + n * sg_n + c * sg_c + s * sg_s, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 

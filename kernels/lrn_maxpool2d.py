@@ -61,8 +61,8 @@ from torch._prims_common import suggest_memory_format
 
 from fastalex.kernels import _common
 from fastalex.kernels._common import MAX_GRID_YZ
-from fastalex.kernels.lrn import (MAX_UNROLL, _channel_block, _div, _neg_sign, _pow, _relu, _scalar, _tile,
-                                  _window_sumsq, simple_pow)
+from fastalex.kernels.lrn import (MAX_UNROLL, _channel_block, _cross, _div, _neg_sign, _pow, _relu, _scalar,
+                                  _tile, _window_sumsq, simple_pow)
 from fastalex.kernels._geometry import argmax_dtype, output_size, pools_in_cells
 from fastalex.kernels.maxpool2d import _cell_hits, _hit
 
@@ -529,10 +529,10 @@ def _mirror_step(J: tl.constexpr, OFF_LO: tl.constexpr, OFF_HI: tl.constexpr, s_
 
 
 @triton.jit
-def _dx(direct, acc, x, a, neg_beta, RELU: tl.constexpr):
+def _dx(direct, acc, x, a, neg_beta, SIMPLE_POW: tl.constexpr, RELU: tl.constexpr):
     """An input's gradient from its direct term and its sum of mirror terms (through the ReLU where
-    RELU). beta = 0: no window gradient (as kernels.lrn; acc's inf/inf NaN must not leak in)."""
-    return _relu_grad(direct + tl.where(neg_beta == 0, x * 0.0, (2.0 * neg_beta * a) * (x * acc)), x, RELU)
+    RELU), as kernels.lrn's."""
+    return _relu_grad(direct + _cross(x, acc, a, neg_beta, SIMPLE_POW), x, RELU)
 
 
 @triton.jit
@@ -597,10 +597,10 @@ def _bwd_shared(dy_ptr, arg_ptr, x_ptr, dx_ptr, N, C, H, W, OH, OW, CG,
             lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3)
     g_row = dx_ptr + n * sg_n + cb * sg_c + h * sg_h + w * sg_w
     ty = dx_ptr.dtype.element_ty
-    tl.store(g_row, _dx(d0, acc0, x0, a, neg_beta, RELU).to(ty), mask=(cb < c_end) & s_ok)
-    tl.store(g_row + sg_c, _dx(d1, acc1, x1, a, neg_beta, RELU).to(ty), mask=(cb + 1 < c_end) & s_ok)
-    tl.store(g_row + 2 * sg_c, _dx(d2, acc2, x2, a, neg_beta, RELU).to(ty), mask=(cb + 2 < c_end) & s_ok)
-    tl.store(g_row + 3 * sg_c, _dx(d3, acc3, x3, a, neg_beta, RELU).to(ty), mask=(cb + 3 < c_end) & s_ok)
+    tl.store(g_row, _dx(d0, acc0, x0, a, neg_beta, SIMPLE_POW, RELU).to(ty), mask=(cb < c_end) & s_ok)
+    tl.store(g_row + sg_c, _dx(d1, acc1, x1, a, neg_beta, SIMPLE_POW, RELU).to(ty), mask=(cb + 1 < c_end) & s_ok)
+    tl.store(g_row + 2 * sg_c, _dx(d2, acc2, x2, a, neg_beta, SIMPLE_POW, RELU).to(ty), mask=(cb + 2 < c_end) & s_ok)
+    tl.store(g_row + 3 * sg_c, _dx(d3, acc3, x3, a, neg_beta, SIMPLE_POW, RELU).to(ty), mask=(cb + 3 < c_end) & s_ok)
 
 
 @triton.jit
@@ -686,8 +686,10 @@ def _quad_grad(x_l, x_m, x_r, dz_l, dz_m, dz_r, cb, lo, hi, a, k_, neg_beta, sig
         acc0, acc1, acc2, acc3, d0, d1, d2, d3 = _mirror_step(
             J, OFF_LO, OFF_HI, s_j, w_j, dr_j, cb, acc0, acc1, acc2, acc3, d0, d1, d2, d3,
             lo, hi, lo, hi, lo, hi, lo, hi)
-    return _join4(_dx(d0, acc0, x_m0, a, neg_beta, RELU), _dx(d1, acc1, x_m1, a, neg_beta, RELU),
-                  _dx(d2, acc2, x_m2, a, neg_beta, RELU), _dx(d3, acc3, x_m3, a, neg_beta, RELU), B0, B1)
+    return _join4(_dx(d0, acc0, x_m0, a, neg_beta, SIMPLE_POW, RELU),
+                  _dx(d1, acc1, x_m1, a, neg_beta, SIMPLE_POW, RELU),
+                  _dx(d2, acc2, x_m2, a, neg_beta, SIMPLE_POW, RELU),
+                  _dx(d3, acc3, x_m3, a, neg_beta, SIMPLE_POW, RELU), B0, B1)
 
 
 @triton.jit
@@ -914,9 +916,7 @@ def _lrn_maxpool2d_bwd_kernel(
                                     SIMPLE_POW, RELU)
             acc += term
             direct += tl.where(off == 0, d, 0.0)
-        # beta = 0: no window gradient (as kernels.lrn; acc's inf/inf NaN must not leak in).
-        cross = tl.where(neg_beta == 0, x_i * 0.0, (2.0 * neg_beta * a) * (x_i * acc))
-        dx = _relu_grad(direct + cross, x_i, RELU)
+        dx = _relu_grad(direct + _cross(x_i, acc, a, neg_beta, SIMPLE_POW), x_i, RELU)
         tl.store(dx_ptr + n * sg_n + c * sg_c + h * sg_h + w * sg_w, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 

@@ -425,6 +425,16 @@ def test_nan_inf(dtype, layout, device):
     assert torch.isnan(y[0, 3, 1:3, 1:3]).all() and torch.isnan(y[0, 6, 0, 0])
 
 
+@pytest.mark.parametrize("scale", [1e18, 1e-20])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_extreme_magnitudes(scale, layout, device):
+    # As kernels.lrn's (tests/test_lrn.py): up to ~1e18 the backward's mirror terms (dz_c * z_c) / s_c stay
+    # normal fp32 numbers; channels_last takes the quads and cells, contiguous the per-channel path.
+    x = make_input((2, 16, 9, 9), torch.float32, device, layout, scale=scale)
+    check(x, 2, PAPER)
+    check(x, 2, PAPER, relu=True)
+
+
 def test_outputs_fully_written(device):
     """Outputs start poisoned (NaN, int8 -128; conftest sets _common.POISON): every element is written."""
     x = torch.randn(3, 13, 10, 9, device=device)

@@ -785,7 +785,7 @@ def table_rows(results: list[dict]) -> list[list[str]]:
     for r in results:
         if "error" in r:
             rows.append([r["kernel"], f"{r['layer']} {r['op']}", "", _nets_of(r), r["dtype"], r["layout"], "error"]
-                        + [""] * 12)
+                        + [""] * (len(COLUMNS) - 7))
             continue
         rows.append([r["kernel"].lstrip("_").removesuffix("_kernel"), f"{r['layer']} {r['op']}", r.get("shape", ""),
                      _nets_of(r), r["dtype"],

@@ -259,3 +259,11 @@ def test_nchw_start_runs_the_channels_last_launches():
     assert convs and {ln.context["layout"] for ln in convs} == {"nhwc"}
     by_start = {s: [static._describe(ln.args) for ln in convs if ln.context["start"] == s] for s in ("nhwc", "nchw")}
     assert by_start["nchw"] == by_start["nhwc"]
+
+
+def test_table_error_row_has_every_column():
+    """A launch that failed to compile still fills a whole table row (its cells blank past "error")."""
+    failed = dict(kernel="_k", layer="conv1", op="fwd", dtype="fp32", layout="nhwc", counts={"single/nhwc/fp32": 1},
+                  error="boom")
+    (row,) = static.table_rows([failed])
+    assert len(row) == len(static.COLUMNS) and row[6] == "error" and set(row[7:]) == {""}

@@ -786,49 +786,80 @@ def _conv2d_wgrad_taps_kernel(
 
 
 @triton.jit
-def _sum_splits_kernel(
-    p_ptr,  # (SPLIT, L) partial sums
-    out_ptr,  # (L,) contiguous
-    L, SPLIT,
-    BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    # Sums the split-K partials in a fixed order (BLOCK_S splits a step, each step a fixed tree), so the
-    # weight gradient is deterministic; a step's loads are all in flight at once, where one split a
-    # step would wait a memory latency per split (conv1 splits 88 ways).
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < L
+def _sum_parts(p_ptr, offs, mask, L, SPLIT, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
+    """sum_s p[s, offs] of partials p (SPLIT, L), offs [BLOCK], in a fixed order (BLOCK_S splits a step,
+    each step a fixed tree), so the gradients are deterministic; a step's loads are all in flight at
+    once, where one split a step would wait a memory latency per split (conv1 splits 88 ways)."""
     acc = tl.zeros([BLOCK], dtype=p_ptr.dtype.element_ty)
     for s0 in range(0, SPLIT, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         t = tl.load(p_ptr + s[:, None] * L + offs[None, :], mask=(s < SPLIT)[:, None] & mask[None, :], other=0.0)
         acc += tl.sum(t, axis=0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    return acc
+
+
+@triton.jit
+def _sum_bias(pb_ptr, db_ptr, C_out, SPLIT, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
+    """db (C_out,) from its partials pb (SPLIT, C_out): the last program of a sum launch, so the bias
+    costs no launch of its own."""
+    for c0 in range(0, C_out, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        mask = offs < C_out
+        db = _sum_parts(pb_ptr, offs, mask, C_out, SPLIT, BLOCK, BLOCK_S)
+        tl.store(db_ptr + offs, db.to(db_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_splits_kernel(
+    p_ptr,  # (SPLIT, L) partial sums of the weight gradient
+    out_ptr,  # (L,) contiguous
+    pb_ptr,  # (SPLIT, C_out) partial sums of the bias gradient
+    db_ptr,  # (C_out,)
+    L, C_out, SPLIT,
+    BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # Programs 0 .. cdiv(L, BLOCK) - 1 sum BLOCK weight elements each; the last one sums the bias.
+    pid = tl.program_id(0)
+    if pid == tl.num_programs(0) - 1:
+        _sum_bias(pb_ptr, db_ptr, C_out, SPLIT, BLOCK, BLOCK_S)
+    else:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < L
+        acc = _sum_parts(p_ptr, offs, mask, L, SPLIT, BLOCK, BLOCK_S)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _sum_splits_to_weight_kernel(
     p_ptr,  # (SPLIT, C_out, T, Cig) partials, T = KH*KW taps, ci fastest
     out_ptr,  # (C_out, Cig, T) contiguous: the weight's layout
-    R, T, Cig, SPLIT,  # R = C_out*T rows (co, tap) of Cig channels
+    pb_ptr,  # (SPLIT, C_out) partial sums of the bias gradient
+    db_ptr,  # (C_out,)
+    R, T, Cig, C_out, SPLIT,  # R = C_out*T rows (co, tap) of Cig channels
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # _sum_splits_kernel's fixed-order sum (deterministic), then (co, tap, ci) -> (co, ci, tap).
-    # A 2-D tile so both the reads (along ci) and the writes (along tap) stay contiguous.
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (offs_r < R)[:, None] & (offs_c < Cig)[None, :]
-    src = offs_r[:, None] * Cig + offs_c[None, :]
-    L = R * Cig
-    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=p_ptr.dtype.element_ty)
-    for s0 in range(0, SPLIT, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        t = tl.load(p_ptr + (s * L)[:, None, None] + src[None, :, :],
-                    mask=(s < SPLIT)[:, None, None] & mask[None, :, :], other=0.0)
-        acc += tl.sum(t, axis=0)
-    co = offs_r // T
-    tap = offs_r % T
-    dst = (co * (Cig * T) + tap)[:, None] + (offs_c * T)[None, :]
-    tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    # A 2-D tile so both the reads (along ci) and the writes (along tap) stay contiguous. The grid has
+    # a row of programs more than the weight needs: the first of it sums the bias, the rest return.
+    if tl.program_id(0) == tl.num_programs(0) - 1:
+        if tl.program_id(1) == 0:
+            _sum_bias(pb_ptr, db_ptr, C_out, SPLIT, BLOCK_R * BLOCK_C, BLOCK_S)
+    else:
+        offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (offs_r < R)[:, None] & (offs_c < Cig)[None, :]
+        src = offs_r[:, None] * Cig + offs_c[None, :]
+        L = R * Cig
+        acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=p_ptr.dtype.element_ty)
+        for s0 in range(0, SPLIT, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            t = tl.load(p_ptr + (s * L)[:, None, None] + src[None, :, :],
+                        mask=(s < SPLIT)[:, None, None] & mask[None, :, :], other=0.0)
+            acc += tl.sum(t, axis=0)
+        co = offs_r // T
+        tap = offs_r % T
+        dst = (co * (Cig * T) + tap)[:, None] + (offs_c * T)[None, :]
+        tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1414,21 +1445,20 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
                 ROW_SCALARS=in_bounds and common["DY_DENSE"] and cfg["BLOCK_K"] <= OW, **common)
     dw = empty(tuple(weight_shape), dtype=dtype, device=device)
     db = empty((C_out,), dtype=dtype, device=device)
-    parts = ((dw_part, dw), (db_part, db))
-    # The sums take up to 4096 partials a step (_sum_blocks).
+    # One launch sums the partials of both (its last program the bias), up to 4096 a step (_sum_blocks).
     if ci_fast and Cig > 1 and T > 1:
         # Tiles of 128-256 (row, channel) pairs: reads along ci, writes along the taps (conv1's 3
         # channels take 4 columns, not 32).
         bc = max(4, min(32, next_pow2(Cig)))
         br = max(8, 128 // bc)
-        _sum_splits_to_weight_kernel[(triton.cdiv(C_out * T, br), triton.cdiv(Cig, bc))](
-            dw_part, dw, C_out * T, T, Cig, split, BLOCK_R=br, BLOCK_C=bc, BLOCK_S=_sum_blocks(split, br * bc))
-        parts = parts[1:]
-    for part, out in parts:
-        L = out.numel()
-        block = max(16, min(1024, next_pow2(L) // 8))  # the biases (L = C_out) over 8 programs or more
-        _sum_splits_kernel[(triton.cdiv(L, block),)](part, out, L, split, BLOCK=block,
-                                                      BLOCK_S=_sum_blocks(split, block))
+        _sum_splits_to_weight_kernel[(triton.cdiv(C_out * T, br) + 1, triton.cdiv(Cig, bc))](
+            dw_part, dw, db_part, db, C_out * T, T, Cig, C_out, split,
+            BLOCK_R=br, BLOCK_C=bc, BLOCK_S=_sum_blocks(split, br * bc))
+    else:
+        L = dw.numel()
+        block = max(16, min(1024, next_pow2(L) // 8))
+        _sum_splits_kernel[(triton.cdiv(L, block) + 1,)](dw_part, dw, db_part, db, L, C_out, split, BLOCK=block,
+                                                          BLOCK_S=_sum_blocks(split, block))
     return dw, db
 
 

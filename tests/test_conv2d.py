@@ -353,6 +353,31 @@ def test_weight_grad_split_k(device, split):
     assert_close(db, br.grad, torch.float32, device, "grad_bias")
 
 
+@pytest.mark.parametrize("layout, c_out, kernel, taps", [
+    ("channels_last", 200, 3, None),  # _sum_splits_to_weight_kernel: the bias in blocks of 128, twice
+    ("contiguous", 40, 1, False),  # _sum_splits_kernel on 40 weights: blocks of 16, the bias three times
+])
+def test_weight_grad_split_sums_bias_in_the_last_program(device, layout, c_out, kernel, taps, monkeypatch):
+    """One launch sums the weight's and the bias's split-K partials (the bias in its last program, in
+    blocks, over as many blocks as it takes), each element written once (the outputs start poisoned)."""
+    launches = []
+    for name in ("_sum_splits_kernel", "_sum_splits_to_weight_kernel"):
+        spy = _LaunchSpy(getattr(K, name))
+        monkeypatch.setattr(K, name, spy)
+        launches.append(spy)
+    x = make_input((2, 1 if kernel == 1 else 3, 6, 6), torch.float32, device, layout=layout, requires_grad=False)
+    w = make_input((c_out, x.shape[1], kernel, kernel), torch.float32, device, requires_grad=False)
+    dy = make_input((2, c_out, 6 - kernel + 1, 6 - kernel + 1), torch.float32, device, requires_grad=False)
+    dw, db = K.conv2d_weight_grad(dy, x, w.shape, (1, 1), (0, 0), (1, 1), 1, split_k=3, taps=taps)
+    assert [len(spy.grids) for spy in launches] == ([0, 1] if layout == "channels_last" else [1, 0])
+    xr, wr = ref_inputs(x, w)
+    wr.requires_grad_()
+    br = torch.zeros(c_out, dtype=torch.float64, requires_grad=True)
+    TF.conv2d(xr, wr, br).backward(dy.double().cpu())
+    assert_close(dw, wr.grad, torch.float32, device, "grad_weight")
+    assert_close(db, br.grad, torch.float32, device, "grad_bias")
+
+
 @pytest.mark.parametrize("shape, kernel, stride, split", [
     ((3, 3, 19, 37), 3, 1, 3),  # OW 35: blocks of 16 cross one row; splits start mid-row
     ((4, 3, 9, 21), (3, 5), 2, 5),  # OH 4, OW 9 < 16: the general path (no scalar rows)

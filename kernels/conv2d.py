@@ -789,7 +789,7 @@ def _conv2d_wgrad_taps_kernel(
 def _sum_parts(p_ptr, offs, mask, L, SPLIT, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
     """sum_s p[s, offs] of partials p (SPLIT, L), offs [BLOCK], in a fixed order (BLOCK_S splits a step,
     each step a fixed tree), so the gradients are deterministic; a step's loads are all in flight at
-    once, where one split a step would wait a memory latency per split (conv1 splits 88 ways)."""
+    once, where one split a step would wait a memory latency per split (conv1 splits 44 ways)."""
     acc = tl.zeros([BLOCK], dtype=p_ptr.dtype.element_ty)
     for s0 in range(0, SPLIT, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
@@ -994,21 +994,27 @@ def _wave_efficiency(tiles: int, sms: int) -> float:
 
 
 def _split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
-    """How many ways to split the wgrad reduction so the grid fills the GPU (1 in the interpreter):
-    about two waves of CTAs, raised to the first split whose last wave is at least 90% full where
-    that stays within three waves (conv4's 54 tiles: 4 ways, 1.64 waves, 82% -> 7 ways, 2.86, 95%)."""
+    """How many ways to split the wgrad reduction so the grid fills the GPU (1 in the interpreter).
+
+    Within two waves of CTAs, the fullest last wave, and of the splits that fill it as well (to 1%) the
+    fewest: a split's partials cost bytes to write and sum, while one wave of whole CTAs takes as long
+    as two of half ones (conv1's 3 tiles: 44 ways, one full wave, not 88 in two; the paper net's conv2
+    in groups, 10 tiles: 13, not 26). Where that wave is under 90% full, the first split within three
+    waves that fills it (conv4's 54 tiles: 2 ways, 82% -> 7 ways, 95%)."""
     if is_interpreting():
         return 1
     sms = _num_sms(device)
     tiles = max(tiles, 1)
-    # At most 128 ways (conv1's 3 tiles take 88: two full waves on 132 SMs; the partials, 12 MB, cost
-    # less than the third of a wave a 64-way split leaves idle); at least 8 K blocks a split.
+    # At most 128 ways; at least 8 K blocks a split.
     cap = max(1, min(k_blocks // 8 if k_blocks >= 16 else 1, 128))
-    split = max(1, min((2 * sms) // tiles, cap))
-    for s in range(split, min(cap, (3 * sms) // tiles) + 1):
-        if _wave_efficiency(tiles * s, sms) >= 0.9:
-            return s
-    return split
+    two_waves = max(1, min((2 * sms) // tiles, cap))
+    fill = {s: _wave_efficiency(tiles * s, sms) for s in range(1, two_waves + 1)}
+    best = max(fill.values())
+    if best < 0.9:
+        for s in range(two_waves + 1, min(cap, (3 * sms) // tiles) + 1):
+            if _wave_efficiency(tiles * s, sms) >= 0.9:
+                return s
+    return min(s for s, f in fill.items() if f >= best - 0.01)
 
 
 # ----------------------------------------------------------------------------------------------

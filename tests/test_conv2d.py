@@ -259,10 +259,12 @@ def test_forward_fills_waves(device, monkeypatch):
 
 
 @pytest.mark.parametrize("tiles, k_blocks, split", [
-    (54, 1352, 7),  # conv4's per-tap wgrad: 4 ways fill 82% of 2 waves, 7 ways 95% of 3
-    (27, 676, 9), (36, 676, 7), (25, 2916, 10),  # conv5, conv3, conv2: two waves already >= 90% full
-    (3, 12100, 88),  # conv1's flat wgrad: two full waves
-    (18, 676, 14), (600, 1000, 1), (5, 40, 5),  # few K blocks: at least 8 a split
+    (54, 1352, 7),  # 2 ways fill 82% of one wave, 4 of two: 7 ways 95% of three
+    (27, 676, 9), (36, 676, 7), (20, 2916, 13),  # conv3-5, the paper net's conv4, conv2: two waves >= 90% full
+    (3, 12100, 44),  # conv1's flat wgrad: one full wave (88 ways, two full waves, sum twice the partials)
+    (10, 2916, 13), (18, 676, 7),  # the paper net's conv2 and conv5 in groups: one wave as full as two
+    (25, 2916, 5),  # 95% of one wave, as of two
+    (600, 1000, 1), (5, 40, 5),  # few K blocks: at least 8 a split
 ])
 def test_split_k_fills_the_last_wave(tiles, k_blocks, split, monkeypatch):
     monkeypatch.setattr(K, "is_interpreting", lambda: False)

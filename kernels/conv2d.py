@@ -71,6 +71,7 @@ def _conv2d_fwd_kernel(
     Y_DENSE: tl.constexpr,  # syn == OH * syh and syh == OW * syw (channels_last): position m of y at m * syw
     BLOCK_N2: tl.constexpr,  # 0, or a second column tile after the first (_split_n: BLOCK_N // 2; _row_tail_n)
     TAP_BITS: tl.constexpr,  # TAP_BLOCKS with padding, KH*KW <= 32: each position's valid taps as bits (_tap_bits)
+    X_NEXT: tl.constexpr,  # ROW_TAIL, IN_BOUNDS, x through registers (16-bit): the next row's x loaded a trip ahead
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -127,19 +128,31 @@ def _conv2d_fwd_kernel(
             # tile BLOCK_K wide (_row_tail_n): its y store gives the x tile 8 consecutive elements a
             # thread, one address a row and immediate offsets (perf.static: 394 -> 98 instructions a trip).
             a_rows = a_rows + ih0 * sxh
+            if X_NEXT:
+                # 16-bit x's rows start at 2-byte steps: no cp.async, so x goes through registers and
+                # each trip waits for its MMAs before storing the next tile. Loaded a trip ahead, the next
+                # row's x is in flight during this row's MMAs instead of starting the next trip (the
+                # last trip reloads the last row: in bounds, unused).
+                a_next = tl.load(a_rows[:, None] + j[None, :])
             for kh in range(0, KH):
                 a_ptrs = (a_rows + kh * dil_h * sxh)[:, None] + j[None, :]
-                if IN_BOUNDS:
+                if X_NEXT:
+                    a = a_next
+                    a_next = tl.load((a_rows + tl.minimum(kh + 1, KH - 1) * dil_h * sxh)[:, None] + j[None, :])
+                elif IN_BOUNDS:
                     a = tl.load(a_ptrs)
                 else:
                     ih = ih0 + kh * dil_h
                     col = col0[:, None] + j[None, :]
                     a = tl.load(a_ptrs, mask=((ih >= 0) & (ih < H))[:, None] & (col >= 0) & (col < W * Cig),
                                 other=0.0)
+                # (The weight's rows start 32-byte aligned (_weight_rows): 16-byte cp.async. Both column
+                # tiles are loaded before the first MMA, which with x in registers waits for itself.)
                 b = tl.load(w_cols[None, :] + (kh * swh + j)[:, None])
-                acc = _dot(acc, a, b, ACC, PRECISION, UPCAST)
                 if BLOCK_N2 > 0:
                     b2 = tl.load(w_cols2[None, :] + (kh * swh + j)[:, None])
+                acc = _dot(acc, a, b, ACC, PRECISION, UPCAST)
+                if BLOCK_N2 > 0:
                     acc2 = _dot(acc2, a, b2, ACC, PRECISION, UPCAST)
             rest = KW * Cig - BLOCK_K  # per row
             t = tl.arange(0, ROW_TAIL)
@@ -1112,8 +1125,9 @@ def _in_bounds(H: int, W: int, OH: int, OW: int, KH: int, KW: int, stride, paddi
 def _row_blocks(x, weight, dilation, tap_blocks: bool, cfg: dict, widen: bool) -> tuple[bool, dict]:
     """Whether the forward takes one kernel row per K block (ROW_BLOCKS), and the config for it.
 
-    It needs (kw, c) contiguous in x and in the weight (channels contiguous, one group's channels a
-    whole pixel, no dilation along W) and a row of KW*Cig <= 128 elements. A heuristic config (widen)
+    It needs (kw, c) contiguous in x (channels contiguous, one group's channels a whole pixel, no
+    dilation along W) and a row of KW*Cig <= 128 elements; the launcher lays the weight out in rows
+    (_weight_rows). A heuristic config (widen)
     gets BLOCK_K set for the row (_row_block_k: the power of two below it with the rest in a ROW_TAIL
     block, or the row's power of two), with pipeline stages dropped to fit shared memory; a caller's config
     is taken as it is (row blocks only if its BLOCK_K holds a row).
@@ -1121,7 +1135,7 @@ def _row_blocks(x, weight, dilation, tap_blocks: bool, cfg: dict, widen: bool) -
     C_out, Cig, KH, KW = weight.shape
     row = KW * Cig
     if (tap_blocks or Cig == 1 or KH == 1 or row > 128 or dilation[1] != 1 or x.stride(1) != 1
-            or x.stride(3) != Cig or weight.stride(1) != 1 or weight.stride(3) != Cig):
+            or x.stride(3) != Cig):
         return False, cfg
     # (On a GPU the heuristic's config is set for the row even where its BLOCK_K holds one: 16-bit
     # types at under 8192 positions (conv1 at batch 1-2) got 64x128x64 padded rows, 744 B of spills.
@@ -1169,6 +1183,19 @@ def _row_tail(row: int, KH: int, block_k: int) -> int:
     return 0 if block_k >= row else max(16, next_pow2(KH * (row - block_k)))
 
 
+def _weight_rows(weight: torch.Tensor) -> torch.Tensor:
+    """weight (C_out, Cig, KH, KW) for row blocks, in one copy: a view of (C_out, KH, R) rows, each
+    kernel row's (kw, c) run of KW*Cig elements at the start of R (the run rounded up to 16 elements;
+    the rest never read). Rows then start 32-byte aligned and the strides are multiples of 16 (the JIT's
+    divisibility), so the weight tiles load as 16-byte vectors, cp.async, where conv1's 33-element rows
+    (channels_last) took a 2-byte load per element (perf.static, bf16: 14 loads a thread a trip)."""
+    C_out, Cig, KH, KW = weight.shape
+    row = KW * Cig
+    rows = torch.empty((C_out, KH, triton.cdiv(row, 16) * 16), dtype=weight.dtype, device=weight.device)
+    rows[:, :, :row] = weight.permute(0, 2, 3, 1).reshape(C_out, KH, row)
+    return rows[:, :, :row].view(C_out, KH, KW, Cig).permute(0, 3, 1, 2)
+
+
 def _row_tail_n(cog: int, block_k: int) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_N2) of ROW_TAIL launches: one column tile of BLOCK_K columns, after a first tile
     of up to 64 where cog needs more (conv1's 96: 64 + 32, no padding). The y store of a
@@ -1208,13 +1235,15 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
         return y
     Cog = C_out // groups
     cfg = _pick(config, "fwd", x.dtype, M, Cog)
-    if channels_last:
+    tap_blocks = Cig % cfg["BLOCK_K"] == 0
+    row_blocks, cfg = _row_blocks(x, weight, dilation, tap_blocks, cfg, config is None)
+    if row_blocks:
+        weight = _weight_rows(weight)
+    elif channels_last:
         # The weight tile is read along K = (kh, kw, c): channels-contiguous weights make those reads
         # contiguous too (in (C_out, C_in, KH, KW) order every element is a separate access). A small
         # copy per call unless the weight is already channels_last.
         weight = weight.contiguous(memory_format=torch.channels_last)
-    tap_blocks = Cig % cfg["BLOCK_K"] == 0
-    row_blocks, cfg = _row_blocks(x, weight, dilation, tap_blocks, cfg, config is None)
     in_bounds = _in_bounds(H, W, OH, OW, KH, KW, stride, padding, dilation)
     tap_bits = tap_blocks and not in_bounds and KH * KW <= 32
     row_tail = _row_tail(KW * Cig, KH, cfg["BLOCK_K"]) if row_blocks else 0
@@ -1233,6 +1262,7 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
         HAS_BIAS=bias is not None, RELU=relu, TAP_BLOCKS=tap_blocks, ROW_BLOCKS=row_blocks,
         IN_BOUNDS=in_bounds, ROW_TAIL=row_tail,
         Y_DENSE=_positions_dense(y), BLOCK_N2=block_n2, TAP_BITS=tap_bits,
+        X_NEXT=bool(row_tail) and in_bounds and is_16bit(x.dtype),
         ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, allow_tf32), UPCAST=dot_upcast(x.dtype),
         **cfg,
     )

@@ -1224,6 +1224,20 @@ def test_forward_row_tail(device, case, monkeypatch):
     assert kw["ROW_BLOCKS"] and kw["BLOCK_K"] < row and kw["ROW_TAIL"] == K._row_tail(row, kk[0], kw["BLOCK_K"]) > 0
     assert (kw["BLOCK_N"], kw["BLOCK_N2"]) == K._row_tail_n(Co, kw["BLOCK_K"])
     assert kw["IN_BOUNDS"] == (p == 0)
+    # x a row ahead where it goes through registers (16-bit, no padding: tail3 and tail4)
+    assert kw["X_NEXT"] == (p == 0 and dtype in (torch.float16, torch.bfloat16))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_weight_rows(layout):
+    """Row blocks read the weight as (C_out, KH, R) rows, each (kw, c) run at the start of R (rounded up
+    to 16): the same values, one copy from any layout, rows 32-byte aligned and strides the JIT marks
+    divisible by 16, so the tiles load as 16-byte vectors."""
+    w = make_input((6, 3, 11, 5), torch.bfloat16, "cpu", layout=layout, requires_grad=False)
+    rows = K._weight_rows(w)
+    assert torch.equal(rows, w) and rows.shape == w.shape
+    assert rows.stride() == (11 * 16, 1, 16, 3)  # (kw, c) runs of 15, rows of 16
+    assert rows.data_ptr() % 32 == 0 and all(s % 16 == 0 for s in rows.stride()[::2])
 
 
 # ---------------------------------------------------------------------------------------------

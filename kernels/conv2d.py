@@ -135,17 +135,18 @@ def _conv2d_fwd_kernel(
                 # last trip reloads the last row: in bounds, unused).
                 a_next = tl.load(a_rows[:, None] + j[None, :])
             for kh in range(0, KH):
-                a_ptrs = (a_rows + kh * dil_h * sxh)[:, None] + j[None, :]
                 if X_NEXT:
                     a = a_next
                     a_next = tl.load((a_rows + tl.minimum(kh + 1, KH - 1) * dil_h * sxh)[:, None] + j[None, :])
-                elif IN_BOUNDS:
-                    a = tl.load(a_ptrs)
                 else:
-                    ih = ih0 + kh * dil_h
-                    col = col0[:, None] + j[None, :]
-                    a = tl.load(a_ptrs, mask=((ih >= 0) & (ih < H))[:, None] & (col >= 0) & (col < W * Cig),
-                                other=0.0)
+                    a_ptrs = (a_rows + kh * dil_h * sxh)[:, None] + j[None, :]
+                    if IN_BOUNDS:
+                        a = tl.load(a_ptrs)
+                    else:
+                        ih = ih0 + kh * dil_h
+                        col = col0[:, None] + j[None, :]
+                        a = tl.load(a_ptrs, mask=((ih >= 0) & (ih < H))[:, None] & (col >= 0) & (col < W * Cig),
+                                    other=0.0)
                 # (The weight's rows start 32-byte aligned (_weight_rows): 16-byte cp.async. Both column
                 # tiles are loaded before the first MMA, which with x in registers waits for itself.)
                 b = tl.load(w_cols[None, :] + (kh * swh + j)[:, None])
@@ -1127,10 +1128,10 @@ def _row_blocks(x, weight, dilation, tap_blocks: bool, cfg: dict, widen: bool) -
 
     It needs (kw, c) contiguous in x (channels contiguous, one group's channels a whole pixel, no
     dilation along W) and a row of KW*Cig <= 128 elements; the launcher lays the weight out in rows
-    (_weight_rows). A heuristic config (widen)
-    gets BLOCK_K set for the row (_row_block_k: the power of two below it with the rest in a ROW_TAIL
-    block, or the row's power of two), with pipeline stages dropped to fit shared memory; a caller's config
-    is taken as it is (row blocks only if its BLOCK_K holds a row).
+    (_weight_rows). A heuristic config (widen) gets BLOCK_K set for the row (_row_block_k: the power
+    of two below it with the rest in a ROW_TAIL block, or the row's power of two), with pipeline stages
+    dropped to fit shared memory; a caller's config is taken as it is (row blocks only if its BLOCK_K
+    holds a row).
     """
     C_out, Cig, KH, KW = weight.shape
     row = KW * Cig

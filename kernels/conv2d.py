@@ -128,16 +128,20 @@ def _conv2d_fwd_kernel(
             # tile BLOCK_K wide (_row_tail_n): its y store gives the x tile 8 consecutive elements a
             # thread, one address a row and immediate offsets (perf.static: 394 -> 98 instructions a trip).
             a_rows = a_rows + ih0 * sxh
+            w_tile = w_cols[None, :] + j[:, None]
+            if BLOCK_N2 > 0:
+                w_tile2 = w_cols2[None, :] + j[:, None]
             if X_NEXT:
                 # 16-bit x's rows start at 2-byte steps: no cp.async, so x goes through registers and
                 # each trip waits for its MMAs before storing the next tile. Loaded a trip ahead, the next
                 # row's x is in flight during this row's MMAs instead of starting the next trip (the
                 # last trip reloads the last row: in bounds, unused).
-                a_next = tl.load(a_rows[:, None] + j[None, :])
+                a_tile = a_rows[:, None] + j[None, :]
+                a_next = tl.load(a_tile)
             for kh in range(0, KH):
                 if X_NEXT:
                     a = a_next
-                    a_next = tl.load((a_rows + tl.minimum(kh + 1, KH - 1) * dil_h * sxh)[:, None] + j[None, :])
+                    a_next = tl.load(a_tile + tl.minimum(kh + 1, KH - 1) * dil_h * sxh)
                 else:
                     a_ptrs = (a_rows + kh * dil_h * sxh)[:, None] + j[None, :]
                     if IN_BOUNDS:
@@ -149,9 +153,9 @@ def _conv2d_fwd_kernel(
                                     other=0.0)
                 # (The weight's rows start 32-byte aligned (_weight_rows): 16-byte cp.async. Both column
                 # tiles are loaded before the first MMA, which with x in registers waits for itself.)
-                b = tl.load(w_cols[None, :] + (kh * swh + j)[:, None])
+                b = tl.load(w_tile + kh * swh)
                 if BLOCK_N2 > 0:
-                    b2 = tl.load(w_cols2[None, :] + (kh * swh + j)[:, None])
+                    b2 = tl.load(w_tile2 + kh * swh)
                 acc = _dot(acc, a, b, ACC, PRECISION, UPCAST)
                 if BLOCK_N2 > 0:
                     acc2 = _dot(acc2, a, b2, ACC, PRECISION, UPCAST)

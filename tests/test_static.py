@@ -181,13 +181,14 @@ def test_cli_on_one_layer(tmp_path):
 def test_conv1_forward_row_tail(tmp_path):
     """conv1's forward takes ROW_TAIL (32 of each 33-element row in the loop, the rest after it) at
     128 x (64 + 32) x 32, fp32 and bf16: no spills, two CTAs an SM, HGMMA in the loop, the weight by
-    cp.async (its rows aligned, _weight_rows), ceiling >= 0.9 in fp32. In bf16 x goes through registers a
-    row ahead (X_NEXT): 111 instructions a trip, ceiling 0.865, level with its operand bound (0.857;
-    perf/NOTES.md). Its x tile loads 8 consecutive elements a thread only because the 32-wide second
-    column tile's y store has the x tile's shape (Triton's coalescing takes the widest access of a shape
-    in the slice); with one address and a 2-byte shared store per element the loop had ~120 instructions
-    where it had 98 (before X_NEXT and the aligned weight): a kernel, config or compiler change that loses
-    the layout shows here as a bf16 ceiling under 0.85."""
+    cp.async (its rows aligned, _weight_rows), ceiling >= 0.9. In bf16 x goes through registers a row
+    ahead (X_NEXT): 102 instructions a trip, ceiling 0.94 (its operand bound 0.857; perf/NOTES.md), with
+    the x and weight tiles' pointers formed once before the loop (111 and 0.865 without). Its x tile
+    loads 8 consecutive elements a thread only because the 32-wide second column tile's y store has the
+    x tile's shape (Triton's coalescing takes the widest access of a shape in the slice); with one
+    address and a 2-byte shared store per element the loop had ~120 instructions where it had 98 (before
+    X_NEXT and the aligned weight): a kernel, config or compiler change that loses the layout shows here
+    as a bf16 ceiling under 0.9."""
     path = tmp_path / "static.json"
     out = _run(["-m", "perf.static", "--dtype", "bf16,fp32", "--nets", "single", "--layouts", "nhwc", "--kinds",
                 "conv-fwd", "--layers", "conv1", "--json", str(path)])
@@ -201,7 +202,7 @@ def test_conv1_forward_row_tail(tmp_path):
         assert r["spill_bytes"] == 0 and r["hgmma"] > 0 and r["loop_mma"] > 0 and r["ctas_per_sm"] >= 2
         assert r["ldgsts"] > 0 and {"swo", "swh"} <= set(r["divisible_16"])
     assert rows["fp32"]["ceiling"] >= 0.9 and not rows["fp32"]["constexprs"]["X_NEXT"]
-    assert rows["bf16"]["ceiling"] >= 0.85 and rows["bf16"]["constexprs"]["X_NEXT"]
+    assert rows["bf16"]["ceiling"] >= 0.9 and rows["bf16"]["constexprs"]["X_NEXT"]
 
 
 def test_conv1_weight_grad_image_blocks(tmp_path):

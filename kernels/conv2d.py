@@ -475,6 +475,7 @@ def _conv2d_wgrad_kernel(
     BIAS_2D: tl.constexpr,  # see _wgrad_accumulate
     IMAGE_BLOCKS: tl.constexpr,  # N % BLOCK_K == 0: K blocks of images at one output position (_wgrad_flat_images)
     BIAS_COL: tl.constexpr,  # IMAGE_BLOCKS, IN_BOUNDS, 16-bit, CKK % BLOCK_N > 0: db is the product's column CKK
+    X_PAIRS: tl.constexpr,  # K blocks of images of one parity, x's rows read as 4-byte pairs (_wgrad_pairs)
     ROW_SCALARS: tl.constexpr,  # IN_BOUNDS, DY_DENSE and BLOCK_K <= OW: see _wgrad_flat_rows
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no position mask (_k_mask)
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -484,6 +485,8 @@ def _conv2d_wgrad_kernel(
     g = tl.program_id(1)
     split = tl.program_id(2)
     CKK = Cig * KH * KW
+    if X_PAIRS:
+        CKK = KH * _pair_row(KW * Cig)  # the partials' columns: KH rows of _pair_row (kh, r') columns
     num_pid_n = tl.cdiv(CKK, BLOCK_N)
     pid_m = pid // num_pid_n
     pid_n = pid % num_pid_n
@@ -511,7 +514,11 @@ def _conv2d_wgrad_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     dbias = _bias_zeros(BLOCK_M, BLOCK_K, ACC, BIAS_2D)
     k_start = split * K_PER_SPLIT
-    if IMAGE_BLOCKS:
+    if X_PAIRS:
+        acc, dbias = _wgrad_pairs(acc, dbias, dy_ptr, x_ptr, co_off_dy, offs_n, mask_m, split, pid_n == 0, OH, OW,
+                                  K, KH, KW * Cig, K_PER_SPLIT, sdn, sdh, sdw, sxn, sxh, sxw, stride_h, stride_w,
+                                  BIAS_2D, ACC, PRECISION, UPCAST, BLOCK_K)
+    elif IMAGE_BLOCKS:
         acc, dbias = _wgrad_flat_images(acc, dbias, dy_ptr, x_ptr, co_off_dy, col_off, mask_m, mask_n, kh, kw,
                                         H, W, OH, OW, K, k_start, K_PER_SPLIT, sdn, sdh, sdw, sxn, sxh, sxw,
                                         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -579,6 +586,66 @@ def _wgrad_flat_images(acc, dbias, dy_ptr, x_ptr, co_off_dy, col_off, mask_m, ma
         n0 += BLOCK_K
         wrap = n0 >= N
         n0 = tl.where(wrap, 0, n0)
+        ow = tl.where(wrap, ow + 1, ow)
+        wrap2 = ow >= OW
+        ow = tl.where(wrap2, 0, ow)
+        oh = tl.where(wrap2, oh + 1, oh)
+    return acc, dbias
+
+
+@triton.jit
+def _pair_row(row):
+    """Columns a kernel row takes in _wgrad_pairs: its `row` elements and the one before or after
+    them, rounded up to whole pairs (conv1: 33 -> 34)."""
+    return (row + 2) // 2 * 2
+
+
+@triton.jit
+def _wgrad_pairs(acc, dbias, dy_ptr, x_ptr, co_off_dy, offs_n, mask_m, split, with_bias, OH, OW, K, KH, ROW,
+                 K_PER_SPLIT, sdn, sdh, sdw, sxn, sxh, sxw, stride_h, stride_w, BIAS_2D: tl.constexpr,
+                 ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The flat kernel's K loop where 16-bit x's kernel rows start at odd elements (conv1: 3-channel
+    pixels, 227-wide rows), so 2-byte loads through registers: here every row is read from the even
+    element below its start, as 4-byte pairs, which cp.async copies and pipelines.
+
+    The first half of the splits takes the even images, the second the odd (K: N*OH*OW / 2 positions
+    a half, in (oh, ow, n // 2) order; the launcher's stride conditions keep (oh, ow) out of the
+    parity). A row's start n sxn + (oh sh + kh) sxh + (ow sw) sxw then has the parity
+    p = (n sxn + kh sxh) mod 2 for every position of the program, and its elements r of the window
+    land in column kh * _pair_row(ROW) + r + p. The element each row reads besides its window (before
+    it where p = 1, after it where p = 0) lands in a column that no weight takes, so a NaN or inf
+    there stays out of dw (in the forward it would meet a zero weight: NaN). Columns past the last
+    row read the last pair (in bounds; not stored). db: the first column tile's programs sum each
+    trip's dy tile (with_bias; a uniform branch, skipped by the others)."""
+    half_splits = tl.num_programs(2) // 2
+    cls = split // half_splits  # image parity of this program's positions
+    k_start = (split % half_splits) * K_PER_SPLIT
+    RP = _pair_row(ROW)
+    q = tl.minimum(offs_n // 2, KH * (RP // 2) - 1)  # pair index, clamped into the last row
+    kh = q // (RP // 2)
+    p = (cls * sxn + kh * sxh) & 1
+    # Even at each pair's first element (the row start's parity taken out), so 4-byte aligned.
+    pair = tl.multiple_of(cls * sxn + kh * sxh - p + 2 * (q - kh * (RP // 2)), 2)
+    j = tl.arange(0, BLOCK_K)
+    b_off = (j * (2 * sxn))[:, None] + pair[None, :] + (offs_n % 2)[None, :]
+    a_off = co_off_dy[:, None] + (j * (2 * sdn))[None, :]
+    N2 = K // (OH * OW)  # images of one parity
+    q0 = k_start // N2
+    i0 = k_start % N2
+    oh = q0 // OW
+    ow = q0 % OW
+    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
+        n0 = 2 * i0 + cls
+        a = tl.load((dy_ptr + (n0 * sdn + oh * sdh + ow * sdw)) + a_off, mask=mask_m[:, None], other=0.0)
+        # (cls * sxn is in `pair`; the rest is even: 2 i0 sxn, and the launcher's even stride terms)
+        base = tl.multiple_of(2 * i0 * sxn + (oh * stride_h) * sxh + (ow * stride_w) * sxw, 2)
+        b = tl.load((x_ptr + base) + b_off)
+        acc = _dot(acc, a, b, ACC, PRECISION, UPCAST)
+        if with_bias:
+            dbias = _bias_add(dbias, a, ACC, BIAS_2D)
+        i0 += BLOCK_K
+        wrap = i0 >= N2
+        i0 = tl.where(wrap, 0, i0)
         ow = tl.where(wrap, ow + 1, ow)
         wrap2 = ow >= OW
         ow = tl.where(wrap2, 0, ow)
@@ -854,6 +921,8 @@ def _sum_splits_to_weight_kernel(
     pb_ptr,  # (SPLIT, C_out) partial sums of the bias gradient
     db_ptr,  # (C_out,)
     R, T, Cig, C_out, SPLIT,  # R = C_out*T rows (co, tap) of Cig channels
+    KW, sxn, sxh,  # X_PAIRS: the partials' rows are _wgrad_pairs' columns (parities from x's strides)
+    X_PAIRS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # _sum_splits_kernel's fixed-order sum (deterministic), then (co, tap, ci) -> (co, ci, tap).
@@ -866,13 +935,29 @@ def _sum_splits_to_weight_kernel(
         offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (offs_r < R)[:, None] & (offs_c < Cig)[None, :]
-        src = offs_r[:, None] * Cig + offs_c[None, :]
-        L = R * Cig
+        if X_PAIRS:
+            # Weight (kh, kw, ci) is column kh * RP + kw * Cig + ci + p of the partials, p the row's
+            # parity in the split's half (_wgrad_pairs).
+            KH = T // KW
+            RP = _pair_row(KW * Cig)
+            tap = offs_r % T
+            kh = tap // KW
+            src = ((offs_r // T) * (KH * RP) + kh * RP + (tap % KW) * Cig)[:, None] + offs_c[None, :]
+            L = C_out * KH * RP
+        else:
+            src = offs_r[:, None] * Cig + offs_c[None, :]
+            L = R * Cig
         acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=p_ptr.dtype.element_ty)
         for s0 in range(0, SPLIT, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
-            t = tl.load(p_ptr + (s * L)[:, None, None] + src[None, :, :],
-                        mask=(s < SPLIT)[:, None, None] & mask[None, :, :], other=0.0)
+            if X_PAIRS:
+                # (the split's half: its images' parity, with the row's giving the column shift)
+                par = ((((s // (SPLIT // 2)) * sxn)[:, None] + (kh * sxh)[None, :]) & 1)[:, :, None]
+                t = tl.load(p_ptr + (s * L)[:, None, None] + src[None, :, :] + par,
+                            mask=(s < SPLIT)[:, None, None] & mask[None, :, :], other=0.0)
+            else:
+                t = tl.load(p_ptr + (s * L)[:, None, None] + src[None, :, :],
+                            mask=(s < SPLIT)[:, None, None] & mask[None, :, :], other=0.0)
             acc += tl.sum(t, axis=0)
         co = offs_r // T
         tap = offs_r % T
@@ -1436,20 +1521,33 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
             cfg = _multi_tap_config(cfg, taps_per, dtype)
     else:
         cfg = _pick(config, "wgrad", dtype, Cog, CKK)
-        if config is None and not is_interpreting() and _bias_col(dict(cfg, BLOCK_K=64), dtype, N, CKK, in_bounds):
-            # With the bias as a column the 16-bit loop keeps no bias sums in registers, and K 64 fits:
-            # twice the MMA a trip against the same fixed cost (perf.static, conv1 bf16: ceiling 0.78 ->
-            # 0.98, 210 registers, no spills).
-            cfg = dict(cfg, BLOCK_K=64)
-    tiles = wgrad_tiles((Cog, Cig, KH, KW), cfg, taps, rows)
+        wide = dict(cfg, BLOCK_K=64)
+        if config is None and not is_interpreting() and (
+                _pairs(x, wide, N, OH, OW, weight_shape, stride, dilation, in_bounds)
+                or _bias_col(wide, dtype, N, CKK, in_bounds)):
+            # Without the bias's sums in the loop (BIAS_COL) or with x by cp.async (X_PAIRS) the 16-bit
+            # loop has the registers for K 64: twice the MMA a trip against the same fixed cost
+            # (perf.static, conv1 bf16: ceiling 0.78 -> 0.98 with BIAS_COL, 210 registers; X_PAIRS 1.0,
+            # 226 registers (Triton 3.6: 229), no spills, no wgmma drain).
+            cfg = wide
+    pairs = not taps and _pairs(x, cfg, N, OH, OW, weight_shape, stride, dilation, in_bounds)
+    cols = KH * _pair_cols(KW * Cig) if pairs else CKK  # the partials' columns
+    tiles = (triton.cdiv(Cog, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_N"]) if pairs
+             else wgrad_tiles((Cog, Cig, KH, KW), cfg, taps, rows))
     k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
     split = split_k if split_k is not None else _split_k(tiles * groups, k_blocks, device)
     split = max(1, min(int(split), max(k_blocks, 1)))
     k_per_split = triton.cdiv(k_blocks, split) * cfg["BLOCK_K"]
+    k_len = K
+    if pairs:
+        # Half the splits a parity of images, each half over K / 2 positions (_wgrad_pairs).
+        split = split + split % 2
+        k_len = K // 2
+        k_per_split = triton.cdiv(k_blocks // 2, split // 2) * cfg["BLOCK_K"]
     # Partials in (co, kh, kw, ci) order: the per-tap kernel's, and the flat kernel's when x's channels
     # are contiguous (NHWC); when Cig or KH*KW is 1 the orders coincide.
     ci_fast = taps or (channels_fast and T > 1)
-    dw_part = empty((split, C_out, CKK), dtype=acc_t, device=device)
+    dw_part = empty((split, C_out, cols), dtype=acc_t, device=device)
     db_part = empty((split, C_out), dtype=acc_t, device=device)
     if K == 0:
         dw_part.zero_()
@@ -1457,14 +1555,14 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
     else:
         # (taps_n, taps_kw: Cig and KW, but for a kernel row a tap)
         args = (grad_output, x, dw_part, db_part,
-                H, W, OH, OW, taps_n, Cog, K, k_per_split,
+                H, W, OH, OW, taps_n, Cog, k_len, k_per_split,
                 *grad_output.stride(), *x.stride(),
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
                 KH, taps_kw, C_out)
         # The bias sums a trip's dy tile into a 2-D accumulator where the registers allow (16-bit
         # types, tiles up to 128x128; perf.static: bf16 conv1 0.23 -> 0.27, the paper net's grouped
         # layers 0.45 -> 0.52, no spills; fp32 and the 256-row tiles spilled with it).
-        bias_col = not taps and _bias_col(cfg, dtype, N, CKK, in_bounds)  # then no sums in the loop
+        bias_col = not (taps or pairs) and _bias_col(cfg, dtype, N, CKK, in_bounds)  # then no sums in the loop
         bias_2d = (is_16bit(dtype) and cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 128 * 128
                    and not bias_col)
         common = dict(DY_DENSE=_positions_dense(grad_output), BIAS_2D=bias_2d, EVEN_K=K % cfg["BLOCK_K"] == 0,
@@ -1482,7 +1580,7 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
         else:
             _conv2d_wgrad_kernel[(tiles, groups, split)](
                 *args, CI_FAST=ci_fast, IMAGE_BLOCKS=N % cfg["BLOCK_K"] == 0,
-                BIAS_COL=bias_col,
+                BIAS_COL=bias_col, X_PAIRS=pairs,
                 ROW_SCALARS=in_bounds and common["DY_DENSE"] and cfg["BLOCK_K"] <= OW, **common)
     dw = empty(tuple(weight_shape), dtype=dtype, device=device)
     db = empty((C_out,), dtype=dtype, device=device)
@@ -1493,14 +1591,39 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
         bc = max(4, min(32, next_pow2(Cig)))
         br = max(8, 128 // bc)
         _sum_splits_to_weight_kernel[(triton.cdiv(C_out * T, br) + 1, triton.cdiv(Cig, bc))](
-            dw_part, dw, db_part, db, C_out * T, T, Cig, C_out, split,
-            BLOCK_R=br, BLOCK_C=bc, BLOCK_S=_sum_blocks(split, br * bc))
+            dw_part, dw, db_part, db, C_out * T, T, Cig, C_out, split, KW, x.stride(0), x.stride(2),
+            X_PAIRS=pairs, BLOCK_R=br, BLOCK_C=bc, BLOCK_S=_sum_blocks(split, br * bc))
     else:
         L = dw.numel()
         block = max(16, min(1024, next_pow2(L) // 8))
         _sum_splits_kernel[(triton.cdiv(L, block) + 1,)](dw_part, dw, db_part, db, L, C_out, split, BLOCK=block,
                                                           BLOCK_S=_sum_blocks(split, block))
     return dw, db
+
+
+def _pair_cols(row: int) -> int:
+    """_pair_row on the host: the columns a kernel row of `row` elements takes with X_PAIRS."""
+    return (row + 2) // 2 * 2
+
+
+def _pairs(x: torch.Tensor, cfg: dict, N: int, OH: int, OW: int, weight_shape, stride, dilation,
+           in_bounds: bool) -> bool:
+    """Whether the flat weight gradient reads x's kernel rows as 4-byte pairs (X_PAIRS, _wgrad_pairs):
+    16-bit x whose kernel rows (kw, ci) are contiguous runs (channels_last, one group, no dilation), no
+    padding, the images in two halves of whole K blocks, strides that keep a row start's parity
+    independent of (oh, ow), and the last pair read inside x's storage (each row is read from one
+    element below its start or to one past its end)."""
+    _, Cig, KH, KW = weight_shape
+    sxn, sxc, sxh, sxw = x.stride()
+    if not (is_16bit(x.dtype) and in_bounds and tuple(dilation) == (1, 1) and Cig > 1 and KH * KW > 1
+            and sxc == 1 and sxw == Cig and x.shape[1] == Cig and N % (2 * cfg["BLOCK_K"]) == 0
+            and (stride[0] * sxh) % 2 == 0 and (stride[1] * sxw) % 2 == 0):
+        return False
+    last = 0
+    for cls in (0, 1):
+        start = (N - 2 + cls) * sxn + ((OH - 1) * stride[0] + KH - 1) * sxh + (OW - 1) * stride[1] * sxw
+        last = max(last, start - (cls * sxn + (KH - 1) * sxh) % 2 + _pair_cols(KW * Cig) - 1)
+    return x.storage_offset() + last < x.untyped_storage().nbytes() // x.element_size()
 
 
 def _bias_col(cfg: dict, dtype: torch.dtype, N: int, CKK: int, in_bounds: bool) -> bool:

@@ -415,7 +415,7 @@ def test_weight_grad_flat_row_scalars(device, shape, kernel, stride, split, monk
 @pytest.mark.parametrize("case", [
     # (N, C_in, H, W, C_out, kernel, stride, padding, layout, dtype, split): N % BLOCK_K 16 == 0
     (32, 3, 19, 19, 10, 11, 4, 0, "channels_last", torch.float32, 3),  # conv1's kernel: 3x3 outputs, 363 columns
-    (32, 3, 19, 19, 10, 11, 4, 0, "channels_last", torch.bfloat16, 3),  # BIAS_COL: db from column 363
+    (48, 3, 19, 19, 10, 11, 4, 0, "channels_last", torch.bfloat16, 3),  # BIAS_COL: db from column 363 (48: no X_PAIRS)
     (32, 3, 19, 19, 10, 11, 4, 0, "contiguous", torch.float16, 2),  # NCHW x: (ci, kh, kw) columns, BIAS_COL
     (16, 5, 6, 7, 6, 3, 1, 1, "channels_last", torch.bfloat16, 5),  # padding: per-column masks, no BIAS_COL
     (16, 2, 6, 6, 6, 4, 2, 0, "channels_last", torch.bfloat16, 1),  # CKK 32 = BLOCK_N: no column past CKK
@@ -436,7 +436,7 @@ def test_weight_grad_flat_image_blocks(device, case, monkeypatch):
     cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
     dw, db = K.conv2d_weight_grad(dy, x, w.shape, (st, st), (p, p), (1, 1), 1, split_k=split, config=cfg, taps=False)
     kw = spy.kwargs[-1]
-    assert kw["IMAGE_BLOCKS"]
+    assert kw["IMAGE_BLOCKS"] and not kw["X_PAIRS"]  # (test_weight_grad_pairs)
     assert kw["BIAS_COL"] == (dtype in (torch.float16, torch.bfloat16) and p == 0 and C * k * k % 32 != 0)
     assert not (kw["BIAS_COL"] and kw["BIAS_2D"])
     xr, wr = ref_inputs(x, w)
@@ -447,22 +447,92 @@ def test_weight_grad_flat_image_blocks(device, case, monkeypatch):
     assert_close(db, br.grad, dtype, device, "grad_bias")
 
 
+@pytest.mark.parametrize("case", [
+    # (N, C_in, H, W, C_out, kernel, stride, dtype, split): channels_last, no padding, N % (2 BLOCK_K 16) == 0
+    (32, 3, 21, 21, 10, 11, 4, torch.bfloat16, 3),  # conv1's kernel; sxn, sxh odd: both parities (3 -> 4 splits)
+    (32, 3, 14, 14, 6, 5, 2, torch.float16, 2),  # sxn, sxh even: every row at an even element, read past its end
+    (64, 3, 15, 15, 7, 5, 2, torch.bfloat16, 1),  # sxn, sxh odd, 2 K blocks an (oh, ow) a parity, 1 -> 2 splits
+    (32, 2, 11, 12, 5, 3, 2, torch.float16, 6),  # even rows (6 elements: 8 columns a row), splits past the work
+])
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")  # the NaN in columns no weight takes
+def test_weight_grad_pairs(device, case, monkeypatch):
+    """conv1's weight gradient in 16-bit with x's kernel rows read as 4-byte pairs from the even element
+    at or below each row's start (X_PAIRS: the even images in the first half of the splits, the odd in the
+    second, each row's elements in the columns its parity gives): against float64, from poisoned
+    partials, with NaN and inf in every input element no window holds (a row's extra element reads
+    some of them: they must stay out of dw, as in torch)."""
+    N, C, H, W, Co, k, st, dtype, split = case
+    spy = _LaunchSpy(K._conv2d_wgrad_kernel)
+    monkeypatch.setattr(K, "_conv2d_wgrad_kernel", spy)
+    x = make_input((N, C, H, W), dtype, device, layout="channels_last", requires_grad=False)
+    OH, OW = (H - k) // st + 1, (W - k) // st + 1
+    x[:, :, :, (OW - 1) * st + k:] = float("nan")  # columns past the last window
+    x[:, :, (OH - 1) * st + k:, :] = float("inf")  # rows past it
+    w = make_input((Co, C, k, k), dtype, device, requires_grad=False, scale=0.3)
+    dy = make_input((N, Co, OH, OW), dtype, device, layout="channels_last", requires_grad=False)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
+    dw, db = K.conv2d_weight_grad(dy, x, w.shape, (st, st), (0, 0), (1, 1), 1, split_k=split, config=cfg, taps=False)
+    kw = spy.kwargs[-1]
+    assert kw["X_PAIRS"] and not kw["BIAS_COL"]
+    assert spy.grids[-1][2] == split + split % 2
+    xr, wr = ref_inputs(x, w)
+    wr.requires_grad_()
+    br = torch.zeros(Co, dtype=torch.float64, requires_grad=True)
+    TF.conv2d(xr, wr, br, stride=st).backward(dy.double().cpu())
+    assert torch.isfinite(wr.grad).all()
+    assert_close(dw, wr.grad, dtype, device, "grad_weight")
+    assert_close(db, br.grad, dtype, device, "grad_bias")
+
+
+def test_pairs_conditions():
+    """Where X_PAIRS reads x as pairs, and where it keeps the flat kernel's other paths."""
+    cfg = dict(BLOCK_K=64)
+
+    def pairs(shape=(128, 3, 227, 227), dtype=torch.bfloat16, k=11, stride=4, pad_ok=True, layout="nhwc", N=None,
+              dilation=(1, 1), view=None):
+        x = torch.empty(shape, dtype=dtype, device="meta")
+        if layout == "nhwc":
+            x = x.contiguous(memory_format=torch.channels_last)
+        if view is not None:
+            x = view(x)
+        OH, OW = (x.shape[2] - k) // stride + 1, (x.shape[3] - k) // stride + 1
+        return K._pairs(x, cfg, x.shape[0] if N is None else N, OH, OW, (96, x.shape[1], k, k), (stride, stride),
+                        dilation, pad_ok)
+
+    assert pairs()  # conv1 at batch 128
+    assert not pairs(dtype=torch.float32)  # fp32 rows are 4-byte aligned already (cp.async as it is)
+    assert not pairs(layout="nchw")  # a kernel row is not one run
+    assert not pairs(pad_ok=False)  # padding
+    assert not pairs(shape=(96, 3, 227, 227))  # 96 images: not two halves of whole K blocks of 64
+    assert not pairs(dilation=(2, 2))
+    assert not pairs(stride=1)  # odd stride x odd row stride: (oh, ow) would change the parity
+    # The last window ends at the tensor's last element with an even start: the pair after it would
+    # read past the storage. Inside a larger storage (a view) the same read is in bounds.
+    assert not pairs(shape=(128, 2, 9, 9), k=3, stride=2)
+    assert pairs(shape=(128, 2, 10, 9), k=3, stride=2, view=lambda t: t[:, :, :9])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_bias_col_gpu_config(dtype, monkeypatch):
-    """On a GPU, conv1's flat weight gradient at batch 128 in a 16-bit type takes db as a column with K
-    blocks of 64 (no bias sums in registers); fp32 keeps 32 and its sums. Recorded, not run."""
+    """On a GPU, conv1's flat weight gradient at batch 128 in a 16-bit type reads x as pairs (X_PAIRS) with
+    K blocks of 64; fp32 keeps 32 and its sums. With an NCHW x the 16-bit types take db as a column
+    (BIAS_COL), also at 64. Recorded, not run."""
     from perf import static
 
     monkeypatch.setattr(K, "is_interpreting", lambda: False)
-    x = torch.empty(128, 3, 227, 227, dtype=dtype, device="meta").contiguous(memory_format=torch.channels_last)
+    x = torch.empty(128, 3, 227, 227, dtype=dtype, device="meta")
     dy = torch.empty(128, 96, 55, 55, dtype=dtype, device="meta").contiguous(memory_format=torch.channels_last)
-    with static.intercept() as launches:
-        K.conv2d_weight_grad(dy, x, (96, 3, 11, 11), (4, 4), (0, 0), (1, 1), 1)
-    kw = next(la.kwargs for la in launches if la.kernel.__name__ == "_conv2d_wgrad_kernel")
     small = dtype != torch.float32
-    assert kw["IMAGE_BLOCKS"] and kw["BIAS_COL"] == small and kw["BLOCK_K"] == (64 if small else 32)
-    assert not kw["BIAS_2D"] or not small
-    K.check_config({k: kw[k] for k in K.CONFIG_KEYS}, dtype)
+    for layout in ("channels_last", "nchw"):
+        xl = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+        with static.intercept() as launches:
+            K.conv2d_weight_grad(dy, xl, (96, 3, 11, 11), (4, 4), (0, 0), (1, 1), 1)
+        kw = next(la.kwargs for la in launches if la.kernel.__name__ == "_conv2d_wgrad_kernel")
+        assert kw["IMAGE_BLOCKS"] and kw["BLOCK_K"] == (64 if small else 32)
+        assert kw["X_PAIRS"] == (small and layout == "channels_last")
+        assert kw["BIAS_COL"] == (small and layout == "nchw")
+        assert not (kw["BIAS_2D"] and kw["BIAS_COL"])
+        K.check_config({k: kw[k] for k in K.CONFIG_KEYS}, dtype)
     assert not K._bias_col(dict(BLOCK_N=128, BLOCK_K=64), dtype, 96, 363, True)  # 96 images: not whole blocks
     assert not K._bias_col(dict(BLOCK_N=128, BLOCK_K=64), dtype, 128, 363, False)  # padding
     assert not K._bias_col(dict(BLOCK_N=128, BLOCK_K=64), dtype, 128, 384, True)  # no column past CKK

@@ -583,14 +583,21 @@ def _wgrad_flat_images(acc, dbias, dy_ptr, x_ptr, co_off_dy, col_off, mask_m, ma
             acc = _dot(acc, a, b, ACC, PRECISION, UPCAST)
         else:
             acc, dbias = _wgrad_accumulate(acc, dbias, a, b, ACC, PRECISION, UPCAST, BIAS_2D)
-        n0 += BLOCK_K
-        wrap = n0 >= N
-        n0 = tl.where(wrap, 0, n0)
-        ow = tl.where(wrap, ow + 1, ow)
-        wrap2 = ow >= OW
-        ow = tl.where(wrap2, 0, ow)
-        oh = tl.where(wrap2, oh + 1, oh)
+        n0, oh, ow = _next_images(n0, oh, ow, N, OW, BLOCK_K)
     return acc, dbias
+
+
+@triton.jit
+def _next_images(n0, oh, ow, N, OW, BLOCK_K: tl.constexpr):
+    """The next K block of images at one output position: BLOCK_K images on, or the next (oh, ow)."""
+    n0 += BLOCK_K
+    wrap = n0 >= N
+    n0 = tl.where(wrap, 0, n0)
+    ow = tl.where(wrap, ow + 1, ow)
+    wrap2 = ow >= OW
+    ow = tl.where(wrap2, 0, ow)
+    oh = tl.where(wrap2, oh + 1, oh)
+    return n0, oh, ow
 
 
 @triton.jit
@@ -643,13 +650,7 @@ def _wgrad_pairs(acc, dbias, dy_ptr, x_ptr, co_off_dy, offs_n, mask_m, split, wi
         acc = _dot(acc, a, b, ACC, PRECISION, UPCAST)
         if with_bias:
             dbias = _bias_add(dbias, a, ACC, BIAS_2D)
-        i0 += BLOCK_K
-        wrap = i0 >= N2
-        i0 = tl.where(wrap, 0, i0)
-        ow = tl.where(wrap, ow + 1, ow)
-        wrap2 = ow >= OW
-        ow = tl.where(wrap2, 0, ow)
-        oh = tl.where(wrap2, oh + 1, oh)
+        i0, oh, ow = _next_images(i0, oh, ow, N2, OW, BLOCK_K)
     return acc, dbias
 
 

@@ -465,7 +465,7 @@ def test_weight_grad_pairs(device, case, monkeypatch):
     spy = _LaunchSpy(K._conv2d_wgrad_kernel)
     monkeypatch.setattr(K, "_conv2d_wgrad_kernel", spy)
     x = make_input((N, C, H, W), dtype, device, layout="channels_last", requires_grad=False)
-    OH, OW = (H - k) // st + 1, (W - k) // st + 1
+    OH, OW = output_size(H, W, (k, k), (st, st))
     x[:, :, :, (OW - 1) * st + k:] = float("nan")  # columns past the last window
     x[:, :, (OH - 1) * st + k:, :] = float("inf")  # rows past it
     w = make_input((Co, C, k, k), dtype, device, requires_grad=False, scale=0.3)
@@ -495,7 +495,7 @@ def test_pairs_conditions():
             x = x.contiguous(memory_format=torch.channels_last)
         if view is not None:
             x = view(x)
-        OH, OW = (x.shape[2] - k) // stride + 1, (x.shape[3] - k) // stride + 1
+        OH, OW = output_size(x.shape[2], x.shape[3], (k, k), (stride, stride))
         return K._pairs(x, cfg, x.shape[0] if N is None else N, OH, OW, (96, x.shape[1], k, k), (stride, stride),
                         dilation, pad_ok)
 

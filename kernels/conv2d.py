@@ -1465,14 +1465,15 @@ def default_rows(x, weight_shape, dilation) -> bool:
     return KW > 1 and Cig % 64 != 0 and x.stride(1) == 1 and dilation[1] == 1
 
 
-def wgrad_tiles(weight_shape, cfg: dict, taps: bool, rows: bool) -> int:
+def wgrad_tiles(weight_shape, cfg: dict, taps: bool, rows: bool, pairs: bool = False) -> int:
     """Output tiles a group of a weight-gradient launch has (its grid's first axis; split-K multiplies
-    them): co blocks x column blocks, the per-tap kernel's by blocks of taps_per_program taps, a tap
-    being a kernel row with rows (perf.tune sizes its split-K sweep from it)."""
+    them): co blocks x column blocks (with X_PAIRS, KH rows of _pair_cols columns), the per-tap
+    kernel's by blocks of taps_per_program taps, a tap being a kernel row with rows (perf.tune sizes
+    its split-K sweep from it)."""
     C_out_g, Cig, KH, KW = weight_shape  # C_out_g: the output channels of one group
     tiles = triton.cdiv(C_out_g, cfg["BLOCK_M"])
     if not taps:
-        return tiles * triton.cdiv(Cig * KH * KW, cfg["BLOCK_N"])
+        return tiles * triton.cdiv(KH * _pair_cols(KW * Cig) if pairs else Cig * KH * KW, cfg["BLOCK_N"])
     taps_t, taps_n = (KH, KW * Cig) if rows else (KH * KW, Cig)
     return tiles * triton.cdiv(taps_t, taps_per_program(taps_t, cfg)) * triton.cdiv(taps_n, cfg["BLOCK_N"])
 
@@ -1533,8 +1534,7 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
             cfg = wide
     pairs = not taps and _pairs(x, cfg, N, OH, OW, weight_shape, stride, dilation, in_bounds)
     cols = KH * _pair_cols(KW * Cig) if pairs else CKK  # the partials' columns
-    tiles = (triton.cdiv(Cog, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_N"]) if pairs
-             else wgrad_tiles((Cog, Cig, KH, KW), cfg, taps, rows))
+    tiles = wgrad_tiles((Cog, Cig, KH, KW), cfg, taps, rows, pairs)
     k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
     split = split_k if split_k is not None else _split_k(tiles * groups, k_blocks, device)
     split = max(1, min(int(split), max(k_blocks, 1)))

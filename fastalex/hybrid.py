@@ -16,7 +16,7 @@ collectives:
     torchrun --nproc-per-node 2 -m fastalex train --strategy hybrid
 
     hybrid = HybridAlexNet(AlexNet(...))                 # same weights on every rank (same seed, or broadcast)
-    opt = torch.optim.SGD(hybrid.parameters(), ...)
+    opt = fastalex.optim.sgd(hybrid.parameters(), ...)
     loss = F.cross_entropy(hybrid(x_local), y_local)      # every rank the same local batch size B
     loss.backward(); hybrid.finish_gradients(); opt.step()
 

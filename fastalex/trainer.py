@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from fastalex import _faults
 from fastalex import checkpoint as ckpt
 from fastalex import distributed as fdist
+from fastalex import optim as foptim
 from fastalex import strategy as fstrategy
 from fastalex._backend import backend_info
 from fastalex._seeds import item_seed, order_seed, rank_seed
@@ -285,6 +286,8 @@ def _topk_errors(logits_or_probs: torch.Tensor, labels: torch.Tensor, k: int = 5
 class Trainer:
     """Trains a classifier (by default with the paper's recipe) and evaluates it.
 
+    The optimizer is torch's SGD (lr, momentum, weight_decay), fused where torch has the kernel
+    (fastalex.optim.sgd: one pass over the parameters a step).
     precision: "32", "bf16-mixed" or "16-mixed" (autocast; "16-mixed" scales the loss, GPU only).
     lr_schedule: "plateau" (the paper: lr / 10 when validation error stops improving for `patience`
     epochs, at most `max_lr_drops` times), "cosine" (per step, to 0 at the end) or "constant".
@@ -362,8 +365,7 @@ class Trainer:
         self.out_dir = None if out_dir is None else Path(out_dir)
         self._files = self.out_dir is not None and self.dist.is_main  # this process writes the run's files
         self.max_steps, self.drop_last = max_steps, drop_last
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum,
-                                         weight_decay=weight_decay)
+        self.optimizer = foptim.sgd(self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "16-mixed")
         self.state = RunState()  # everything that says how far the run is: in every checkpoint
         self.last_val: dict | None = None  # the latest validation result of this process (not checkpointed)
@@ -440,7 +442,8 @@ class Trainer:
                 f"this checkpoint was written mid-epoch by {saved_world} process(es); resuming it with "
                 f"{self.dist.world_size} would change every later batch. Resume with {saved_world} process(es), or "
                 f"from a checkpoint written at the end of an epoch")
-        self.strategy.load_state_dicts(self.optimizer, state["model"], state["optimizer"])
+        with foptim.kept_form(self.optimizer):  # a checkpoint of another optimizer form: this one's
+            self.strategy.load_state_dicts(self.optimizer, state["model"], state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.state = RunState.from_checkpoint(state)

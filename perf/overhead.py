@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fastalex import optim
 from fastalex._seeds import order_seed
 from perf._args import non_negative_int, positive_int
 
@@ -138,7 +139,7 @@ class BareLoop:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(order_seed(args.seed, 0)))
         self.batches = [train.batch(order[k * b:(k + 1) * b]) for k in range(self.n)]
         self.model = build_model(args, num_classes).train()
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=s["lr"], momentum=s["momentum"], weight_decay=s["wd"])
+        self.opt = optim.sgd(self.model.parameters(), lr=s["lr"], momentum=s["momentum"], weight_decay=s["wd"])
         self.settings, self.k, self.loss = s, 0, None
 
     def step(self) -> float:

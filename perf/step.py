@@ -6,7 +6,8 @@
 
 Every implementation trains the same AlexNet (same initial weights, same batch, dropout 0.5,
 SGD momentum 0.9 and weight decay 5e-4, cross-entropy) and is timed over `steps` steps after
-warm-up, each step between CUDA events; the median counts.
+warm-up, each step between CUDA events; the median counts. Every implementation steps the same
+optimizer, the Trainer's (fastalex.optim.sgd: torch's fused SGD), so the rows differ in the model only.
 
     fastalex          the Triton kernels (fastalex.backend("triton")), NCHW input
     fastalex-cl       the same, channels_last input
@@ -105,7 +106,7 @@ def time_steps(fn, steps: int, warmup: int = 3) -> list[float]:
 
 def run(variant: str, precision: str, impls: list[str], batch: int, steps: int, compile_mode: str) -> list[dict]:
     import fastalex
-    from fastalex import AlexNet, flops
+    from fastalex import AlexNet, flops, optim
 
     size = 224 if variant == "torchvision" else 227
     torch.manual_seed(0)
@@ -119,7 +120,7 @@ def run(variant: str, precision: str, impls: list[str], batch: int, steps: int, 
         xi = x.contiguous(memory_format=torch.channels_last) if impl.endswith("-cl") else x
         if impl.endswith("-cl"):
             model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        opt = optim.sgd(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         backend = "triton" if impl.startswith("fastalex") else "torch"
         row = dict(variant=variant, precision=precision, impl=impl, batch=batch, flops=3 * fwd_flops)
         try:

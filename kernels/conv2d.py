@@ -28,6 +28,7 @@ import triton.language as tl
 
 from fastalex.kernels._common import (
     acc_dtype,
+    cdiv,
     check_int32,
     dot_precision,
     dot_upcast,
@@ -1094,7 +1095,7 @@ def _num_sms(device: torch.device) -> int:
 
 def _wave_efficiency(tiles: int, sms: int) -> float:
     """How full a grid's last wave is: tiles / (SMs x the tiles the busiest SM runs)."""
-    return tiles / (sms * triton.cdiv(tiles, sms))
+    return tiles / (sms * cdiv(tiles, sms))
 
 
 def _split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
@@ -1192,8 +1193,8 @@ def _fwd_tiles(cfg: dict, M: int, Cog: int, groups: int, dtype: torch.dtype, dev
     def busiest(option):
         c, n2 = option
         cols = c["BLOCK_N"] + n2
-        tiles = triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(Cog, cols) * groups
-        return triton.cdiv(tiles, sms) * c["BLOCK_M"] * cols / _operand_share((c["BLOCK_N"], n2) if n2 else (cols,))
+        tiles = cdiv(M, c["BLOCK_M"]) * cdiv(Cog, cols) * groups
+        return cdiv(tiles, sms) * c["BLOCK_M"] * cols / _operand_share((c["BLOCK_N"], n2) if n2 else (cols,))
 
     return min(options, key=busiest)
 
@@ -1282,7 +1283,7 @@ def _weight_rows(weight: torch.Tensor) -> torch.Tensor:
     (channels_last) took a 2-byte load per element (perf.static, bf16: 14 loads a thread a trip)."""
     C_out, Cig, KH, KW = weight.shape
     row = KW * Cig
-    rows = torch.empty((C_out, KH, triton.cdiv(row, 16) * 16), dtype=weight.dtype, device=weight.device)
+    rows = torch.empty((C_out, KH, cdiv(row, 16) * 16), dtype=weight.dtype, device=weight.device)
     rows[:, :, :row] = weight.permute(0, 2, 3, 1).reshape(C_out, KH, row)
     return rows[:, :, :row].view(C_out, KH, KW, Cig).permute(0, 3, 1, 2)
 
@@ -1343,7 +1344,7 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, output_si
         cfg["BLOCK_N"], block_n2 = _row_tail_n(Cog, cfg["BLOCK_K"])
     elif config is None:
         cfg, block_n2 = _fwd_tiles(cfg, M, Cog, groups, x.dtype, x.device)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cog, cfg["BLOCK_N"] + block_n2), groups)
+    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(Cog, cfg["BLOCK_N"] + block_n2), groups)
     _conv2d_fwd_kernel[grid](
         x, weight, bias if bias is not None else x, y,
         H, W, OH, OW, Cig, Cog, M,
@@ -1387,7 +1388,7 @@ def conv2d_input_grad(grad_output, weight, input_shape, stride, padding, dilatio
         return dx
     Cog = C_out // groups
     cfg = _pick(config, "dgrad", dx.dtype, M, Cig)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(Cig, cfg["BLOCK_N"]), groups)
+    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(Cig, cfg["BLOCK_N"]), groups)
     _conv2d_dgrad_kernel[grid](
         grad_output, weight, dx,
         H, W, OH, OW, Cig, Cog, M,
@@ -1471,11 +1472,11 @@ def wgrad_tiles(weight_shape, cfg: dict, taps: bool, rows: bool, pairs: bool = F
     kernel's by blocks of taps_per_program taps, a tap being a kernel row with rows (perf.tune sizes
     its split-K sweep from it)."""
     C_out_g, Cig, KH, KW = weight_shape  # C_out_g: the output channels of one group
-    tiles = triton.cdiv(C_out_g, cfg["BLOCK_M"])
+    tiles = cdiv(C_out_g, cfg["BLOCK_M"])
     if not taps:
-        return tiles * triton.cdiv(KH * _pair_cols(KW * Cig) if pairs else Cig * KH * KW, cfg["BLOCK_N"])
+        return tiles * cdiv(KH * _pair_cols(KW * Cig) if pairs else Cig * KH * KW, cfg["BLOCK_N"])
     taps_t, taps_n = (KH, KW * Cig) if rows else (KH * KW, Cig)
-    return tiles * triton.cdiv(taps_t, taps_per_program(taps_t, cfg)) * triton.cdiv(taps_n, cfg["BLOCK_N"])
+    return tiles * cdiv(taps_t, taps_per_program(taps_t, cfg)) * cdiv(taps_n, cfg["BLOCK_N"])
 
 
 def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, groups, allow_tf32=True,
@@ -1535,16 +1536,16 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
     pairs = not taps and _pairs(x, cfg, N, OH, OW, weight_shape, stride, dilation, in_bounds)
     cols = KH * _pair_cols(KW * Cig) if pairs else CKK  # the partials' columns
     tiles = wgrad_tiles((Cog, Cig, KH, KW), cfg, taps, rows, pairs)
-    k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
+    k_blocks = cdiv(K, cfg["BLOCK_K"])
     split = split_k if split_k is not None else _split_k(tiles * groups, k_blocks, device)
     split = max(1, min(int(split), max(k_blocks, 1)))
-    k_per_split = triton.cdiv(k_blocks, split) * cfg["BLOCK_K"]
+    k_per_split = cdiv(k_blocks, split) * cfg["BLOCK_K"]
     k_len = K
     if pairs:
         # Half the splits a parity of images, each half over K / 2 positions (_wgrad_pairs).
         split = split + split % 2
         k_len = K // 2
-        k_per_split = triton.cdiv(k_blocks // 2, split // 2) * cfg["BLOCK_K"]
+        k_per_split = cdiv(k_blocks // 2, split // 2) * cfg["BLOCK_K"]
     # Partials in (co, kh, kw, ci) order: the per-tap kernel's, and the flat kernel's when x's channels
     # are contiguous (NHWC); when Cig or KH*KW is 1 the orders coincide.
     ci_fast = taps or (channels_fast and T > 1)
@@ -1591,13 +1592,13 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
         # channels take 4 columns, not 32).
         bc = max(4, min(32, next_pow2(Cig)))
         br = max(8, 128 // bc)
-        _sum_splits_to_weight_kernel[(triton.cdiv(C_out * T, br) + 1, triton.cdiv(Cig, bc))](
+        _sum_splits_to_weight_kernel[(cdiv(C_out * T, br) + 1, cdiv(Cig, bc))](
             dw_part, dw, db_part, db, C_out * T, T, Cig, C_out, split, KW, x.stride(0), x.stride(2),
             X_PAIRS=pairs, BLOCK_R=br, BLOCK_C=bc, BLOCK_S=_sum_blocks(split, br * bc))
     else:
         L = dw.numel()
         block = max(16, min(1024, next_pow2(L) // 8))
-        _sum_splits_kernel[(triton.cdiv(L, block) + 1,)](dw_part, dw, db_part, db, L, C_out, split, BLOCK=block,
+        _sum_splits_kernel[(cdiv(L, block) + 1,)](dw_part, dw, db_part, db, L, C_out, split, BLOCK=block,
                                                           BLOCK_S=_sum_blocks(split, block))
     return dw, db
 

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from fastalex.kernels import _common
+from fastalex.kernels._common import cdiv
 
 try:  # (Triton >= 3.0; the interpreter cannot run library calls, so it never takes them)
     from triton.language.extra import libdevice as _libdevice
@@ -271,7 +272,7 @@ def _channel_block(C: int) -> int:
     """Channels a tile on a GPU: at most 64, halved while the padded last channel block would waste
     more than 1/8 of the work (C = 48 -> 16, C = 96 -> 32, C = 128 -> 64)."""
     block_c = min(_common.next_pow2(C), 64)
-    while block_c > 8 and triton.cdiv(C, block_c) * block_c - C > C // 8:
+    while block_c > 8 and cdiv(C, block_c) * block_c - C > C // 8:
         block_c //= 2
     return block_c
 
@@ -347,7 +348,7 @@ def _launch(kernel, out: torch.Tensor, tensors, size, alpha, beta, k, groups: in
     S = target.shape[2]
     block_c, block_s, num_warps = _block_sizes(C, S, backward)
     assert block_c & (block_c - 1) == 0 and block_s & (block_s - 1) == 0
-    grid = (N * triton.cdiv(C, block_c) * triton.cdiv(S, block_s),)
+    grid = (N * cdiv(C, block_c) * cdiv(S, block_s),)
     strides = [st for v in (*views, target) for st in v.stride()]
     kernel[grid](
         *views, target, N, C, S, C // groups, *strides,

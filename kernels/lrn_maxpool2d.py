@@ -60,7 +60,7 @@ import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
 from fastalex.kernels import _common
-from fastalex.kernels._common import MAX_GRID_YZ
+from fastalex.kernels._common import MAX_GRID_YZ, cdiv
 from fastalex.kernels.lrn import (MAX_UNROLL, _channel_block, _cross, _div, _neg_sign, _pow, _relu, _scalar,
                                   _tile, _window_sumsq, simple_pow)
 from fastalex.kernels._geometry import argmax_dtype, output_size, pools_in_cells
@@ -952,8 +952,8 @@ def _cells(kernel_size: tuple[int, int], stride: tuple[int, int]) -> bool:
 def _grid(N: int, C: int, P: int, block_c: int, block_p: int, quads: int) -> tuple[int, ...]:
     """The quads kernels' 3-D grid (position blocks, channel blocks, samples), else one flat axis."""
     if quads:
-        return (triton.cdiv(P, block_p), triton.cdiv(C, block_c), N)
-    return (N * triton.cdiv(C, block_c) * triton.cdiv(P, block_p),)
+        return (cdiv(P, block_p), cdiv(C, block_c), N)
+    return (N * cdiv(C, block_c) * cdiv(P, block_p),)
 
 
 def _block_sizes(C: int, P: int, backward: bool = False, quads: int = 0, cells: bool = False) -> tuple[int, int, int]:
@@ -1017,7 +1017,7 @@ def lrn_maxpool2d_forward(x: torch.Tensor, size: int, alpha: float, beta: float,
         return y, arg
     quads = _quads(size, groups, x, y, arg)
     cells = bool(quads) and _cells(kernel_size, stride)
-    P = triton.cdiv(OH, 2) * triton.cdiv(OW, 2) if cells else OH * OW  # the threads' outputs, or cells
+    P = cdiv(OH, 2) * cdiv(OW, 2) if cells else OH * OW  # the threads' outputs, or cells
     block_c, block_p, num_warps = _block_sizes(C, P, quads=quads, cells=cells)
     assert block_c & (block_c - 1) == 0 and block_p & (block_p - 1) == 0, "blocks must be powers of two"
     grid = _grid(N, C, P, block_c, block_p, quads)
@@ -1053,7 +1053,7 @@ def lrn_maxpool2d_backward(dy: torch.Tensor, x: torch.Tensor, argmax: torch.Tens
         return dx
     quads = _quads(size, groups, x, dx, dy, argmax, backward=True)
     cells = bool(quads) and _cells(kernel_size, stride)
-    S = triton.cdiv(H, 2) * triton.cdiv(W, 2) if cells else H * W  # the threads' positions, or cells
+    S = cdiv(H, 2) * cdiv(W, 2) if cells else H * W  # the threads' positions, or cells
     block_c, block_s, num_warps = _block_sizes(C, S, backward=True, quads=quads, cells=cells)
     assert block_c & (block_c - 1) == 0 and block_s & (block_s - 1) == 0, "blocks must be powers of two"
     grid = _grid(N, C, S, block_c, block_s, quads)

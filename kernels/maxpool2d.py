@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
-from fastalex.kernels._common import MAX_GRID_YZ, acc_dtype, check_int32, empty, is_interpreting, next_pow2, takes
+from fastalex.kernels._common import MAX_GRID_YZ, acc_dtype, cdiv, check_int32, empty, is_interpreting, next_pow2, takes
 from fastalex.kernels._geometry import argmax_dtype, output_size, pools_in_cells
 
 __all__ = ["argmax_dtype", "output_size", "maxpool2d_forward", "maxpool2d_backward"]
@@ -276,7 +276,7 @@ def maxpool2d_forward(x: torch.Tensor, kernel_size, stride, padding, dilation, c
     x4, y4, a4 = _as4d(x), _as4d(y), _as4d(arg)
     i4 = _as4d(idx) if return_indices else a4  # never written when not requested
     BLOCK, warps = _block(total)
-    _maxpool2d_fwd_kernel[(triton.cdiv(total, BLOCK),)](
+    _maxpool2d_fwd_kernel[(cdiv(total, BLOCK),)](
         x4, y4, a4, i4, total, C, H, W, OH, OW,
         *x4.stride(), *y4.stride(),
         *(int(v) for v in (*stride, *padding, *dilation)),
@@ -310,16 +310,16 @@ def maxpool2d_backward(dy: torch.Tensor, argmax: torch.Tensor, input_size, kerne
         return dx
     dy4, a4, dx4 = _as4d(dy), _as4d(argmax), _as4d(dx)
     if pools_in_cells(kernel_size, stride, padding, dilation) and dx4.shape[0] <= MAX_GRID_YZ:
-        cells = triton.cdiv(H, 2) * triton.cdiv(W, 2)
+        cells = cdiv(H, 2) * cdiv(W, 2)
         block_s, block_c, warps = _cell_blocks(C, cells)
-        _maxpool2d_bwd_cells_kernel[(triton.cdiv(cells, block_s), triton.cdiv(C, block_c), dx4.shape[0])](
+        _maxpool2d_bwd_cells_kernel[(cdiv(cells, block_s), cdiv(C, block_c), dx4.shape[0])](
             dy4, a4, dx4, C, H, W, OH, OW, *dy4.stride(), *a4.stride(), *dx4.stride(),
             KH=kernel_size[0], KW=kernel_size[1], ACC=acc_dtype(dy.dtype), BLOCK_S=block_s, BLOCK_C=block_c,
             num_warps=warps,
         )
         return dx
     BLOCK, warps = _block(total)
-    _maxpool2d_bwd_kernel[(triton.cdiv(total, BLOCK),)](
+    _maxpool2d_bwd_kernel[(cdiv(total, BLOCK),)](
         dy4, a4, dx4, total, C, H, W, OH, OW,
         *dy4.stride(), *a4.stride(), *dx4.stride(),
         *(int(v) for v in (*stride, *padding, *dilation)),

@@ -8,6 +8,8 @@
 #          torch (cuDNN, cudnn.benchmark=True); whole-model checks
 #   step   perf.step: the whole training step, fastalex vs eager (NCHW, channels_last) vs
 #          torch.compile, fp32 and bf16, single and paper nets, with MFU
+#   host   perf.host: the host's time a step around the conv stack's launches (is the eager step
+#          host-bound?)
 #   tests  the test suite on the GPU (tests/: small shapes, every dtype and layout)
 #   bench  pytest-benchmark: `pytest perf --benchmark-only`, JSON for each kernel and layer
 #   report perf.report: compute breakdown of the single and paper nets, both backends
@@ -24,7 +26,7 @@ if [ -n "$PACK" ]; then OUT="$(mktemp -d)"; else OUT=perf/results/local; fi
 mkdir -p "$OUT"
 export OUT
 PY="${PYTHON:-python3}"
-STAGES="${STAGES:-tune check step tests bench report dist}"
+STAGES="${STAGES:-tune check step host tests bench report dist}"
 export PYTHONUNBUFFERED=1
 
 # Use this checkout: an editable install maps kernels/ to fastalex.kernels.
@@ -68,6 +70,7 @@ for s in $STAGES; do
                   ${TUNE_ARGS:-} ;;
         check) stage check 100 "$PY" -m perf.gpu_check --quick --out "$OUT" ;;
         step) stage step 140 "$PY" -m perf.step --steps 20 --out "$OUT" ${STEP_ARGS:-} ;;
+        host) stage host 20 "$PY" -m perf.host --json "$OUT/host.json" ;;
         tests) stage tests 60 "$PY" -m pytest tests/test_conv2d.py tests/test_lrn.py tests/test_lrn_pool.py tests/test_maxpool2d.py \
                    tests/test_model.py -q -n 8 -p no:cacheprovider -rf --maxfail 30 --junitxml="$OUT/tests.xml" ;;
         bench) stage bench 50 "$PY" -m pytest perf/test_bench_kernels.py -q -p no:cacheprovider --benchmark-only \

@@ -187,3 +187,24 @@ def test_output_size_matches_torch_conv():
     for size, k, s, p, d in [(227, 11, 4, 0, 1), (27, 5, 1, 2, 1), (13, 3, 1, 1, 1), (9, 3, 2, 1, 2), (5, 5, 3, 0, 1)]:
         want = torch.nn.functional.conv2d(torch.zeros(1, 1, size, size), torch.zeros(1, 1, k, k), None, s, p, d).shape
         assert _geometry.output_size(size, size, (k, k), (s, s), (p, p), (d, d)) == tuple(want[-2:])
+
+
+def test_host_integer_helpers_match_triton():
+    """The launchers' cdiv and next_pow2 (plain integers: triton's are constexpr functions, slow on the
+    host) agree with triton's."""
+    import triton
+
+    from fastalex.kernels import _common
+
+    for a in range(0, 300, 7):
+        for b in (1, 2, 3, 16, 64, 127, 128):
+            assert _common.cdiv(a, b) == triton.cdiv(a, b), (a, b)
+    for n in list(range(0, 70)) + [255, 256, 257, 4095, 4096, 4097]:
+        assert _common.next_pow2(n) == triton.next_power_of_2(max(n, 1)), n
+
+
+def test_launchers_call_no_triton_host_helpers():
+    """triton.cdiv and triton.next_power_of_2 cost ~2 us a call on the host; the launchers use _common's."""
+    found = [str(p.relative_to(ROOT)) for p in KERNELS
+             if re.search(r"\btriton\s*\.\s*(cdiv|next_power_of_2)\s*\(", _code(p))]
+    assert found == []

@@ -70,7 +70,7 @@ for s in $STAGES; do
                   ${TUNE_ARGS:-} ;;
         check) stage check 100 "$PY" -m perf.gpu_check --quick --out "$OUT" ;;
         step) stage step 140 "$PY" -m perf.step --steps 20 --out "$OUT" ${STEP_ARGS:-} ;;
-        host) stage host 20 "$PY" -m perf.host --json "$OUT/host.json" ;;
+        host) stage host 30 "$PY" -m perf.host --json "$OUT/host.json" ;;
         tests) stage tests 60 "$PY" -m pytest tests/test_conv2d.py tests/test_lrn.py tests/test_lrn_pool.py tests/test_maxpool2d.py \
                    tests/test_model.py -q -n 8 -p no:cacheprovider -rf --maxfail 30 --junitxml="$OUT/tests.xml" ;;
         bench) stage bench 50 "$PY" -m pytest perf/test_bench_kernels.py -q -p no:cacheprovider --benchmark-only \

@@ -25,9 +25,15 @@ MAX_GRID_YZ = 65535
 POISON = False
 
 
+# Triton decides when each @triton.jit runs (at import) whether the kernel runs in its interpreter; the
+# launchers read the same setting once, then (an environment lookup a call cost ~1.5 us, several a launch).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def is_interpreting() -> bool:
-    """True when triton kernels run in the CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when triton kernels run in the CPU interpreter (TRITON_INTERPRET=1 when fastalex.kernels was
+    imported, as Triton reads it when the kernels are defined)."""
+    return _INTERPRETING
 
 
 def _poison(out: torch.Tensor) -> torch.Tensor:

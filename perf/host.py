@@ -122,10 +122,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (run imports it)
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         if "triton" in sys.modules:
-            raise SystemExit("perf.host: triton was imported before TRITON_INTERPRET could be set")
+            raise SystemExit("perf.host: triton was imported before TRITON_INTERPRET=1 could be set")
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (run imports it)
     res = run(args.variant, args.dtype, args.steps, args.batch)
     print(f"{res['variant']} {res['dtype']} on {res['device']}: {res['step_host_us']:.0f} us of host time a "
           f"step (conv stack forward + backward, batch {res['batch']})")

@@ -28,14 +28,13 @@ _FORM_KEYS = ("fused", "foreach")
 
 
 def _fused_supported(params: list[torch.Tensor]) -> bool:
-    """Whether torch has a fused SGD kernel for every parameter (floating point, on a device it supports)."""
+    """Whether torch has a fused SGD kernel for every parameter: torch's own rule for choosing the fused
+    form (floating point, on a device with the kernel), asked to consider it."""
     try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        from torch.optim.optimizer import _default_to_fused_or_foreach
     except ImportError:  # a torch without the helper: the documented default form
         return False
-    devices = _get_fused_kernels_supported_devices()
-    return bool(params) and all(type(p) in (torch.Tensor, torch.nn.Parameter) and torch.is_floating_point(p)
-                                and p.device.type in devices for p in params)
+    return bool(params) and _default_to_fused_or_foreach(params, differentiable=False, use_fused=True)[0]
 
 
 def sgd(params: Iterable[torch.Tensor], lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> torch.optim.SGD:

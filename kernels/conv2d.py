@@ -1599,7 +1599,7 @@ def conv2d_weight_grad(grad_output, x, weight_shape, stride, padding, dilation, 
         L = dw.numel()
         block = max(16, min(1024, next_pow2(L) // 8))
         _sum_splits_kernel[(cdiv(L, block) + 1,)](dw_part, dw, db_part, db, L, C_out, split, BLOCK=block,
-                                                          BLOCK_S=_sum_blocks(split, block))
+                                                   BLOCK_S=_sum_blocks(split, block))
     return dw, db
 
 

@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
-from fastalex.kernels._common import MAX_GRID_YZ, acc_dtype, cdiv, check_int32, empty, is_interpreting, next_pow2, takes
+from fastalex.kernels._common import (MAX_GRID_YZ, acc_dtype, cdiv, check_int32, empty, is_interpreting, next_pow2,
+                                      takes)
 from fastalex.kernels._geometry import argmax_dtype, output_size, pools_in_cells
 
 __all__ = ["argmax_dtype", "output_size", "maxpool2d_forward", "maxpool2d_backward"]
